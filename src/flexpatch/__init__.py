@@ -1,0 +1,43 @@
+"""flexpatch: medical image segmentation that stays accurate at any patch size.
+
+The public surface is small; heavy modules load on first use so that
+``import flexpatch`` (and ``flexpatch --help``) stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from flexpatch.errors import FlexPatchError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Patch": "flexpatch.geometry",
+    "extract": "flexpatch.geometry",
+    "accumulate": "flexpatch.geometry",
+    "window_weights": "flexpatch.geometry",
+    "create_model": "flexpatch.models",
+    "list_models": "flexpatch.models",
+    "sliding_window": "flexpatch.infer.sliding_window",
+    "load_model": "flexpatch.infer.predictor",
+    "predict_files": "flexpatch.infer.predictor",
+    "train": "flexpatch.train.loop",
+    "TrainConfig": "flexpatch.train.config",
+    "read_image": "flexpatch.data.io",
+    "read_label": "flexpatch.data.io",
+    "write_image": "flexpatch.data.io",
+    "load_dataset": "flexpatch.data.dataset",
+    "make_phantom": "flexpatch.data.phantom",
+    "evaluate_folders": "flexpatch.evaluate.metrics",
+    "segmentation_metrics": "flexpatch.evaluate.metrics",
+}
+
+__all__ = ["FlexPatchError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flexpatch' has no attribute {name!r}")

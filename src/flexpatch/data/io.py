@@ -1,0 +1,204 @@
+"""Reading and writing images: NIfTI (3D or 2D) and 2D PNG/TIFF, always keeping the affine.
+
+Arrays come back channels-first: images ``(C, *spatial)`` float32, labels
+``(*spatial)`` int16. 2D data are ``(C, H, W)``; a 2D NIfTI is stored as
+nnU-Net does, with a trailing axis of length 1. Writes are atomic: a temporary
+file in the target folder, renamed when complete, so nothing half-written is
+ever left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flexpatch.errors import FlexPatchError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PLAIN_2D_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+@dataclass
+class Volume:
+    """Voxel data with the affine that places it in the world (RAS, mm)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    ndim: int
+    path: Path | None = None
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[-self.ndim :])
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each spatial axis (column norms of the affine)."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(v) for v in norms[: self.ndim])
+
+
+def suffix_of(path: Path) -> str:
+    """The file ending that decides the format (``.nii.gz`` counts as one)."""
+    name = path.name.lower()
+    for s in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlexPatchError(f"{path.parent}: cannot create output folder ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise FlexPatchError(f"{path.parent}: output folder is not writable")
+    # keep the full suffix so that writers (nibabel, PIL) pick the right format
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix_of(path), dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise FlexPatchError(f"{path}: {bad} voxels are NaN or Inf")
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    if not path.exists():
+        raise FlexPatchError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt or truncated files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlexPatchError(f"{path}: not a readable NIfTI file ({reason})") from None
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _load_plain_2d(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.exists():
+        raise FlexPatchError(f"{path}: file not found")
+    try:
+        if suffix_of(path) == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                data = np.asarray(im)
+        else:
+            import tifffile
+
+            data = tifffile.imread(path)
+    except Exception as e:
+        raise FlexPatchError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if data.ndim == 3 and data.shape[-1] in (3, 4):  # RGB(A) -> channels first
+        data = np.moveaxis(data[..., :3], -1, 0)
+    # PNG/TIFF rows are y: store (H, W) with unit spacing; the affine is the identity.
+    return data, np.eye(4)
+
+
+def _spatial(data: np.ndarray, ndim: int | None, path: Path, channels_last: bool) -> tuple[np.ndarray, int]:
+    """Split raw data into (C, *spatial) with the requested number of spatial axes."""
+    if ndim is None:
+        ndim = 2 if data.ndim == 2 or (data.ndim == 3 and data.shape[-1] == 1) else min(data.ndim, 3)
+    if ndim == 2 and data.ndim >= 3 and data.shape[2] == 1 and channels_last:
+        data = data[:, :, 0, ...]  # nnU-Net's 2D NIfTI: (X, Y, 1[, C])
+    if data.ndim == ndim:
+        return data[None], ndim
+    if data.ndim == ndim + 1:
+        return (np.moveaxis(data, -1, 0) if channels_last else data), ndim
+    raise FlexPatchError(f"{path}: has shape {data.shape}, expected {ndim} spatial axes (plus channels)")
+
+
+def read_image(path: str | Path, ndim: int | None = None) -> Volume:
+    """Read an image as ``(C, *spatial)`` float32 with its affine.
+
+    Args:
+        path: a ``.nii``/``.nii.gz`` file (3D, 2D, or 4D with channels last) or a PNG/TIFF.
+        ndim: spatial dimensions wanted (2 or 3); inferred when None.
+    """
+    path = Path(path)
+    is_nifti = suffix_of(path) in NIFTI_SUFFIXES
+    if not is_nifti and suffix_of(path) not in PLAIN_2D_SUFFIXES:
+        raise FlexPatchError(f"{path}: unsupported image format (use .nii, .nii.gz, .png, .tif)")
+    data, affine = _load_nifti(path) if is_nifti else _load_plain_2d(path)
+    data, nd = _spatial(data, ndim, path, channels_last=is_nifti)
+    data = data.astype(np.float32, copy=False)
+    _check_finite(data, path)
+    return Volume(data, affine, nd, path)
+
+
+def read_label(path: str | Path, ndim: int | None = None) -> Volume:
+    """Read a label map as ``(*spatial)`` int16; fails on non-integer values."""
+    path = Path(path)
+    vol = read_image(path, ndim)
+    if vol.data.shape[0] != 1:
+        raise FlexPatchError(f"{path}: a label map must have one channel, found {vol.data.shape[0]}")
+    data = vol.data[0]
+    if not np.array_equal(data, np.round(data)):
+        raise FlexPatchError(f"{path}: label map has non-integer values")
+    if data.min() < 0:
+        raise FlexPatchError(f"{path}: label map has negative values")
+    return Volume(data.astype(np.int16), vol.affine, vol.ndim, path)
+
+
+def write_image(
+    path: str | Path, data: np.ndarray, affine: np.ndarray | None = None, *, channels: bool = False
+) -> None:
+    """Write ``(*spatial)`` data, or ``(C, *spatial)`` with ``channels=True``, atomically.
+
+    NIfTI keeps ``affine`` (identity when None); 2D NIfTI gets nnU-Net's trailing
+    singleton axis; channels go last. PNG/TIFF take 2D data only.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    suffix = suffix_of(path)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    with atomic_path(path) as tmp:
+        if suffix in NIFTI_SUFFIXES:
+            arr = np.asarray(data)
+            nib.save(nib.Nifti1Image(_to_nifti_layout(arr, channels), affine), str(tmp))
+        elif suffix == ".png":
+            from PIL import Image
+
+            Image.fromarray(np.asarray(data)).save(tmp, format="PNG")
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, np.asarray(data))
+        else:
+            raise FlexPatchError(f"{path}: unsupported output format (use .nii.gz, .nii, .png, .tif)")
+
+
+def _to_nifti_layout(arr: np.ndarray, channels: bool) -> np.ndarray:
+    """Channels go last; 2D spatial data gains nnU-Net's singleton z axis."""
+    if channels:
+        arr = np.moveaxis(arr, 0, -1)
+        return arr[:, :, None, :] if arr.ndim == 3 else arr
+    return arr[:, :, None] if arr.ndim == 2 else arr

@@ -1,0 +1,302 @@
+"""The geometry core: a patch is an affine plus a matrix shape.
+
+Every method in flexpatch decides *which* patches a network sees; this module
+extracts them from an image and accumulates network outputs back onto it.
+Axis-aligned integer boxes (the common case) are plain slices; any other affine
+goes through ``grid_sample``. All functions are N-dimensional (2D and 3D).
+
+Conventions: images are ``(C, *spatial)`` tensors; a patch's affine maps patch
+voxel indices to image voxel indices (homogeneous, ``(ndim+1, ndim+1)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flexpatch.errors import FlexPatchError
+
+Shape = tuple[int, ...]
+WindowKind = Literal["constant", "gaussian", "cos", "cos2"]
+WINDOW_KINDS: tuple[str, ...] = ("constant", "gaussian", "cos", "cos2")
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A window of an image: ``image_index = affine @ [patch_index, 1]``.
+
+    Attributes:
+        affine: ``(ndim+1, ndim+1)`` homogeneous matrix (float64 numpy array).
+        shape: the patch's matrix shape, one int per spatial axis.
+    """
+
+    affine: np.ndarray
+    shape: Shape
+
+    def __post_init__(self) -> None:
+        n = len(self.shape)
+        if self.affine.shape != (n + 1, n + 1):
+            raise FlexPatchError(f"patch affine has shape {self.affine.shape}, expected {(n + 1, n + 1)}")
+        if any(s <= 0 for s in self.shape):
+            raise FlexPatchError(f"patch shape {self.shape} must be positive on every axis")
+
+    @classmethod
+    def box(cls, start: Sequence[int], shape: Sequence[int]) -> Patch:
+        """An axis-aligned box of ``shape`` voxels whose first voxel is ``start``."""
+        n = len(shape)
+        affine = np.eye(n + 1)
+        affine[:n, n] = [int(s) for s in start]
+        return cls(affine, tuple(int(s) for s in shape))
+
+    @classmethod
+    def scaled(cls, center: Sequence[float], width: Sequence[float], shape: Sequence[int]) -> Patch:
+        """A box of physical ``width`` (in image voxels) about ``center``, sampled on ``shape``.
+
+        The patch's first and last voxels sit on the box's edges (align_corners),
+        so a width of ``shape - 1`` is a plain box and larger widths zoom out.
+        """
+        n = len(shape)
+        step = [w / max(s - 1, 1) for w, s in zip(width, shape)]
+        affine = np.eye(n + 1)
+        affine[:n, :n] = np.diag(step)
+        affine[:n, n] = [c - w / 2 for c, w in zip(center, width)]
+        return cls(affine, tuple(int(s) for s in shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_box(self) -> bool:
+        """True when the affine is an integer translation: extraction is plain slicing."""
+        n = self.ndim
+        t = self.affine[:n, n]
+        return bool(np.array_equal(self.affine[:n, :n], np.eye(n)) and np.array_equal(t, np.round(t)))
+
+    @property
+    def start(self) -> Shape:
+        n = self.ndim
+        return tuple(int(round(v)) for v in self.affine[:n, n])
+
+    def slices(self) -> tuple[slice, ...]:
+        """Slices of a box patch (only meaningful when ``is_box``)."""
+        return tuple(slice(s, s + w) for s, w in zip(self.start, self.shape))
+
+    def inside(self, image_shape: Sequence[int]) -> bool:
+        """True when the box lies entirely inside an image of ``image_shape``."""
+        return all(s >= 0 and s + w <= n for s, w, n in zip(self.start, self.shape, image_shape))
+
+    def corners(self) -> np.ndarray:
+        """Image-index coordinates of the patch's first and last voxel: ``(2, ndim)``."""
+        n = self.ndim
+        lo = self.affine[:n, n]
+        hi = self.affine[:n, :n] @ (np.asarray(self.shape) - 1) + lo
+        return np.stack([lo, hi])
+
+
+def _check_same_shape(patches: Sequence[Patch]) -> Shape:
+    if not patches:
+        raise FlexPatchError("no patches given")
+    shape = patches[0].shape
+    for p in patches:
+        if p.shape != shape:
+            raise FlexPatchError(f"patches in one batch must share a shape: {shape} vs {p.shape}")
+    return shape
+
+
+def _pad_box(image: torch.Tensor, patch: Patch, padding: str) -> torch.Tensor:
+    """Slice a box that may leave the image, padding the outside (zeros or border)."""
+    spatial = image.shape[1:]
+    lo = [max(s, 0) for s in patch.start]
+    hi = [min(s + w, n) for s, w, n in zip(patch.start, patch.shape, spatial)]
+    if any(h <= low for low, h in zip(lo, hi)):
+        if padding == "zeros":
+            return image.new_zeros((image.shape[0], *patch.shape))
+        # A box wholly outside: border padding repeats the nearest voxel, so clamp into range.
+        lo = [min(max(s, 0), n - 1) for s, n in zip(patch.start, spatial)]
+        hi = [v + 1 for v in lo]
+    inner = image[(slice(None), *(slice(a, b) for a, b in zip(lo, hi)))]
+    pads: list[int] = []
+    for s, w, a, b in reversed(list(zip(patch.start, patch.shape, lo, hi))):
+        before = a - s
+        pads += [before, w - before - (b - a)]
+    if padding == "zeros":
+        return F.pad(inner, pads)
+    # replicate padding in torch needs a batch dim and supports up to 3 spatial dims
+    return F.pad(inner[None].float(), pads, mode="replicate")[0].to(image.dtype)
+
+
+def _sampling_grid(patches: Sequence[Patch], spatial: Shape, device: torch.device) -> torch.Tensor:
+    """grid_sample grids (align_corners=True) for general affines: ``(B, *shape, ndim)``."""
+    n = len(spatial)
+    shape = patches[0].shape
+    axes = [torch.arange(s, dtype=torch.float64, device=device) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
+    grids = []
+    for p in patches:
+        a = torch.as_tensor(p.affine, dtype=torch.float64, device=device)
+        pos = idx @ a[:n, :n].T + a[:n, n]
+        norm = 2 * pos / torch.tensor([max(s - 1, 1) for s in spatial], dtype=torch.float64, device=device) - 1
+        grids.append(norm.flip(-1).reshape(*shape, n))  # grid_sample wants (x, y, z) = reversed axes
+    return torch.stack(grids).float()
+
+
+def extract(
+    image: torch.Tensor,
+    patches: Sequence[Patch],
+    mode: Literal["nearest", "linear"] = "linear",
+    padding: Literal["zeros", "border"] = "zeros",
+) -> torch.Tensor:
+    """Cut ``patches`` (all of one shape) out of ``image`` ``(C, *spatial)``.
+
+    Returns:
+        ``(B, C, *patch_shape)``. Boxes are sliced (outside voxels padded);
+        other affines are resampled with ``grid_sample`` (``mode`` interpolation).
+    """
+    shape = _check_same_shape(patches)
+    spatial = tuple(image.shape[1:])
+    if len(shape) != len(spatial):
+        raise FlexPatchError(f"patch is {len(shape)}D but image {tuple(image.shape)} has {len(spatial)} spatial axes")
+    if all(p.is_box for p in patches):
+        return torch.stack(
+            [image[(slice(None), *p.slices())] if p.inside(spatial) else _pad_box(image, p, padding) for p in patches]
+        )
+    if len(spatial) not in (2, 3):
+        raise FlexPatchError(f"resampled patches need 2 or 3 spatial axes, got {len(spatial)}")
+    grid = _sampling_grid(patches, spatial, image.device)
+    src = image[None].float().expand(len(patches), *image.shape)
+    gmode = "bilinear" if mode == "linear" else "nearest"
+    out = F.grid_sample(src, grid, mode=gmode, padding_mode=padding, align_corners=True)
+    return out.to(image.dtype) if image.dtype.is_floating_point else out.round().to(image.dtype)
+
+
+def accumulate(
+    out_sum: torch.Tensor,
+    weight_sum: torch.Tensor,
+    outputs: torch.Tensor,
+    patches: Sequence[Patch],
+    window: torch.Tensor | None = None,
+) -> None:
+    """Add ``outputs * window`` into ``out_sum`` and ``window`` into ``weight_sum``, in place.
+
+    Args:
+        out_sum: ``(C, *spatial)`` running weighted sum.
+        weight_sum: ``(1, *spatial)`` running sum of weights.
+        outputs: ``(B, C, *patch_shape)`` network outputs for ``patches``.
+        window: ``(*patch_shape)`` weights (see :func:`window_weights`); None means ones.
+
+    Boxes are added by slicing (the parts outside the image are dropped); other
+    affines are scattered to their nearest image voxel, as DNP does.
+    """
+    shape = _check_same_shape(patches)
+    if window is None:
+        window = torch.ones(shape, dtype=out_sum.dtype, device=out_sum.device)
+    spatial = tuple(out_sum.shape[1:])
+    for b, p in enumerate(patches):
+        if p.is_box:
+            src, dst = _clip_box(p, spatial)
+            if dst is None:
+                continue
+            out_sum[(slice(None), *dst)] += outputs[(b, slice(None), *src)] * window[src]
+            weight_sum[(slice(None), *dst)] += window[src]
+        else:
+            _scatter_nearest(out_sum, weight_sum, outputs[b], p, window)
+
+
+def _clip_box(p: Patch, spatial: Shape) -> tuple[tuple[slice, ...], tuple[slice, ...] | None]:
+    """Source (patch) and destination (image) slices of the part of a box inside the image."""
+    src, dst = [], []
+    for s, w, n in zip(p.start, p.shape, spatial):
+        a, b = max(s, 0), min(s + w, n)
+        if b <= a:
+            return (), None
+        src.append(slice(a - s, b - s))
+        dst.append(slice(a, b))
+    return tuple(src), tuple(dst)
+
+
+def _scatter_nearest(
+    out_sum: torch.Tensor, weight_sum: torch.Tensor, output: torch.Tensor, p: Patch, window: torch.Tensor
+) -> None:
+    n = p.ndim
+    spatial = out_sum.shape[1:]
+    axes = [torch.arange(s, dtype=torch.float64, device=out_sum.device) for s in p.shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
+    a = torch.as_tensor(p.affine, dtype=torch.float64, device=out_sum.device)
+    pos = torch.round(idx @ a[:n, :n].T + a[:n, n]).long()
+    ok = torch.all((pos >= 0) & (pos < torch.tensor(spatial, device=pos.device)), dim=1)
+    flat = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
+    for d in range(n):
+        flat = flat * spatial[d] + pos[:, d]
+    flat = flat[ok]
+    w = window.reshape(-1)[ok].to(out_sum.dtype)
+    vals = output.reshape(output.shape[0], -1)[:, ok].to(out_sum.dtype) * w
+    out_sum.view(out_sum.shape[0], -1).index_add_(1, flat, vals)
+    weight_sum.view(1, -1).index_add_(1, flat, w[None])
+
+
+def window_weights(
+    shape: Sequence[int],
+    kind: str = "gaussian",
+    sigma_scale: float | Sequence[float] = 0.125,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Blending weights of a window, a pure function of its matrix shape.
+
+    - ``constant``: ones.
+    - ``gaussian``: ``exp(-x^2 / (2 sigma^2))`` per axis about the centre with
+      ``sigma = sigma_scale * size`` (0.125 as MONAI and nnU-Net), floored at
+      1e-3 so that borders still count, exactly as MONAI's importance map.
+    - ``cos``: ``prod_k sin(pi i_k / (n_k - 1))`` (DNP), floored like gaussian.
+    - ``cos2``: its square root (DNP's softer window).
+    """
+    shape = tuple(int(s) for s in shape)
+    if kind not in WINDOW_KINDS:
+        raise FlexPatchError(f"unknown window kind {kind!r}; choose one of {', '.join(WINDOW_KINDS)}")
+    if kind == "constant":
+        return torch.ones(shape, device=device, dtype=dtype)
+    scales = [float(sigma_scale)] * len(shape) if np.isscalar(sigma_scale) else [float(s) for s in sigma_scale]
+    profiles = []
+    for size, scale in zip(shape, scales):
+        x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
+        if kind == "gaussian":
+            profiles.append(torch.exp(x**2 / (-2 * (scale * size) ** 2)))
+        else:
+            prof = torch.sin(math.pi * torch.arange(size, dtype=torch.float32, device=device) / max(size - 1, 1))
+            profiles.append(prof if size > 1 else torch.ones(1, device=device))
+    w = profiles[0]
+    for prof in profiles[1:]:
+        w = w.unsqueeze(-1) * prof
+    if kind == "cos2":
+        w = w.sqrt()
+    floor = max(float(w.min()), 1e-3)
+    return w.clamp(min=floor).to(dtype)
+
+
+def grid_starts(image_shape: Sequence[int], patch_shape: Sequence[int], overlap: float | Sequence[float]) -> list[Shape]:
+    """Start indices of a regular grid of windows covering the image (MONAI's order and rule).
+
+    The step per axis is ``int(patch * (1 - overlap))`` (at least 1); the last
+    window is shifted back so that it ends at the image border. A window as large
+    as the image along an axis gives one position there.
+    """
+    n = len(image_shape)
+    overlaps = [float(overlap)] * n if np.isscalar(overlap) else [float(o) for o in overlap]
+    per_axis: list[list[int]] = []
+    for size, w, o in zip(image_shape, patch_shape, overlaps):
+        if not 0.0 <= o < 1.0:
+            raise FlexPatchError(f"overlap must be in [0, 1), got {o}")
+        if w > size:
+            raise FlexPatchError(f"window {tuple(patch_shape)} exceeds image {tuple(image_shape)}")
+        step = w if w == size else max(int(w * (1 - o)), 1)
+        count = 1 if w == size else math.ceil((size - w) / step) + 1
+        per_axis.append([min(i * step, size - w) for i in range(count)])
+    mesh = np.meshgrid(*per_axis, indexing="ij")
+    return [tuple(int(v) for v in row) for row in np.stack([m.ravel() for m in mesh], axis=1)]
