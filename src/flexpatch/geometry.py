@@ -142,7 +142,9 @@ def _sampling_grid(patches: Sequence[Patch], spatial: Shape, device: torch.devic
     for p in patches:
         a = torch.as_tensor(p.affine, dtype=torch.float64, device=device)
         pos = idx @ a[:n, :n].T + a[:n, n]
-        norm = 2 * pos / torch.tensor([max(s - 1, 1) for s in spatial], dtype=torch.float64, device=device) - 1
+        norm = (
+            2 * pos / torch.tensor([max(s - 1, 1) for s in spatial], dtype=torch.float64, device=device) - 1
+        )
         grids.append(norm.flip(-1).reshape(*shape, n))  # grid_sample wants (x, y, z) = reversed axes
     return torch.stack(grids).float()
 
@@ -162,10 +164,15 @@ def extract(
     shape = _check_same_shape(patches)
     spatial = tuple(image.shape[1:])
     if len(shape) != len(spatial):
-        raise FlexPatchError(f"patch is {len(shape)}D but image {tuple(image.shape)} has {len(spatial)} spatial axes")
+        raise FlexPatchError(
+            f"patch is {len(shape)}D but image {tuple(image.shape)} has {len(spatial)} spatial axes"
+        )
     if all(p.is_box for p in patches):
         return torch.stack(
-            [image[(slice(None), *p.slices())] if p.inside(spatial) else _pad_box(image, p, padding) for p in patches]
+            [
+                image[(slice(None), *p.slices())] if p.inside(spatial) else _pad_box(image, p, padding)
+                for p in patches
+            ]
         )
     if len(spatial) not in (2, 3):
         raise FlexPatchError(f"resampled patches need 2 or 3 spatial axes, got {len(spatial)}")
@@ -262,25 +269,31 @@ def window_weights(
         raise FlexPatchError(f"unknown window kind {kind!r}; choose one of {', '.join(WINDOW_KINDS)}")
     if kind == "constant":
         return torch.ones(shape, device=device, dtype=dtype)
-    scales = [float(sigma_scale)] * len(shape) if np.isscalar(sigma_scale) else [float(s) for s in sigma_scale]
+    scales = (
+        [float(sigma_scale)] * len(shape) if np.isscalar(sigma_scale) else [float(s) for s in sigma_scale]
+    )
     profiles = []
     for size, scale in zip(shape, scales):
         x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
         if kind == "gaussian":
             profiles.append(torch.exp(x**2 / (-2 * (scale * size) ** 2)))
         else:
-            prof = torch.sin(math.pi * torch.arange(size, dtype=torch.float32, device=device) / max(size - 1, 1))
+            prof = torch.sin(
+                math.pi * torch.arange(size, dtype=torch.float32, device=device) / max(size - 1, 1)
+            )
             profiles.append(prof if size > 1 else torch.ones(1, device=device))
     w = profiles[0]
     for prof in profiles[1:]:
         w = w.unsqueeze(-1) * prof
     if kind == "cos2":
-        w = w.sqrt()
+        w = w.clamp(min=0).sqrt()  # sin(pi) rounds to a tiny negative number
     floor = max(float(w.min()), 1e-3)
     return w.clamp(min=floor).to(dtype)
 
 
-def grid_starts(image_shape: Sequence[int], patch_shape: Sequence[int], overlap: float | Sequence[float]) -> list[Shape]:
+def grid_starts(
+    image_shape: Sequence[int], patch_shape: Sequence[int], overlap: float | Sequence[float]
+) -> list[Shape]:
     """Start indices of a regular grid of windows covering the image (MONAI's order and rule).
 
     The step per axis is ``int(patch * (1 - overlap))`` (at least 1); the last

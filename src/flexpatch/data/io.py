@@ -10,11 +10,13 @@ ever left behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -202,3 +204,29 @@ def _to_nifti_layout(arr: np.ndarray, channels: bool) -> np.ndarray:
         arr = np.moveaxis(arr, 0, -1)
         return arr[:, :, None, :] if arr.ndim == 3 else arr
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically; numpy values and paths become plain JSON."""
+    write_text(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a ``FlexPatchError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlexPatchError(f"{path}: invalid JSON ({e})") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

@@ -1,0 +1,240 @@
+"""The ``flexpatch`` command: a thin typer layer over the library.
+
+Heavy modules (torch, MONAI) are imported inside the commands so that
+``flexpatch --help`` is instant. Every user error is a ``FlexPatchError``:
+printed as one line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexpatch.errors import FlexPatchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="flexpatch: medical image segmentation that stays accurate at any patch size.",
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """``"48,48,32"`` -> (48, 48, 32); a clear error for anything else."""
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise FlexPatchError(f"{what} {text!r} must be integers separated by commas, e.g. 64,64,64") from None
+    if not values or any(v <= 0 for v in values):
+        raise FlexPatchError(f"{what} {text!r} must be positive on every axis")
+    return values
+
+
+def _emit_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def phantom(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the nnU-Net raw dataset.")],
+    cases: Annotated[int, typer.Option(help="Training cases.")] = 8,
+    shape: Annotated[str, typer.Option(help="Image shape, e.g. 96,96,96 (3D) or 256,256 (2D).")] = "96,96,96",
+    ndim: Annotated[int, typer.Option(help="2 or 3.")] = 3,
+    kind: Annotated[str, typer.Option(help="abdomen or cells.")] = "abdomen",
+    seed: int = 0,
+    test_cases: Annotated[int | None, typer.Option(help="Test cases (imagesTs/labelsTs).")] = None,
+    spacing: Annotated[str | None, typer.Option(help="Voxel size in mm, e.g. 2,2,2.")] = None,
+) -> None:
+    """Write the built-in phantom as an nnU-Net raw dataset (nothing is downloaded)."""
+    from flexpatch.data.phantom import make_phantom
+
+    sp = tuple(float(v) for v in spacing.split(",")) if spacing else None
+    out = make_phantom(out_dir, cases, parse_ints(shape, "shape"), ndim, kind, seed, test_cases, spacing=sp)
+    typer.echo(f"phantom written to {out}")
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """List the registered networks and the divisibility their input needs."""
+    from flexpatch.models import list_models, model_divisor
+
+    rows = {
+        name: {"divisor_3d": model_divisor(name, 3), "divisor_2d": model_divisor(name, 2)}
+        for name in list_models()
+    }
+    if as_json:
+        _emit_json(rows)
+        return
+    for name, row in rows.items():
+        typer.echo(f"{name:12s} 3D divisible by {row['divisor_3d']}, 2D by {row['divisor_2d']}")
+
+
+@app.command()
+def train(
+    dataset_dir: Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    model: Annotated[str, typer.Option(help="Registered model name (flexpatch models).")] = "unet",
+    patch: Annotated[
+        str, typer.Option(help="64,64,64 | 64 | uniform:32-192 | uniform-iso:32-192 | list:32x32x32,64x64x64")
+    ] = "64,64,64",
+    steps: int = 1000,
+    batch: int = 2,
+    lr: float = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (both with poly decay).")] = "adamw",
+    val_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 100,
+    val_patch: Annotated[
+        str | None, typer.Option(help="Validation window (default: largest training patch).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 2,
+    foreground_ratio: float = 0.33,
+    spacing: Annotated[
+        str | None, typer.Option(help="Target spacing in mm (default: the dataset's median).")
+    ] = None,
+    seed: int = 0,
+    amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a network on patches (fixed or augmented sizes)."""
+    from flexpatch.train.config import TrainConfig
+    from flexpatch.train.loop import train as run
+
+    config = None
+    if not resume:
+        config = TrainConfig(
+            model=model,
+            patch=patch,
+            steps=steps,
+            batch=batch,
+            lr=lr,
+            optimizer=optimizer,
+            val_every=val_every,
+            val_patch=parse_ints(val_patch, "validation patch") if val_patch else None,
+            workers=workers,
+            foreground_ratio=foreground_ratio,
+            target_spacing=tuple(float(v) for v in spacing.split(",")) if spacing else None,
+            seed=seed,
+            amp=amp,
+        )
+    result = run(dataset_dir, out, config, resume=resume, device=device, progress=not as_json)
+    summary = {
+        "model_dir": str(result.out_dir),
+        "steps": result.steps,
+        "best_val_dice": result.best_dice,
+        "last_loss": result.last_loss,
+        "seconds": round(result.seconds, 1),
+    }
+    if as_json:
+        _emit_json(summary)
+    else:
+        typer.echo(
+            f"trained {result.steps} steps in {result.seconds:.0f} s; best validation Dice {result.best_dice:.3f}"
+        )
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files or folders (nnU-Net CASE_0000 naming groups channels).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for CASE.nii.gz label maps.")],
+    patch_size: Annotated[
+        str | None, typer.Option(help="Window, e.g. 48,48,48 or 48 (default: training size).")
+    ] = None,
+    overlap: float = 0.5,
+    blend: Annotated[str, typer.Option(help="gaussian, constant, cos or cos2.")] = "gaussian",
+    batch: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    device: DeviceOpt = "auto",
+    stitch_device: Annotated[
+        str | None, typer.Option(help="Where outputs are accumulated (default: device).")
+    ] = None,
+    probabilities: Annotated[
+        bool, typer.Option("--probabilities", help="Also write CASE_probs.nii.gz.")
+    ] = False,
+) -> None:
+    """Segment images with a sliding window at ANY patch size."""
+    from flexpatch.infer.predictor import predict_files
+
+    patch = parse_ints(patch_size, "patch size") if patch_size else None
+    written = predict_files(
+        model_dir, inputs, out, patch, overlap, blend, batch, device, stitch_device, probabilities
+    )
+    typer.echo(f"wrote {len(written)} segmentations to {out}")
+
+
+@app.command()
+def evaluate(
+    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
+    label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
+    labels_from: Annotated[Path | None, typer.Option(help="dataset.json giving class names.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.csv and summary.json here.")] = None,
+    hd95: Annotated[bool, typer.Option(help="Compute the 95th-percentile Hausdorff distance.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dice, IoU, precision, recall and HD95 per case and class."""
+    from flexpatch.data.io import load_json
+    from flexpatch.evaluate.metrics import evaluate_folders
+    from flexpatch.runtime import console
+
+    labels = None
+    if labels_from is not None:
+        meta = load_json(labels_from)
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if not isinstance(labels, dict):
+            raise FlexPatchError(f"{labels_from}: has no 'labels' mapping")
+        labels = (
+            {str(k): int(v) for k, v in labels.items()}
+            if all(str(v).isdigit() for v in labels.values())
+            else {str(v): int(k) for k, v in labels.items()}
+        )
+    report = evaluate_folders(pred_dir, label_dir, labels, hd95=hd95, progress=not as_json)
+    if out is not None:
+        report.write(out)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        console.print(report.table())
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Working folder (phantom, models, predictions, report).")
+    ] = Path("demo_out"),
+    steps: Annotated[int, typer.Option(help="Training steps per model.")] = 300,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job on the built-in phantom: train fixed-size (FP) and augmented-size (AP) U-Nets,
+    segment the test cases at several patch sizes, print a Dice table and save a PNG plot."""
+    from flexpatch.demo import run_demo
+
+    result = run_demo(out_dir, steps=steps, device=device, progress=not as_json)
+    if as_json:
+        _emit_json(result)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except FlexPatchError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The main job on the built-in phantom, end to end on a laptop CPU in a few minutes.
+
+Makes a small 3D abdomen phantom, trains the seed-01 U-Net twice with the same
+budget — at a fixed patch size (FP) and with patch-size augmentation (AP) —
+then segments the test cases at several window sizes and shows Dice against
+patch size as a table and a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from flexpatch.data.dataset import load_dataset
+from flexpatch.data.phantom import make_phantom
+from flexpatch.evaluate.sweep import plot_sweep, run_sweep, summarize, write_rows
+from flexpatch.infer.predictor import load_model
+from flexpatch.runtime import console
+from flexpatch.train.config import TrainConfig
+from flexpatch.train.loop import train
+
+SHAPE = (64, 64, 64)
+SPACING = (3.0, 3.0, 3.0)  # 19 cm field of view, as the default phantom at 2 mm and 96 voxels
+FIXED = "48,48,48"
+AUGMENTED = "uniform:16-64"
+WINDOWS = (16, 24, 32, 48, 64)
+
+
+def run_demo(out_dir: Path, steps: int = 300, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Phantom -> train FP and AP -> sweep windows -> table + PNG. Returns the Dice summary."""
+    out_dir = Path(out_dir)
+    data = out_dir / "phantom"
+    if not (data / "dataset.json").exists():
+        make_phantom(
+            data,
+            cases=10,
+            shape=SHAPE,
+            ndim=3,
+            kind="abdomen",
+            seed=0,
+            test_cases=3,
+            spacing=SPACING,
+            progress=progress,
+        )
+    ds = load_dataset(data)
+    rows: list[dict] = []
+    for label, patch in (("FP 48^3", FIXED), ("AP 16-64", AUGMENTED)):
+        model_dir = out_dir / ("model_fp" if label.startswith("FP") else "model_ap")
+        config = TrainConfig(
+            model="unet",
+            patch=patch,
+            steps=steps,
+            batch=2,
+            val_every=max(steps // 3, 1),
+            val_patch=SHAPE,
+            workers=1,
+            seed=0,
+        )
+        train(data, model_dir, config, device=device, progress=progress)
+        model = load_model(model_dir, device=device)
+        rows += run_sweep(model, ds.test, [(w,) * 3 for w in WINDOWS], progress=progress, label=label)
+    write_rows(rows, out_dir)
+    png = plot_sweep(rows, out_dir / "dice_vs_patch_size.png")
+    summary = summarize(rows)
+    console.print(_table(summary))
+    console.print(f"plot: {png}\nrows: {out_dir / 'sweep.csv'}")
+    return summary
+
+
+def _table(summary: dict[str, dict[str, dict[str, float]]]) -> Table:
+    table = Table(title="Mean Dice over test cases and organs, by inference window")
+    table.add_column("model")
+    sizes = list(next(iter(summary.values())))
+    for s in sizes:
+        table.add_column(s.split("x")[0] + "^3", justify="right")
+    for model, by_size in summary.items():
+        table.add_row(model, *(f"{by_size[s]['mean']:.3f}" for s in sizes))
+    return table

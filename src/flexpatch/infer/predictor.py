@@ -1,0 +1,193 @@
+"""Load a model folder and segment image files at any patch size, on the input's own grid."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexpatch.data.io import (
+    NIFTI_SUFFIXES,
+    PLAIN_2D_SUFFIXES,
+    Volume,
+    load_json,
+    read_image,
+    suffix_of,
+    write_image,
+)
+from flexpatch.data.preprocess import Plan, preprocess_case, restore
+from flexpatch.errors import FlexPatchError
+from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.models import ModelSpec, build, check_patch_size
+from flexpatch.runtime import progress_bar, resolve_device
+from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
+from flexpatch.train.config import TrainConfig
+
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass
+class LoadedModel:
+    """A trained network with everything needed to apply it to raw images."""
+
+    net: torch.nn.Module
+    spec: ModelSpec
+    plan: Plan
+    config: TrainConfig
+    device: torch.device
+    model_dir: Path
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        return tuple(self.net.divisor)
+
+    @property
+    def train_patch(self) -> tuple[int, ...]:
+        """The largest training patch: the default window."""
+        from flexpatch.sampling import parse_patch_spec
+
+        return tuple(
+            self.config.val_patch
+            or parse_patch_spec(self.config.patch, self.plan.ndim, self.divisor).max_size()
+        )
+
+    def window(self, patch_size: Sequence[int] | None) -> tuple[int, ...]:
+        """Validate a user's window (isotropic when one number is given)."""
+        if patch_size is None:
+            return self.train_patch
+        patch = tuple(int(p) for p in patch_size)
+        if len(patch) == 1:
+            patch = patch * self.plan.ndim
+        if len(patch) != self.plan.ndim:
+            raise FlexPatchError(f"patch size {patch} has {len(patch)} axes, the model is {self.plan.ndim}D")
+        return check_patch_size(patch, self.divisor, what=f"patch size for model {self.spec.name}")
+
+    def prepare(self, volume: Volume) -> tuple[torch.Tensor, dict]:
+        """Resample and normalise a raw volume as in training: ``(1, C, *spatial)`` and the props to go back."""
+        if volume.data.shape[0] != self.plan.in_channels:
+            raise FlexPatchError(
+                f"{volume.path}: has {volume.data.shape[0]} channels, the model expects {self.plan.in_channels}"
+            )
+        image, _, props = preprocess_case(volume, None, self.plan)
+        return torch.from_numpy(image)[None], props
+
+    def probabilities(
+        self,
+        volume: Volume | tuple[torch.Tensor, dict],
+        patch_size: Sequence[int] | None = None,
+        overlap: float = 0.5,
+        blend: str = "gaussian",
+        batch_size: int = 4,
+        stitch_device: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Softmax probabilities ``(classes, *spatial)`` on the volume's original grid.
+
+        ``volume`` may be the result of :meth:`prepare`, so sweeps preprocess each case once.
+        """
+        image, props = self.prepare(volume) if isinstance(volume, Volume) else volume
+        logits = sliding_window(
+            self.net,
+            image,
+            self.window(patch_size),
+            overlap=overlap,
+            blend=blend,
+            batch_size=batch_size,
+            divisor=self.divisor,
+            device=self.device,
+            stitch_device=stitch_device or self.device,
+            progress=progress,
+        )
+        probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
+        return restore(probs, props, is_label=False)
+
+
+def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
+    """Rebuild a trained model from its folder (model.json, plan.json, config.json, weights)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FlexPatchError(f"{model_dir}: model folder not found")
+    spec = ModelSpec.from_json(load_json(model_dir / "model.json"))
+    plan = Plan.from_json(load_json(model_dir / "plan.json"))
+    config = TrainConfig.from_json(load_json(model_dir / "config.json"))
+    dev = resolve_device(device)
+    net = build(spec)
+    state = load_checkpoint(model_dir / (BEST if checkpoint == "best" else LAST), map_location="cpu")
+    net.load_state_dict(state["model"])
+    net.to(dev).eval()
+    return LoadedModel(net, spec, plan, config, dev, model_dir)
+
+
+def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[Path]]:
+    """Case id -> channel files. Folders are expanded; nnU-Net's ``CASE_0000`` suffixes group channels."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if suffix_of(p) in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES)
+            if not found:
+                raise FlexPatchError(f"{item}: no image files (.nii.gz, .nii, .png, .tif) in this folder")
+            files += found
+        elif item.exists():
+            files.append(item)
+        else:
+            raise FlexPatchError(f"{item}: file not found")
+    cases: dict[str, list[Path]] = {}
+    for f in files:
+        stem = f.name[: -len(suffix_of(f))]
+        m = CHANNEL_SUFFIX.match(stem)
+        cases.setdefault(m["case"] if m else stem, []).append(f)
+    for case, chans in cases.items():
+        if channels > 1 and len(chans) != channels:
+            raise FlexPatchError(
+                f"{chans[0]}: case {case} has {len(chans)} channel files, the model expects {channels}"
+            )
+    return cases
+
+
+def _read_case(files: list[Path], ndim: int) -> Volume:
+    vols = [read_image(f, ndim=ndim) for f in sorted(files)]
+    for v in vols[1:]:
+        if v.data.shape[1:] != vols[0].data.shape[1:]:
+            raise FlexPatchError(f"{v.path}: shape {v.data.shape[1:]} differs from {vols[0].path}")
+    return Volume(np.concatenate([v.data for v in vols]), vols[0].affine, ndim, vols[0].path)
+
+
+def predict_files(
+    model: LoadedModel | str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    patch_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    device: str = "auto",
+    stitch_device: str | None = None,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment image files; write ``CASE.nii.gz`` label maps (and ``CASE_probs.nii.gz``) on each input's grid."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    window = lm.window(patch_size)
+    cases = group_inputs(inputs, lm.plan.in_channels)
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(f"predict {window}", total=len(cases), info="")
+        for case, files in cases.items():
+            volume = _read_case(files, lm.plan.ndim)
+            probs = lm.probabilities(volume, window, overlap, blend, batch_size, stitch_device)
+            seg = probs.argmax(0).astype(np.uint8 if lm.plan.num_classes < 256 else np.int16)
+            # label maps keep the input's format (PNG in, PNG out); probabilities are always NIfTI
+            target = out_dir / f"{case}{suffix_of(files[0])}"
+            write_image(target, seg, volume.affine)
+            if save_probabilities:
+                write_image(
+                    out_dir / f"{case}_probs.nii.gz", probs.astype(np.float32), volume.affine, channels=True
+                )
+            written.append(target)
+            bar.update(task, advance=1, info=case)
+    return written

@@ -1,0 +1,329 @@
+"""Sliding-window inference: a regular grid of boxes, blended by a weighted mean.
+
+The windows and weights are MONAI's (``sliding_window_inference``) whenever the
+window fits inside the image, built on the geometry core (:func:`grid_starts`,
+:func:`window_weights`, :class:`Patch`). Where the window is larger than the image
+along an axis, that axis is covered by the whole image, padded only up to the
+network's divisor: padding up to the window with zeros (MONAI's behaviour) shows the
+network mostly background it never saw in training, and collapses Dice (0.82 -> 0.08
+measured on a 3D U-Net).
+
+Speed: the weight sum depends only on the layout, so it is built once per call, axis
+by axis (the grid is a Cartesian product of per-axis starts); each window's output is
+then added with one fused ``addcmul_``, and the final weighted mean is one ``div_``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from flexpatch.errors import FlexPatchError
+from flexpatch.geometry import WINDOW_KINDS, Patch, grid_starts, window_weights
+
+Shape = tuple[int, ...]
+PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
+
+__all__ = ["PAD_MODES", "sliding_window", "window_layout"]
+
+
+def _per_axis(value: int | Sequence[int], n: int, name: str) -> Shape:
+    """Broadcast an int to ``n`` axes, or check a sequence has ``n`` entries."""
+    values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != n:
+        raise FlexPatchError(f"{name} {tuple(values)} has {len(values)} entries for a {n}D image")
+    return values
+
+
+def _check_divisible(patch: Shape, divisor: Shape) -> None:
+    """Every patch side must be a multiple of the divisor; name the nearest valid sizes."""
+    if any(d < 1 for d in divisor):
+        raise FlexPatchError(f"divisor {divisor} must be >= 1 on every axis")
+    if all(p % d == 0 for p, d in zip(patch, divisor, strict=True)):
+        return
+    lower = tuple(max(d, p // d * d) for p, d in zip(patch, divisor, strict=True))
+    upper = tuple(-(-p // d) * d for p, d in zip(patch, divisor, strict=True))
+    raise FlexPatchError(
+        f"patch_size {patch} is not divisible by divisor {divisor}; nearest valid sizes: {lower} or {upper}"
+    )
+
+
+def window_layout(
+    image_shape: Sequence[int],
+    patch_size: int | Sequence[int],
+    overlap: float = 0.5,
+    divisor: int | Sequence[int] = 1,
+) -> tuple[Shape, Shape, list[Shape]]:
+    """The pure geometry of a sliding window: window shape, padded image shape, window starts.
+
+    Along an axis where the patch is smaller than the image, the window is the patch
+    and the image is not padded. Where the patch covers the image, the window is the
+    whole image extent rounded up to a multiple of ``divisor`` (one position), and the
+    image is padded to that size, never to the patch size.
+
+    Args:
+        image_shape: spatial shape of the image.
+        patch_size: requested window, one int per axis (or one int for all axes).
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        divisor: the network's size divisor (``2**levels`` for a U-Net), per axis or one int.
+
+    Returns:
+        ``(window, padded, starts)``: the effective window shape, the padded image shape
+        and the start of every window in the padded image (MONAI's order).
+    """
+    spatial = tuple(int(s) for s in image_shape)
+    n = len(spatial)
+    patch = _per_axis(patch_size, n, "patch_size")
+    div = _per_axis(divisor, n, "divisor")
+    if any(p <= 0 for p in patch):
+        raise FlexPatchError(f"patch_size {patch} must be positive on every axis")
+    if any(s <= 0 for s in spatial):
+        raise FlexPatchError(f"image shape {spatial} must be positive on every axis")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise FlexPatchError(f"overlap must be in [0, 1), got {overlap}")
+    _check_divisible(patch, div)
+    covered = [p >= s for p, s in zip(patch, spatial, strict=True)]
+    padded = tuple(-(-s // d) * d if c else s for s, d, c in zip(spatial, div, covered, strict=True))
+    window = tuple(q if c else p for p, q, c in zip(patch, padded, covered, strict=True))
+    return window, padded, grid_starts(padded, window, overlap)
+
+
+def _weight_sum(weights: torch.Tensor, starts: Sequence[Shape], padded: Shape) -> torch.Tensor:
+    """Sum of the window weights over all windows: ``(1, *padded)``, float32.
+
+    The starts are a Cartesian product of per-axis starts, so shifting-and-adding one
+    axis at a time gives the same sum with a handful of adds instead of one per window.
+    """
+    acc = weights.float()
+    for axis in range(len(padded)):
+        size = acc.shape[axis]
+        shape = list(acc.shape)
+        shape[axis] = padded[axis]
+        spread = acc.new_zeros(shape)
+        for start in sorted({s[axis] for s in starts}):
+            spread.narrow(axis, start, size).add_(acc)
+        acc = spread
+    return acc[None]
+
+
+def _pad_case(case: torch.Tensor, padded: Shape, mode: str) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad ``(C, *spatial)`` symmetrically up to ``padded``; return it and the crop back."""
+    spatial = tuple(case.shape[1:])
+    if spatial == padded:
+        return case, tuple(slice(None) for _ in spatial)
+    before = [(p - s) // 2 for s, p in zip(spatial, padded, strict=True)]
+    if mode == "reflect" and any(p - s >= s for s, p in zip(spatial, padded, strict=True)):
+        raise FlexPatchError(
+            f"reflect padding of image {spatial} to {padded} needs more voxels than the image has"
+        )
+    pads: list[int] = []
+    for s, p, b in reversed(list(zip(spatial, padded, before, strict=True))):
+        pads += [b, p - s - b]
+    # torch pads replicate/reflect only with a batch dim, and only float tensors
+    out = F.pad(case[None].float(), pads, mode=mode)[0].to(case.dtype)
+    return out, tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(k)``; a rich bar over windows when enabled, else a no-op."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.progress import Progress  # only when asked: keeps import light
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("sliding window", total=total)
+        yield lambda k: bar.advance(task, k)
+
+
+def _check_output(y: object, n_windows: int, window: Shape) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        raise FlexPatchError(
+            f"net returned {type(y).__name__}; sliding_window needs one tensor (B, C, *window)"
+        )
+    if y.ndim != len(window) + 2 or y.shape[0] != n_windows or tuple(y.shape[2:]) != window:
+        raise FlexPatchError(
+            f"net returned shape {tuple(y.shape)} for {n_windows} windows of {window}; "
+            f"expected ({n_windows}, C, *{window})"
+        )
+    return y
+
+
+class _Stitcher:
+    """Adds weighted window outputs into a buffer on the stitch device.
+
+    When the stitch device is the CPU and the net runs on CUDA, each output batch is
+    copied into pinned memory without blocking, and added only after the next batch
+    has been launched: the CPU stitches while the GPU computes.
+    """
+
+    def __init__(self, weights: torch.Tensor, stitch: torch.device, net_device: torch.device) -> None:
+        self.weights = weights
+        self.stitch = stitch
+        self.deferred = stitch != net_device
+        self.async_copy = stitch.type == "cpu" and net_device.type == "cuda"
+        self.pending: (
+            tuple[torch.Tensor, torch.cuda.Event | None, list[tuple[slice, ...]], torch.Tensor] | None
+        )
+        self.pending = None
+
+    def add(self, buffer: torch.Tensor, y: torch.Tensor, boxes: list[tuple[slice, ...]]) -> None:
+        """Add ``y`` (one output per box) into ``buffer`` (``(C, *padded)``)."""
+        if not self.deferred:
+            self._add_now(buffer, y, boxes)
+            return
+        event = None
+        if self.async_copy:
+            moved = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+            moved.copy_(y, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            moved = y.to(self.stitch, non_blocking=True)
+        self.flush()
+        self.pending = (moved, event, boxes, buffer)
+
+    def flush(self) -> None:
+        """Add the batch still in flight, if any."""
+        if self.pending is None:
+            return
+        moved, event, boxes, buffer = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        self._add_now(buffer, moved, boxes)
+
+    def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, boxes: list[tuple[slice, ...]]) -> None:
+        for o, box in zip(y, boxes, strict=True):
+            buffer[(slice(None), *box)].addcmul_(o, self.weights)
+
+
+class _Output:
+    """The ``(N, C_out, *spatial)`` result, allocated once the first output gives ``C_out``.
+
+    It is a normal tensor (made outside inference mode) so that callers may update it in
+    place. Without padding, a case's slice of it is the stitch buffer itself: no copy.
+    """
+
+    def __init__(self, n_cases: int, spatial: Shape, padded: Shape, dtype: torch.dtype, device: torch.device):
+        self.n_cases, self.spatial, self.padded = n_cases, spatial, padded
+        self.dtype, self.device = dtype, device
+        self.tensor: torch.Tensor | None = None
+
+    def buffer(self, n: int, channels: int) -> torch.Tensor:
+        if self.tensor is None:
+            with torch.inference_mode(False):
+                shape = (self.n_cases, channels, *self.spatial)
+                self.tensor = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.padded == self.spatial:
+            return self.tensor[n]
+        return self.tensor.new_zeros((channels, *self.padded))
+
+    def finish(self, n: int, buffer: torch.Tensor, weight_sum: torch.Tensor, crop: tuple[slice, ...]) -> None:
+        buffer.div_(weight_sum)
+        if self.tensor is not None and self.padded != self.spatial:
+            self.tensor[n] = buffer[(slice(None), *crop)]
+
+
+def _blend_case(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    case: torch.Tensor,
+    boxes: list[tuple[slice, ...]],
+    batch_size: int,
+    make_buffer: Callable[[int], torch.Tensor],
+    stitcher: _Stitcher,
+    advance: Callable[[int], None],
+) -> torch.Tensor:
+    """Run the net over one case's windows; return the weighted sum ``(C_out, *padded)``."""
+    window = tuple(b.stop - b.start for b in boxes[0])
+    buffer: torch.Tensor | None = None
+    for b0 in range(0, len(boxes), batch_size):
+        batch = boxes[b0 : b0 + batch_size]
+        # views stacked once per batch: one copy, no per-window allocation
+        x = torch.stack([case[(slice(None), *box)] for box in batch])
+        y = _check_output(net(x), len(batch), window)
+        if buffer is None:
+            buffer = make_buffer(y.shape[1])
+        stitcher.add(buffer, y, batch)
+        advance(len(batch))
+    stitcher.flush()
+    if buffer is None:
+        raise FlexPatchError(f"image case {tuple(case.shape)} produced no windows")
+    return buffer
+
+
+def _validate(image: torch.Tensor, batch_size: int, blend: str, pad_mode: str) -> None:
+    if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise FlexPatchError(f"image must be a 4D (N, C, H, W) or 5D (N, C, D, H, W) tensor, got {shape}")
+    if int(batch_size) < 1:
+        raise FlexPatchError(f"batch_size must be >= 1, got {batch_size}")
+    if blend not in WINDOW_KINDS:
+        raise FlexPatchError(f"unknown blend {blend!r}; choose one of {', '.join(WINDOW_KINDS)}")
+    if pad_mode not in PAD_MODES:
+        raise FlexPatchError(f"unknown pad_mode {pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
+
+
+def sliding_window(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: int | Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    sigma_scale: float = 0.125,
+    divisor: Sequence[int] | int = 1,
+    pad_mode: str = "replicate",
+    device: str | torch.device | None = None,
+    stitch_device: str | torch.device | None = None,
+    progress: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Run ``net`` over a regular grid of windows and blend the outputs by a weighted mean.
+
+    Args:
+        net: maps ``(B, C, *window)`` to ``(B, C_out, *window)`` (logits or probabilities).
+        image: ``(N, C, *spatial)``, 2D or 3D; cases are processed one after another.
+        patch_size: the window, one int per spatial axis (or one int for all).
+        overlap: fraction shared by neighbouring windows, in [0, 1).
+        blend: window weights: ``constant``, ``gaussian``, ``cos`` or ``cos2``.
+        batch_size: windows per network call.
+        sigma_scale: Gaussian sigma as a fraction of the window side.
+        divisor: the network's size divisor; patch sides must be multiples of it, and an
+            image axis the window covers is padded up to a multiple of it.
+        pad_mode: how that padding is filled: ``replicate``, ``constant`` (zeros) or ``reflect``.
+        device: where the net runs (default: the image's device); each case moves there once.
+        stitch_device: where outputs are blended and returned (default: the image's device).
+        progress: show a rich progress bar over windows.
+        out_dtype: dtype of the blended output.
+
+    Returns:
+        ``(N, C_out, *spatial)`` on ``stitch_device``.
+    """
+    _validate(image, batch_size, blend, pad_mode)
+    spatial = tuple(image.shape[2:])
+    window, padded, starts = window_layout(spatial, patch_size, overlap, divisor)
+    net_device = torch.device(device) if device is not None else image.device
+    stitch = torch.device(stitch_device) if stitch_device is not None else image.device
+    boxes = [Patch.box(s, window).slices() for s in starts]
+    n_cases = image.shape[0]
+    if n_cases == 0:
+        raise FlexPatchError(f"image {tuple(image.shape)} has no cases (N = 0)")
+    output = _Output(n_cases, spatial, padded, out_dtype, stitch)
+    with torch.inference_mode(), _progress_bar(progress, n_cases * len(boxes)) as advance:
+        weights = window_weights(window, blend, sigma_scale, device=stitch, dtype=out_dtype)
+        weight_sum = _weight_sum(weights, starts, padded)
+        stitcher = _Stitcher(weights, stitch, net_device)
+        for n in range(n_cases):
+            case, crop = _pad_case(image[n].to(net_device), padded, pad_mode)
+            buffer = _blend_case(
+                net, case, boxes, batch_size, lambda c, n=n: output.buffer(n, c), stitcher, advance
+            )
+            output.finish(n, buffer, weight_sum, crop)
+    if output.tensor is None:
+        raise FlexPatchError(f"image {tuple(image.shape)} produced no output")
+    return output.tensor

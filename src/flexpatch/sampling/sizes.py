@@ -1,0 +1,277 @@
+"""Patch-size samplers: which matrix shape the network sees at each training step.
+
+A sampler draws from an explicit ``torch.Generator`` (TorchIO's random/deterministic
+split), so a run's sizes can be logged, replayed and tested. ``parse_patch_spec``
+turns the CLI's ``--patch-size`` text into a sampler and validates it against the
+network's divisor (``2 ** number_of_downsamplings`` per axis).
+
+Spec grammar (``ndim`` axes, sizes in voxels):
+
+- ``64,64,64`` or ``64`` (isotropic): a fixed size.
+- ``uniform:32-192``: each axis independently uniform over the multiples of the
+  divisor in ``[32, 192]`` (seed 01's patch-size augmentation); per-axis ranges as
+  ``uniform:32-192,32-192,16-64``.
+- ``uniform-iso:32-192``: one value for all axes.
+- ``list:32x32x32,64x64x64`` (or ``list:32,64``, isotropic items): uniform over a list.
+
+Other kinds (``progressive:...``) plug in through :func:`register_size_kind`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from flexpatch.errors import FlexPatchError
+
+Shape = tuple[int, ...]
+
+
+@runtime_checkable
+class SizeSampler(Protocol):
+    """Anything that draws a patch size from a generator."""
+
+    def draw(self, generator: torch.Generator) -> Shape:
+        """One patch size, using only ``generator`` for randomness."""
+        ...
+
+    def max_size(self) -> Shape:
+        """The largest size it can return per axis (the validation / inference size)."""
+        ...
+
+    def describe(self) -> str:
+        """A spec string that :func:`parse_patch_spec` reads back into an equal sampler."""
+        ...
+
+
+def _fmt(size: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in size)
+
+
+def _check_positive(size: Sequence[int], what: str) -> Shape:
+    size = tuple(int(s) for s in size)
+    if not size or any(s <= 0 for s in size):
+        raise FlexPatchError(f"{what} {size} must have positive values on every axis")
+    return size
+
+
+@dataclass(frozen=True)
+class FixedSize:
+    """Always the same size."""
+
+    size: Shape
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", _check_positive(self.size, "patch size"))
+
+    def draw(self, generator: torch.Generator) -> Shape:
+        return self.size
+
+    def max_size(self) -> Shape:
+        return self.size
+
+    def describe(self) -> str:
+        return ",".join(str(s) for s in self.size)
+
+
+def _multiples(low: int, high: int, divisor: int) -> list[int]:
+    first = -(-low // divisor) * divisor
+    return list(range(max(first, divisor), high + 1, divisor))
+
+
+@dataclass(frozen=True)
+class UniformSize:
+    """Uniform over the multiples of ``divisor`` in ``[low, high]``, per axis.
+
+    Attributes:
+        low: smallest size per axis (rounded up to the divisor).
+        high: largest size per axis (rounded down to the divisor).
+        divisor: the network's size divisor per axis.
+        isotropic: draw one value shared by all axes (a multiple of every divisor,
+            inside every axis' range) instead of one value per axis.
+    """
+
+    low: Shape
+    high: Shape
+    divisor: Shape
+    isotropic: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high", "divisor"):
+            object.__setattr__(self, name, _check_positive(getattr(self, name), f"uniform size {name}"))
+        if not len(self.low) == len(self.high) == len(self.divisor):
+            raise FlexPatchError(
+                f"uniform size low {self.low}, high {self.high} and divisor {self.divisor} differ in axes"
+            )
+        for lo, hi, d in zip(self.low, self.high, self.divisor, strict=True):
+            if lo > hi:
+                raise FlexPatchError(f"uniform size range {lo}-{hi} is empty (low > high)")
+            if not _multiples(lo, hi, d):
+                below, above = lo // d * d, -(-hi // d) * d
+                near = f"sizes {below} or {above}" if below > 0 else f"size {above}"
+                raise FlexPatchError(
+                    f"uniform size range {lo}-{hi} holds no multiple of {d}: nearest valid {near}"
+                )
+        if self.isotropic and not self.candidates()[0]:
+            raise FlexPatchError(
+                f"isotropic uniform size: no single value lies in every range {self.low}-{self.high} "
+                f"and is divisible by {self.divisor}"
+            )
+
+    def candidates(self) -> list[list[int]]:
+        """The values an axis can take (one list shared by all axes when isotropic)."""
+        per_axis = [
+            _multiples(lo, hi, d) for lo, hi, d in zip(self.low, self.high, self.divisor, strict=True)
+        ]
+        if not self.isotropic:
+            return per_axis
+        common = set(per_axis[0]).intersection(*per_axis[1:])
+        return [sorted(common)]
+
+    def draw(self, generator: torch.Generator) -> Shape:
+        cands = self.candidates()
+        picks = [c[int(torch.randint(len(c), (1,), generator=generator))] for c in cands]
+        return tuple(picks * len(self.low)) if self.isotropic else tuple(picks)
+
+    def max_size(self) -> Shape:
+        cands = self.candidates()
+        return tuple([cands[0][-1]] * len(self.low)) if self.isotropic else tuple(c[-1] for c in cands)
+
+    def describe(self) -> str:
+        kind = "uniform-iso" if self.isotropic else "uniform"
+        ranges = [f"{lo}-{hi}" for lo, hi in zip(self.low, self.high, strict=True)]
+        return f"{kind}:{ranges[0]}" if len(set(ranges)) == 1 else f"{kind}:{','.join(ranges)}"
+
+
+@dataclass(frozen=True)
+class ChoiceSize:
+    """Uniform over a list of sizes."""
+
+    sizes: tuple[Shape, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise FlexPatchError("patch size list is empty")
+        sizes = tuple(_check_positive(s, "patch size") for s in self.sizes)
+        if len({len(s) for s in sizes}) != 1:
+            raise FlexPatchError(f"patch sizes {[_fmt(s) for s in sizes]} differ in number of axes")
+        object.__setattr__(self, "sizes", sizes)
+
+    def draw(self, generator: torch.Generator) -> Shape:
+        return self.sizes[int(torch.randint(len(self.sizes), (1,), generator=generator))]
+
+    def max_size(self) -> Shape:
+        return tuple(max(axis) for axis in zip(*self.sizes, strict=True))
+
+    def describe(self) -> str:
+        return "list:" + ",".join(_fmt(s) for s in self.sizes)
+
+
+# ---------------------------------------------------------------- parsing
+
+SpecParser = Callable[[str, int, Shape], SizeSampler]
+_KINDS: dict[str, tuple[SpecParser, str]] = {}
+
+
+def register_size_kind(kind: str, parser: SpecParser, example: str) -> None:
+    """Make ``kind:...`` specs known to :func:`parse_patch_spec`.
+
+    Args:
+        kind: the prefix before the colon.
+        parser: ``parser(body, ndim, divisor) -> SizeSampler`` for the text after the colon.
+        example: a sample spec shown in error messages.
+    """
+    _KINDS[kind] = (parser, example)
+
+
+def _ints(text: str, spec: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise FlexPatchError(
+            f"patch size {spec!r}: {text!r} is not a comma-separated list of integers"
+        ) from None
+
+
+def _check_divisible(size: Shape, divisor: Shape, spec: str) -> None:
+    for s, d in zip(size, divisor, strict=True):
+        if s % d:
+            below, above = s // d * d, (s // d + 1) * d
+            near = f"sizes {below} or {above}" if below > 0 else f"size {above}"
+            where = "" if spec == str(s) else f" (in {spec!r})"
+            raise FlexPatchError(f"patch size {s}{where} is not divisible by {d}: nearest valid {near}")
+
+
+def _one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape:
+    where = "" if text == spec else f" (in {spec!r})"
+    values = _ints(text.replace(sep, ","), spec)
+    if len(values) == 1:
+        values = values * ndim
+    if len(values) != ndim:
+        raise FlexPatchError(f"patch size {text!r}{where} has {len(values)} axes but the data are {ndim}D")
+    if any(v <= 0 for v in values):
+        raise FlexPatchError(f"patch size {text!r}{where} must be positive on every axis")
+    size = tuple(values)
+    _check_divisible(size, divisor, spec)
+    return size
+
+
+def _parse_uniform(body: str, ndim: int, divisor: Shape, isotropic: bool) -> UniformSize:
+    kind = "uniform-iso" if isotropic else "uniform"
+    spec = f"{kind}:{body}"
+    ranges = body.split(",")
+    if len(ranges) == 1:
+        ranges = ranges * ndim
+    if len(ranges) != ndim:
+        raise FlexPatchError(f"patch size {spec!r} gives {len(ranges)} ranges but the data are {ndim}D")
+    lows, highs = [], []
+    for r in ranges:
+        parts = r.split("-")
+        if len(parts) != 2:
+            raise FlexPatchError(f"patch size {spec!r}: range {r!r} is not LOW-HIGH (e.g. 32-192)")
+        lo, hi = _ints(",".join(parts), spec)
+        lows.append(lo)
+        highs.append(hi)
+    return UniformSize(tuple(lows), tuple(highs), divisor, isotropic=isotropic)
+
+
+def _parse_list(body: str, ndim: int, divisor: Shape) -> ChoiceSize:
+    items = [t for t in body.split(",") if t.strip()]
+    return ChoiceSize(tuple(_one_size(t, ndim, divisor, f"list:{body}", "x") for t in items))
+
+
+register_size_kind("uniform", lambda b, n, d: _parse_uniform(b, n, d, False), "uniform:32-192")
+register_size_kind("uniform-iso", lambda b, n, d: _parse_uniform(b, n, d, True), "uniform-iso:32-192")
+register_size_kind("list", _parse_list, "list:32x32x32,64x64x64")
+
+
+def parse_patch_spec(spec: str, ndim: int, divisor: int | Sequence[int]) -> SizeSampler:
+    """Read a ``--patch-size`` spec (see the module docstring) into a sampler.
+
+    Args:
+        spec: e.g. ``"64,64,64"``, ``"64"``, ``"uniform:32-192"``, ``"list:32x32,64x64"``.
+        ndim: number of spatial axes of the data.
+        divisor: size divisor of the network, one int or one per axis.
+
+    Raises:
+        FlexPatchError: unknown kind, wrong number of axes, non-positive or
+            non-divisible size (naming the nearest valid ones), or an empty range.
+    """
+    divs = (int(divisor),) * ndim if isinstance(divisor, int) else tuple(int(d) for d in divisor)
+    if len(divs) == 1:
+        divs = divs * ndim
+    if len(divs) != ndim or any(d <= 0 for d in divs):
+        raise FlexPatchError(f"size divisor {divs} must be positive with {ndim} axes")
+    spec = spec.strip().replace(" ", "")
+    if not spec:
+        raise FlexPatchError("patch size spec is empty")
+    if ":" not in spec:
+        return FixedSize(_one_size(spec, ndim, divs, spec, ","))
+    kind, body = spec.split(":", 1)
+    if kind not in _KINDS:
+        known = ", ".join(["fixed (e.g. 64,64,64)"] + [f"{k} (e.g. {ex})" for k, (_, ex) in _KINDS.items()])
+        raise FlexPatchError(f"unknown patch size kind {kind!r} in {spec!r}; known kinds: {known}")
+    return _KINDS[kind][0](body, ndim, divs)

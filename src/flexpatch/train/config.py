@@ -1,0 +1,86 @@
+"""Training configuration: one frozen dataclass, saved as config.json beside every model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from flexpatch.errors import FlexPatchError
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (paths are arguments of ``train``, not config).
+
+    Attributes:
+        model: a registered model name (``flexpatch.list_models()``).
+        model_kwargs: extra constructor arguments for the model.
+        patch: patch-size spec: ``"64,64,64"``, ``"64"``, ``"uniform:32-192"``, ``"list:32x32x32,64x64x64"``.
+        steps: optimiser steps in total.
+        batch: patches per step (all of one size).
+        lr: initial learning rate (poly decay to 0 with ``poly_power``).
+        optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.99, as nnU-Net).
+        val_every: validate (sliding window on held-out cases) every this many steps, and at the end.
+        val_patch: window for validation; None means the largest training patch.
+        val_fraction: share of training cases held out for validation (at least one when there are two or more).
+        foreground_ratio: probability that a patch is centred on foreground.
+        sampling: centre sampling mode (``balanced``, ``uniform``, ``per_class``).
+        workers: data-loading worker processes (0 = in the main process).
+        amp: mixed precision (bfloat16 autocast) on CUDA; ignored on the CPU.
+        target_spacing: resampling spacing in mm; None means the dataset's median.
+        seed: seeds the split, the initial weights and every sampled patch.
+    """
+
+    model: str = "unet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    patch: str = "64,64,64"
+    steps: int = 1000
+    batch: int = 2
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 3e-5
+    poly_power: float = 0.9
+    val_every: int = 100
+    val_patch: tuple[int, ...] | None = None
+    val_fraction: float = 0.2
+    val_overlap: float = 0.5
+    foreground_ratio: float = 0.33
+    sampling: str = "balanced"
+    workers: int = 2
+    amp: bool = True
+    target_spacing: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise FlexPatchError(f"steps must be >= 1, got {self.steps}")
+        if self.batch < 1:
+            raise FlexPatchError(f"batch must be >= 1, got {self.batch}")
+        if self.lr <= 0:
+            raise FlexPatchError(f"learning rate must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FlexPatchError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.val_every < 1:
+            raise FlexPatchError(f"val_every must be >= 1, got {self.val_every}")
+        if not 0.0 <= self.foreground_ratio <= 1.0:
+            raise FlexPatchError(f"foreground ratio must be in [0, 1], got {self.foreground_ratio}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("val_patch", "target_spacing"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
