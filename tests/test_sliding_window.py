@@ -176,6 +176,7 @@ def test_output_channels_learned_from_net():
         ({"patch_size": (8, 8), "blend": "box"}, "unknown blend 'box'"),
         ({"patch_size": (8, 8), "pad_mode": "wrap"}, "unknown pad_mode 'wrap'"),
         ({"patch_size": (8, 8), "divisor": 0}, "divisor"),
+        ({"patch_size": (8, 8), "sigma_scale": 0.0}, "sigma_scale"),
     ],
 )
 def test_bad_arguments(kwargs, match):

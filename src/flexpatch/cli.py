@@ -8,6 +8,7 @@ printed as one line, exit code 2, no traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +39,22 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """``"2,2,5"`` -> (2.0, 2.0, 5.0); a clear error for anything else."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexPatchError(f"{what} {text!r} must be numbers separated by commas, e.g. 2,2,5") from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise FlexPatchError(f"{what} {text!r} must be positive on every axis")
+    return values
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a run with no step or no validation reports null."""
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def _emit_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -52,13 +69,27 @@ def phantom(
     seed: int = 0,
     test_cases: Annotated[int | None, typer.Option(help="Test cases (imagesTs/labelsTs).")] = None,
     spacing: Annotated[str | None, typer.Option(help="Voxel size in mm, e.g. 2,2,2.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the built-in phantom as an nnU-Net raw dataset (nothing is downloaded)."""
     from flexpatch.data.phantom import make_phantom
 
-    sp = tuple(float(v) for v in spacing.split(",")) if spacing else None
-    out = make_phantom(out_dir, cases, parse_ints(shape, "shape"), ndim, kind, seed, test_cases, spacing=sp)
-    typer.echo(f"phantom written to {out}")
+    sp = parse_floats(spacing, "spacing") if spacing else None
+    out = make_phantom(
+        out_dir,
+        cases,
+        parse_ints(shape, "shape"),
+        ndim,
+        kind,
+        seed,
+        test_cases,
+        spacing=sp,
+        progress=not as_json,
+    )
+    if as_json:
+        _emit_json({"dataset_dir": str(out)})
+    else:
+        typer.echo(f"phantom written to {out}")
 
 
 @app.command()
@@ -121,7 +152,7 @@ def train(
             val_patch=parse_ints(val_patch, "validation patch") if val_patch else None,
             workers=workers,
             foreground_ratio=foreground_ratio,
-            target_spacing=tuple(float(v) for v in spacing.split(",")) if spacing else None,
+            target_spacing=parse_floats(spacing, "target spacing") if spacing else None,
             seed=seed,
             amp=amp,
         )
@@ -129,15 +160,16 @@ def train(
     summary = {
         "model_dir": str(result.out_dir),
         "steps": result.steps,
-        "best_val_dice": result.best_dice,
-        "last_loss": result.last_loss,
+        "best_val_dice": _finite(result.best_dice),
+        "last_loss": _finite(result.last_loss),
         "seconds": round(result.seconds, 1),
     }
     if as_json:
         _emit_json(summary)
     else:
         typer.echo(
-            f"trained {result.steps} steps in {result.seconds:.0f} s; best validation Dice {result.best_dice:.3f}"
+            f"trained {result.steps} steps in {result.seconds:.0f} s; "
+            f"best validation Dice {result.best_dice:.3f}"
         )
 
 
@@ -161,15 +193,29 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write CASE_probs.nii.gz.")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Segment images with a sliding window at ANY patch size."""
     from flexpatch.infer.predictor import predict_files
 
     patch = parse_ints(patch_size, "patch size") if patch_size else None
     written = predict_files(
-        model_dir, inputs, out, patch, overlap, blend, batch, device, stitch_device, probabilities
+        model_dir,
+        inputs,
+        out,
+        patch,
+        overlap,
+        blend,
+        batch,
+        device,
+        stitch_device,
+        probabilities,
+        progress=not as_json,
     )
-    typer.echo(f"wrote {len(written)} segmentations to {out}")
+    if as_json:
+        _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
+    else:
+        typer.echo(f"wrote {len(written)} segmentations to {out}")
 
 
 @app.command()
@@ -211,7 +257,7 @@ def demo(
     out_dir: Annotated[
         Path, typer.Argument(help="Working folder (phantom, models, predictions, report).")
     ] = Path("demo_out"),
-    steps: Annotated[int, typer.Option(help="Training steps per model.")] = 300,
+    steps: Annotated[int, typer.Option(help="Training steps per model.")] = 200,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -224,13 +270,20 @@ def demo(
         _emit_json(result)
 
 
+def _fail(message: str) -> None:
+    # one line whatever a library put in the message, so scripts can grep it
+    typer.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
     except FlexPatchError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:  # disk full, permission denied: the user's machine, not a bug
+        _fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FlexPatchError(f"device {device!r} requested but no CUDA GPU is available")
     return dev
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> None:
+    """Fail before any work when ``folder`` cannot be created or written; creates nothing.
+
+    Args:
+        folder: the folder a command will write into (it may not exist yet).
+        what: how the message names it.
+    """
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it" if existing == folder else f"{existing}"
+        raise FlexPatchError(f"{folder}: cannot create {what}, {where} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FlexPatchError(f"{folder}: {what} is not writable (permission denied on {existing})")
 
 
 def seed_everything(seed: int) -> None:
@@ -56,6 +76,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Progress(Progress):
+    """A progress bar that vanishes when its block raises.
+
+    Off a terminal rich prints the final bar on exit; after an error that would put
+    extra lines before the CLI's one-line message on stderr.
+    """
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        if exc_type is not None:
+            self.live.transient = True
+        super().__exit__(exc_type, exc_val, exc_tb)
+
+
 def progress_bar(disable: bool = False) -> Progress:
     """A rich progress bar; tasks carry a free-text field ``info`` (loss, Dice, it/s)."""
     columns = [
@@ -65,4 +98,4 @@ def progress_bar(disable: bool = False) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    return Progress(*columns, console=console, disable=disable)
+    return _Progress(*columns, console=console, disable=disable)

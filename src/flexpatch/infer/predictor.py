@@ -14,6 +14,7 @@ from flexpatch.data.io import (
     NIFTI_SUFFIXES,
     PLAIN_2D_SUFFIXES,
     Volume,
+    atomic_path,
     load_json,
     read_image,
     suffix_of,
@@ -23,11 +24,12 @@ from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.runtime import progress_bar, resolve_device
+from flexpatch.runtime import check_writable, progress_bar, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CHECKPOINTS = {"best": BEST, "last": LAST}
 
 
 @dataclass
@@ -67,10 +69,15 @@ class LoadedModel:
         return check_patch_size(patch, self.divisor, what=f"patch size for model {self.spec.name}")
 
     def prepare(self, volume: Volume) -> tuple[torch.Tensor, dict]:
-        """Resample and normalise a raw volume as in training: ``(1, C, *spatial)`` and the props to go back."""
+        """Resample and normalise a raw volume as in training.
+
+        Returns:
+            The image ``(1, C, *spatial)`` and the properties that bring outputs back to its grid.
+        """
         if volume.data.shape[0] != self.plan.in_channels:
             raise FlexPatchError(
-                f"{volume.path}: has {volume.data.shape[0]} channels, the model expects {self.plan.in_channels}"
+                f"{volume.path}: has {volume.data.shape[0]} channels, "
+                f"the model expects {self.plan.in_channels}"
             )
         image, _, props = preprocess_case(volume, None, self.plan)
         return torch.from_numpy(image)[None], props
@@ -114,10 +121,17 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
     spec = ModelSpec.from_json(load_json(model_dir / "model.json"))
     plan = Plan.from_json(load_json(model_dir / "plan.json"))
     config = TrainConfig.from_json(load_json(model_dir / "config.json"))
+    if checkpoint not in CHECKPOINTS:
+        raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}")
     dev = resolve_device(device)
     net = build(spec)
-    state = load_checkpoint(model_dir / (BEST if checkpoint == "best" else LAST), map_location="cpu")
-    net.load_state_dict(state["model"])
+    path = model_dir / CHECKPOINTS[checkpoint]
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        net.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlexPatchError(f"{path}: weights do not fit {model_dir / 'model.json'} ({reason})") from None
     net.to(dev).eval()
     return LoadedModel(net, spec, plan, config, dev, model_dir)
 
@@ -153,6 +167,8 @@ def _read_case(files: list[Path], ndim: int) -> Volume:
     for v in vols[1:]:
         if v.data.shape[1:] != vols[0].data.shape[1:]:
             raise FlexPatchError(f"{v.path}: shape {v.data.shape[1:]} differs from {vols[0].path}")
+        if not np.allclose(v.affine, vols[0].affine, atol=1e-3):
+            raise FlexPatchError(f"{v.path}: affine differs from {vols[0].path} (tolerance 1e-3)")
     return Volume(np.concatenate([v.data for v in vols]), vols[0].affine, ndim, vols[0].path)
 
 
@@ -169,11 +185,16 @@ def predict_files(
     save_probabilities: bool = False,
     progress: bool = True,
 ) -> list[Path]:
-    """Segment image files; write ``CASE.nii.gz`` label maps (and ``CASE_probs.nii.gz``) on each input's grid."""
+    """Segment image files into ``CASE.nii.gz`` label maps (and ``CASE_probs.nii.gz``) on each input's grid.
+
+    The window, the input files' existence and the output folder are checked before any
+    case runs; each output is written atomically, so a failure never leaves a partial file.
+    """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     window = lm.window(patch_size)
     cases = group_inputs(inputs, lm.plan.in_channels)
     out_dir = Path(out_dir)
+    check_writable(out_dir)  # before the slow part, not after the first case
     written: list[Path] = []
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"predict {window}", total=len(cases), info="")
@@ -183,11 +204,34 @@ def predict_files(
             seg = probs.argmax(0).astype(np.uint8 if lm.plan.num_classes < 256 else np.int16)
             # label maps keep the input's format (PNG in, PNG out); probabilities are always NIfTI
             target = out_dir / f"{case}{suffix_of(files[0])}"
-            write_image(target, seg, volume.affine)
+            save_like(target, seg, volume)
             if save_probabilities:
-                write_image(
-                    out_dir / f"{case}_probs.nii.gz", probs.astype(np.float32), volume.affine, channels=True
-                )
+                save_like(out_dir / f"{case}_probs.nii.gz", probs.astype(np.float32), volume, channels=True)
             written.append(target)
             bar.update(task, advance=1, info=case)
     return written
+
+
+def save_like(path: Path, data: np.ndarray, reference: Volume, channels: bool = False) -> None:
+    """Write ``data`` on ``reference``'s grid; NIfTI keeps the reference's qform, sform and units.
+
+    Copying the header's orientation fields and their codes, not only the affine, makes
+    every viewer (some read the qform, some the sform) place the output on the input.
+    """
+    ref = reference.path
+    if ref is None or suffix_of(path) not in NIFTI_SUFFIXES or suffix_of(ref) not in NIFTI_SUFFIXES:
+        write_image(path, data, reference.affine, channels=channels)
+        return
+    import nibabel as nib
+
+    header = nib.load(str(ref)).header
+    arr = np.moveaxis(data, 0, -1) if channels else data
+    if reference.ndim == 2:
+        arr = arr[:, :, None]  # nnU-Net's 2D NIfTI: (X, Y, 1[, C])
+    img = nib.Nifti1Image(arr, reference.affine)
+    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    img.set_qform(qform, int(qcode))
+    img.set_sform(sform, int(scode))
+    img.header.set_xyzt_units(*header.get_xyzt_units())
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))

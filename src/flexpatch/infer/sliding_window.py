@@ -16,6 +16,7 @@ then added with one fused ``addcmul_``, and the final weighted mean is one ``div
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -161,8 +162,10 @@ class _Stitcher:
     has been launched: the CPU stitches while the GPU computes.
     """
 
-    def __init__(self, weights: torch.Tensor, stitch: torch.device, net_device: torch.device) -> None:
-        self.weights = weights
+    def __init__(
+        self, make_weights: Callable[[], torch.Tensor], stitch: torch.device, net_device: torch.device
+    ) -> None:
+        self.make_weights = make_weights
         self.stitch = stitch
         self.deferred = stitch != net_device
         self.async_copy = stitch.type == "cpu" and net_device.type == "cuda"
@@ -170,6 +173,11 @@ class _Stitcher:
             tuple[torch.Tensor, torch.cuda.Event | None, list[tuple[slice, ...]], torch.Tensor] | None
         )
         self.pending = None
+
+    @functools.cached_property
+    def weights(self) -> torch.Tensor:
+        """The window weights, made at the first add: after the first forward, not beside it."""
+        return self.make_weights()
 
     def add(self, buffer: torch.Tensor, y: torch.Tensor, boxes: list[tuple[slice, ...]]) -> None:
         """Add ``y`` (one output per box) into ``buffer`` (``(C, *padded)``)."""
@@ -256,7 +264,7 @@ def _blend_case(
     return buffer
 
 
-def _validate(image: torch.Tensor, batch_size: int, blend: str, pad_mode: str) -> None:
+def _validate(image: torch.Tensor, batch_size: int, blend: str, sigma_scale: float, pad_mode: str) -> None:
     if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise FlexPatchError(f"image must be a 4D (N, C, H, W) or 5D (N, C, D, H, W) tensor, got {shape}")
@@ -264,6 +272,8 @@ def _validate(image: torch.Tensor, batch_size: int, blend: str, pad_mode: str) -
         raise FlexPatchError(f"batch_size must be >= 1, got {batch_size}")
     if blend not in WINDOW_KINDS:
         raise FlexPatchError(f"unknown blend {blend!r}; choose one of {', '.join(WINDOW_KINDS)}")
+    if not float(sigma_scale) > 0:
+        raise FlexPatchError(f"sigma_scale must be > 0, got {sigma_scale}")
     if pad_mode not in PAD_MODES:
         raise FlexPatchError(f"unknown pad_mode {pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
 
@@ -304,7 +314,7 @@ def sliding_window(
     Returns:
         ``(N, C_out, *spatial)`` on ``stitch_device``.
     """
-    _validate(image, batch_size, blend, pad_mode)
+    _validate(image, batch_size, blend, sigma_scale, pad_mode)
     spatial = tuple(image.shape[2:])
     window, padded, starts = window_layout(spatial, patch_size, overlap, divisor)
     net_device = torch.device(device) if device is not None else image.device
@@ -315,14 +325,20 @@ def sliding_window(
         raise FlexPatchError(f"image {tuple(image.shape)} has no cases (N = 0)")
     output = _Output(n_cases, spatial, padded, out_dtype, stitch)
     with torch.inference_mode(), _progress_bar(progress, n_cases * len(boxes)) as advance:
-        weights = window_weights(window, blend, sigma_scale, device=stitch, dtype=out_dtype)
-        weight_sum = _weight_sum(weights, starts, padded)
-        stitcher = _Stitcher(weights, stitch, net_device)
+        stitcher = _Stitcher(
+            lambda: window_weights(window, blend, sigma_scale, device=stitch, dtype=out_dtype),
+            stitch,
+            net_device,
+        )
+        weight_sum: torch.Tensor | None = None
         for n in range(n_cases):
             case, crop = _pad_case(image[n].to(net_device), padded, pad_mode)
             buffer = _blend_case(
                 net, case, boxes, batch_size, lambda c, n=n: output.buffer(n, c), stitcher, advance
             )
+            if weight_sum is None:
+                # made once the first case's forwards are done, so it never adds to their peak memory
+                weight_sum = _weight_sum(stitcher.weights, starts, padded)
             output.finish(n, buffer, weight_sum, crop)
     if output.tensor is None:
         raise FlexPatchError(f"image {tuple(image.shape)} produced no output")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flexpatch.models.registry import (
     ModelSpec,
     build,
@@ -14,7 +16,12 @@ from flexpatch.models.registry import (
     register_model,
 )
 
+if TYPE_CHECKING:
+    from flexpatch.models.hyper import HyperConfig, PatchSizeHypernet
+
 __all__ = [
+    "HyperConfig",
+    "PatchSizeHypernet",
     "ModelSpec",
     "build",
     "check_patch_size",
@@ -25,3 +32,12 @@ __all__ = [
     "nearest_valid",
     "register_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The hypernetwork imports torch; keep ``import flexpatch.models`` (and ``flexpatch models``) light.
+    if name in ("HyperConfig", "PatchSizeHypernet"):
+        from flexpatch.models import hyper
+
+        return getattr(hyper, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

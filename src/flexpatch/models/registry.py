@@ -132,7 +132,14 @@ def create_model(
 
 
 def build(spec: ModelSpec) -> nn.Module:
-    """Rebuild the network a :class:`ModelSpec` describes (freshly initialised)."""
+    """Rebuild the network a :class:`ModelSpec` describes (freshly initialised).
+
+    The option ``hyper`` (``True`` or a dict of :class:`~flexpatch.models.hyper.HyperConfig`
+    settings) wraps the model in a :class:`~flexpatch.models.hyper.PatchSizeHypernet`; the
+    wrapper's spec records every hyper setting and its divisor is the base model's.
+    """
+    if "hyper" in spec.kwargs:
+        return _build_hyper(spec)
     entry = _entry(spec.name)
     for key in _BASE_ARGS:
         value = getattr(spec, key)
@@ -152,8 +159,30 @@ def build(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def _build_hyper(spec: ModelSpec) -> nn.Module:
+    options = dict(spec.kwargs)
+    hyper = options.pop("hyper")
+    base = build(ModelSpec(spec.name, spec.ndim, spec.in_channels, spec.out_channels, options))
+    if hyper is None or hyper is False:
+        return base
+    from flexpatch.models.hyper import HyperConfig, PatchSizeHypernet
+
+    config = HyperConfig.from_value(hyper)
+    net = PatchSizeHypernet(base, **config.to_json())
+    net.spec = ModelSpec(
+        spec.name,
+        spec.ndim,
+        spec.in_channels,
+        spec.out_channels,
+        {**base.spec.kwargs, "hyper": config.to_json()},
+    )
+    net.divisor = base.divisor
+    return net
+
+
 def model_divisor(name: str, ndim: int, **kwargs: Any) -> tuple[int, ...]:
     """The per-axis multiple that patch sizes of this model (with these options) must be."""
+    kwargs.pop("hyper", None)  # the hypernetwork changes weights, never shapes
     entry = _entry(name)
     return _divisor(name, entry.divisor, ndim, _resolve(name, entry.builder, kwargs))
 

@@ -16,16 +16,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
-from flexpatch.data.dataset import load_dataset
-from flexpatch.data.io import load_json, save_json
+from flexpatch.data.dataset import DatasetInfo, load_dataset
+from flexpatch.data.io import load_json, save_json, write_text
 from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, preprocess_dataset
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.sliding_window import sliding_window
-from flexpatch.models import create_model
-from flexpatch.runtime import console, progress_bar, resolve_device, rng_state, seed_everything, set_rng_state
+from flexpatch.models import check_patch_size, create_model
+from flexpatch.runtime import (
+    check_writable,
+    console,
+    progress_bar,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from flexpatch.sampling import PatchStream, SamplingConfig, make_loader, parse_patch_spec
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
@@ -47,19 +54,48 @@ def cache_dir_for(dataset_dir: Path, out_dir: Path) -> Path:
     return dataset_dir / ".flexpatch_cache" if os.access(dataset_dir, os.W_OK) else out_dir / "cache"
 
 
-def prepare(
-    dataset_dir: Path, out_dir: Path, config: TrainConfig, progress: bool
-) -> tuple[Plan, list[Path], Any]:
-    """Fingerprint, plan and preprocess the dataset; write fingerprint.json, plan.json, dataset.json."""
+def check_inputs(
+    dataset_dir: Path, out_dir: Path, config: TrainConfig
+) -> tuple[DatasetInfo, torch.nn.Module]:
+    """Fail in seconds, before the slow preprocessing: dataset layout, model, patch sizes, output folder.
+
+    Returns:
+        The dataset (``dataset.json`` read and its files listed; no image loaded) and the
+        network, initialised from ``config.seed``.
+    """
     ds = load_dataset(dataset_dir)
+    seed_everything(config.seed)
+    net = create_model(
+        config.model,
+        ndim=ds.ndim,
+        in_channels=len(ds.channel_names),
+        out_channels=ds.num_classes,
+        **config.model_kwargs,
+    )
+    parse_patch_spec(config.patch, ds.ndim, net.divisor)
+    if config.val_patch is not None:
+        check_patch_size(config.val_patch, net.divisor, "validation patch", model=config.model)
+    check_writable(out_dir, "model folder")
+    return ds, net
+
+
+def prepare(
+    ds: DatasetInfo, out_dir: Path, config: TrainConfig, progress: bool, resume: bool = False
+) -> tuple[Plan, list[Path]]:
+    """Fingerprint, plan and preprocess the dataset; write fingerprint.json, plan.json, dataset.json.
+
+    A resumed run reuses the saved fingerprint, so its plan cannot drift; a new run in an old
+    model folder measures the dataset afresh (it may be another dataset).
+    """
     fp_path = out_dir / "fingerprint.json"
-    fingerprint = load_json(fp_path) if fp_path.exists() else compute_fingerprint(ds, progress=progress)
+    reuse = resume and fp_path.is_file()
+    fingerprint = load_json(fp_path) if reuse else compute_fingerprint(ds, progress=progress)
     plan = make_plan(ds, fingerprint, target_spacing=config.target_spacing)
-    cases = preprocess_dataset(ds, plan, cache_dir_for(Path(dataset_dir), out_dir), progress=progress)
+    cases = preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=progress)
     save_json(fp_path, fingerprint)
     save_json(out_dir / "plan.json", plan.to_json())
     save_json(out_dir / "dataset.json", ds.to_json())
-    return plan, cases, ds
+    return plan, cases
 
 
 def split_cases(cases: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -111,24 +147,59 @@ def validate(
     return {c + 1: float(v) for c, v in enumerate(mean)}
 
 
-def _checkpoint_state(net, opt, sched, step: int, best: float, config: TrainConfig) -> dict[str, Any]:
-    return {
-        "model": net.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "step": step,
-        "best": best,
-        "rng": rng_state(),
-        "config": config.to_json(),
-    }
+def _log_step(line: str) -> int | None:
+    """The step of a log line; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
     """On resume, drop log lines written after the checkpoint so the log reads as one run."""
     if not log_path.exists():
         return
-    keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    log_path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [ln for ln in log_path.read_text().splitlines() if (s := _log_step(ln)) is not None and s <= step]
+    write_text(log_path, "".join(ln + "\n" for ln in keep))
+
+
+# Settings that leave a run's numbers unchanged: a resumed run may change them.
+RESUME_FREE = ("workers",)
+
+
+def resolve_config(out_dir: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
+    """The run's config: the given one, or on ``resume`` the saved one (a given one must match it)."""
+    if not resume:
+        return config or TrainConfig()
+    if not (out_dir / LAST).is_file():
+        raise FlexPatchError(f"{out_dir / LAST}: nothing to resume from")
+    saved = TrainConfig.from_json(load_json(out_dir / "config.json"))
+    if config is None:
+        return saved
+    # compare as JSON: a tuple given here equals the list read back from config.json
+    ours, theirs = (json.loads(json.dumps(c.to_json())) for c in (config, saved))
+    changed = [k for k in ours if k not in RESUME_FREE and ours[k] != theirs[k]]
+    if changed:
+        raise FlexPatchError(
+            f"{out_dir / 'config.json'}: cannot resume with a different {', '.join(changed)} "
+            f"(saved {', '.join(f'{k}={theirs[k]!r}' for k in changed)})"
+        )
+    return config
+
+
+def _restore(
+    path: Path, net: torch.nn.Module, opt: Any, sched: Any, dev: torch.device
+) -> tuple[int, float, Any]:
+    """Load a ``model_last.pt`` into the run; returns its step, best Dice and RNG state."""
+    state = load_checkpoint(path, map_location=dev)
+    try:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        return int(state["step"]), float(state["best"]), state["rng"]
+    except (KeyError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlexPatchError(f"{path}: does not fit this model and config ({reason})") from None
 
 
 def train(
@@ -143,54 +214,41 @@ def train(
 ) -> TrainResult:
     """Train a model on patches of a dataset and write a self-contained model folder.
 
+    Inputs are checked (dataset layout, model name, patch sizes, output folder) before
+    the dataset is preprocessed, so mistakes fail in seconds.
+
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
         out_dir: the model folder (weights, config.json, plan.json, fingerprint.json, log.jsonl).
-        config: the run's settings; on ``resume`` the saved config is used and this must be None or equal.
+        config: the run's settings; on ``resume`` the saved config is used and this must be None or
+            equal to it (except ``workers``).
         resume: continue from ``out_dir/model_last.pt`` exactly where it stopped.
         device: ``auto``, ``cpu``, ``cuda``.
+        progress: show progress bars (loss, validation Dice, it/s) on stderr.
         stop_after: stop (saving ``model_last.pt``) after this many steps, as an interruption would.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     dev = resolve_device(device)
-    if resume:
-        if not (out_dir / LAST).exists():
-            raise FlexPatchError(f"{out_dir / LAST}: nothing to resume from")
-        saved = TrainConfig.from_json(load_json(out_dir / "config.json"))
-        config = config if config is not None else saved
-    config = config or TrainConfig()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    config = resolve_config(out_dir, config, resume)
+    ds, net = check_inputs(dataset_dir, out_dir, config)
+    plan, cases = prepare(ds, out_dir, config, progress, resume)
     save_json(out_dir / "config.json", config.to_json())
-    plan, cases, _ = prepare(dataset_dir, out_dir, config, progress)
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
-
-    seed_everything(config.seed)
-    net = create_model(
-        config.model,
-        ndim=plan.ndim,
-        in_channels=plan.in_channels,
-        out_channels=plan.num_classes,
-        **config.model_kwargs,
-    )
     save_json(out_dir / "model.json", net.spec.to_json())
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor)
-    val_patch = tuple(config.val_patch or sizes.max_size())
     net.to(dev)
     opt, sched = make_optimizer(net, config)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=True)
 
-    start, best = 0, -1.0
+    start, best, rng = 0, -1.0, None
     log_path = out_dir / "log.jsonl"
     if resume:
-        state = load_checkpoint(out_dir / LAST, map_location=dev)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start, best = int(state["step"]), float(state["best"])
+        start, best, rng = _restore(out_dir / LAST, net, opt, sched, dev)
         _truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    if end < start:
+        raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
 
     sampling = SamplingConfig(
         batch_size=config.batch,
@@ -198,55 +256,118 @@ def train(
         foreground_ratio=config.foreground_ratio,
         divisor=net.divisor,
     )
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
     stream = PatchStream(train_cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
-    loader = make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda")
-    use_amp = config.amp and dev.type == "cuda"
+    batches = iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
+    if rng is not None:
+        # only now: making the loader's iterator draws a seed from torch's RNG, which the
+        # uninterrupted run did before its first step, not at this one
+        set_rng_state(rng)
     console.print(
         f"[bold]train[/] {config.model} on {len(train_cases)} cases (val {len(val_cases)}), "
         f"patch {sizes.describe()}, batch {config.batch}, steps {start}->{end}, device {dev}"
     )
-    t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
-    net.train()
-    with progress_bar(disable=not progress) as bar, log_path.open("a") as log:
-        task = bar.add_task("train", total=config.steps, completed=start, info="")
-        for batch in loader:
-            step = int(batch["step"]) + 1
-            image = batch["image"].to(dev, non_blocking=True)
-            label = batch["label"].to(dev, non_blocking=True)[:, None]
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = loss_fn(net(image), label)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            last_loss = float(loss.detach())
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": last_loss,
-                "lr": sched.get_last_lr()[0],
-                "patch": list(batch["size"]),
-            }
-            if step % config.val_every == 0 or step == config.steps:
-                dice = validate(
-                    net, val_cases, val_patch, plan.num_classes, net.divisor, dev, config.val_overlap
-                )
-                last_val = float(np.nanmean(list(dice.values())))
-                record.update(val_dice={str(k): v for k, v in dice.items()}, val_mean=last_val)
-                if last_val > best:
-                    best = last_val
-                    save_checkpoint(
-                        out_dir / BEST, {"model": net.state_dict(), "step": step, "val_mean": best}
-                    )
-                save_checkpoint(out_dir / LAST, _checkpoint_state(net, opt, sched, step, best, config))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-            bar.update(
-                task, completed=step, info=f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s"
-            )
+    from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
+
+    run = _Run(net, opt, sched, DiceCELoss(to_onehot_y=True, softmax=True), config, plan, dev, out_dir)
+    run.best = best
+    val_patch = tuple(config.val_patch or sizes.max_size())
+    last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     if end < config.steps or not (out_dir / BEST).exists():
-        save_checkpoint(out_dir / LAST, _checkpoint_state(net, opt, sched, end, best, config))
+        save_checkpoint(out_dir / LAST, run.state(end))
     if not (out_dir / BEST).exists():
-        save_checkpoint(out_dir / BEST, {"model": net.state_dict(), "step": end, "val_mean": best})
-    return TrainResult(out_dir, end, best, last_loss, time.perf_counter() - t0)
+        save_checkpoint(out_dir / BEST, {"model": net.state_dict(), "step": end, "val_mean": run.best})
+    return TrainResult(out_dir, end, run.best, last_loss, seconds)
+
+
+@dataclass
+class _Run:
+    """The moving parts of a run, so that the step loop reads as one short function."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    loss_fn: Any
+    config: TrainConfig
+    plan: Plan
+    dev: torch.device
+    out_dir: Path
+    best: float = -1.0
+
+    def state(self, step: int) -> dict[str, Any]:
+        """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": step,
+            "best": self.best,
+            "rng": rng_state(),
+            "config": self.config.to_json(),
+        }
+
+    def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
+        """Validation Dice per class; saves the best checkpoint when it improves, and the last."""
+        dice = validate(
+            self.net,
+            val_cases,
+            val_patch,
+            self.plan.num_classes,
+            self.net.divisor,
+            self.dev,
+            self.config.val_overlap,
+        )
+        mean = float(np.nanmean(list(dice.values())))
+        if mean > self.best:
+            self.best = mean
+            save_checkpoint(
+                self.out_dir / BEST, {"model": self.net.state_dict(), "step": step, "val_mean": mean}
+            )
+        save_checkpoint(self.out_dir / LAST, self.state(step))
+        return {"val_dice": {str(k): v for k, v in dice.items()}, "val_mean": mean}
+
+    def step(self, batch: dict[str, Any], amp: bool) -> float:
+        """One optimiser step on a batch; returns the loss."""
+        image = batch["image"].to(self.dev, non_blocking=True)
+        label = batch["label"].to(self.dev, non_blocking=True)[:, None]
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = self.loss_fn(self.net(image), label)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    def loop(
+        self,
+        batches: Any,
+        start: int,
+        end: int,
+        val_cases: list[Path],
+        val_patch: tuple[int, ...],
+        log_path: Path,
+        progress: bool,
+    ) -> tuple[float, float]:
+        """Steps ``start+1 .. end``; one JSONL line each. Returns the last loss and the seconds taken."""
+        cfg, use_amp = self.config, self.config.amp and self.dev.type == "cuda"
+        t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
+        self.net.train()
+        with progress_bar(disable=not progress) as bar, log_path.open("a") as log:
+            task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+            for batch in batches:
+                step = int(batch["step"]) + 1
+                last_loss = self.step(batch, use_amp)
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": self.sched.get_last_lr()[0],
+                    "patch": list(batch["size"]),
+                }
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    record.update(self.validate_and_save(step, val_cases, val_patch))
+                    last_val = record["val_mean"]
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+                info = f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s"
+                bar.update(task, completed=step, info=info)
+        return last_loss, time.perf_counter() - t0
