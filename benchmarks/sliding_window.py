@@ -8,11 +8,13 @@ one case. GPU: a 256^3 volume, patch 32..256; CPU: 128^3, patch 32..128; ``--qui
 CPU 64^3 with patch 32/48/64. Both tools run under ``torch.inference_mode`` with the
 same ``cudnn.benchmark`` setting (on for CUDA). Each row has a warm-up run of each tool,
 then R timed repeats whose order (ours first / MONAI first) alternates, so neither tool
-always runs on a warmer cache. The two outputs must agree (``assert_close``).
+always runs on a warmer cache; the table gives best (median) seconds. The two outputs
+must agree (``assert_close``).
 
 Peak memory: on CUDA, ``max_memory_allocated`` above what was allocated before the call
-(net and image excluded, output included); on the CPU, the rise of ``ru_maxrss`` during
-one call in a fresh subprocess per measurement (tracemalloc does not see torch's memory).
+(net and image excluded, output included); on the CPU, the rise of the peak RSS (VmHWM,
+reset just before) during one call in a fresh subprocess per measurement (tracemalloc
+does not see torch's memory).
 The section goes into BENCHMARKS.md (``benchmarks/_report.py``) with a plot of time
 against patch size in ``benchmarks/figures/``.
 """
@@ -60,7 +62,8 @@ class Row:
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.ours) / statistics.median(self.monai)
+        """Best over best: contention on a shared machine only ever adds time."""
+        return min(self.ours) / min(self.monai)
 
 
 def default_net() -> str:
@@ -144,15 +147,32 @@ def cpu_peak(tool: str, net_name: str, side: int, patch: int, threads: int) -> f
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"])
 
 
+def _proc_status_kib(name: str) -> int:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {name}")
+
+
 def memory_child(tool: str, net_name: str, side: int, patch: int) -> None:
-    """Body of the subprocess: one call of ``tool`` on a fresh process; print the RSS rise."""
+    """Body of the subprocess: one call of ``tool`` in a fresh process; print its peak RSS rise.
+
+    The peak RSS mark is reset to the current RSS first (Linux clear_refs), so a
+    higher peak left by importing libraries cannot hide the call's own; without
+    that, fall back to the rise of ``ru_maxrss``.
+    """
     net, divisor = make_net(net_name, "cpu")
     image = make_image(side, "cpu")
     fn = runners(net, image, patch, divisor)[tool]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before, peak = _proc_status_kib("VmRSS"), lambda: _proc_status_kib("VmHWM")
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": (after - before) / 1024}))
+    print(json.dumps({"peak_mib": (peak() - before) / 1024}))
 
 
 def measure(args: argparse.Namespace, device: str, side: int, patches: tuple[int, ...]) -> list[Row]:
@@ -202,8 +222,8 @@ def markdown_table(rows: list[Row]) -> str:
         "| max abs diff |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {r.patch}^3 | {r.windows} | {statistics.median(r.ours):.3f} ({min(r.ours):.3f}) "
-        f"| {statistics.median(r.monai):.3f} ({min(r.monai):.3f}) | {r.ratio:.3f} "
+        f"| {r.patch}^3 | {r.windows} | {min(r.ours):.3f} ({statistics.median(r.ours):.3f}) "
+        f"| {min(r.monai):.3f} ({statistics.median(r.monai):.3f}) | {r.ratio:.3f} "
         f"| {r.ours_peak:.0f} | {r.monai_peak:.0f} | {r.max_diff:.1e} |"
         for r in rows
     ]
@@ -218,11 +238,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     patches = [r.patch for r in rows]
-    ax.plot(patches, [statistics.median(r.ours) for r in rows], "o-", label="flexpatch sliding_window")
-    ax.plot(
-        patches, [statistics.median(r.monai) for r in rows], "s--", label="MONAI sliding_window_inference"
-    )
-    ax.set(xlabel="patch side (voxels, cubic)", ylabel="seconds (median)", yscale="log", title=title)
+    ax.plot(patches, [min(r.ours) for r in rows], "o-", label="flexpatch sliding_window")
+    ax.plot(patches, [min(r.monai) for r in rows], "s--", label="MONAI sliding_window_inference")
+    ax.set(xlabel="patch side (voxels, cubic)", ylabel="seconds (best of repeats)", yscale="log", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -236,10 +254,19 @@ def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) ->
     from rich.table import Table
 
     table = Table(title=f"sliding window, {side}^3 volume, {args.net}, {device}")
-    for col in ("patch", "windows", "ours s", "MONAI s", "ratio", "ours MiB", "MONAI MiB", "max diff"):
+    for col in (
+        "patch",
+        "windows",
+        "ours best s",
+        "MONAI best s",
+        "ratio",
+        "ours MiB",
+        "MONAI MiB",
+        "max diff",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        ours, monai = statistics.median(r.ours), statistics.median(r.monai)
+        ours, monai = min(r.ours), min(r.monai)
         cells = (r.patch, r.windows, f"{ours:.3f}", f"{monai:.3f}", f"{r.ratio:.3f}")
         table.add_row(*map(str, cells), f"{r.ours_peak:.0f}", f"{r.monai_peak:.0f}", f"{r.max_diff:.1e}")
     Console().print(table)
@@ -253,14 +280,15 @@ def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) ->
     memory = (
         "CUDA `max_memory_allocated` above the allocation before the call (output in, net and image out)"
         if kind == "cuda"
-        else "rise of `ru_maxrss` during one call in a fresh subprocess (net activations, buffers and output)"
+        else "rise of peak RSS (VmHWM, reset first) in one call in a fresh subprocess; varies ~15% run to run"
     )
     threads = f"{torch.get_num_threads()} CPU threads" if kind == "cpu" else "cudnn.benchmark on"
     body = (
         f"Volume {side}^3, one case, net `{args.net}` (1 -> {OUT_CHANNELS} channels, eval), "
         f"overlap {OVERLAP}, {BLEND} blend, {WINDOW_BATCH} windows per batch, "
         f"both tools under `torch.inference_mode`, {threads}. "
-        f"Seconds: median (best) of {args.repeats} repeats after a warm-up, order alternating. "
+        f"Seconds: best (median) of {args.repeats} repeats after a warm-up, order alternating; "
+        "the ratio is best over best. "
         f"Peak memory: {memory}.\n\n{markdown_table(rows)}\n\n![time vs patch size]({link})"
     )
     title = f"Sliding-window inference vs MONAI ({kind}{', quick' if args.quick else ''})"

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset
-from flexpatch.data.io import Volume, write_image
+from flexpatch.data.io import Volume, load_json, save_json, write_image
 from flexpatch.data.preprocess import (
     Plan,
     component_sizes,
     compute_fingerprint,
-    load_json,
     load_preprocessed,
     make_plan,
     normalize,
@@ -25,7 +24,6 @@ from flexpatch.data.preprocess import (
     preprocess_dataset,
     resample,
     restore,
-    save_json,
 )
 from flexpatch.errors import FlexPatchError
 

@@ -16,13 +16,17 @@ from flexpatch.sampling import (
     FixedSize,
     PatchStream,
     SamplingConfig,
+    StepSizeSampler,
     UniformSize,
+    batch_for_step,
     compute_class_locations,
     draw_centre,
     fit_patch,
     make_loader,
     parse_patch_spec,
     patch_at,
+    register_size_kind,
+    size_for_step,
 )
 from flexpatch.sampling import sizes as sizes_module
 
@@ -95,7 +99,7 @@ def test_describe_reads_back(spec: str) -> None:
         ("64,64", "has 2 axes but the data are 3D"),
         ("0", "positive"),
         ("abc", "not a comma-separated list of integers"),
-        ("progressive:64", "known kinds: fixed"),
+        ("grow:64", "known kinds: fixed"),
         ("", "empty"),
     ],
 )
@@ -105,12 +109,24 @@ def test_parse_errors_name_the_problem(spec: str, message: str) -> None:
 
 
 def test_new_kinds_plug_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(
-        sizes_module._KINDS, "const", (lambda body, n, d: FixedSize((int(body),) * n), "const:8")
-    )
+    monkeypatch.setattr(sizes_module, "_KINDS", dict(sizes_module._KINDS))
+    register_size_kind("const", lambda body, n, d: FixedSize((int(body),) * n), "const:8")
     assert parse_patch_spec("const:24", 2, 8) == FixedSize((24, 24))
     with pytest.raises(FlexPatchError, match="const"):
         parse_patch_spec("nope:1", 2, 8)
+    # a kind that schedules over the run gets the run's batch and steps as keywords
+    register_size_kind(
+        "run", lambda body, n, d, batch, steps: FixedSize((batch * steps,) * n), "run:", needs_run=True
+    )
+    assert parse_patch_spec("run:", 2, 8, batch=2, steps=4) == FixedSize((8, 8))
+
+
+def test_plain_samplers_ignore_the_step() -> None:
+    sampler = parse_patch_spec("uniform:8-64", 3, 8)
+    assert not isinstance(sampler, StepSizeSampler)
+    g1, g2 = _gen(5), _gen(5)
+    assert [size_for_step(sampler, k, g1) for k in range(20)] == [sampler.draw(g2) for _ in range(20)]
+    assert {batch_for_step(sampler, k, 3) for k in range(20)} == {3}
 
 
 def test_sampler_constructors_validate() -> None:

@@ -191,7 +191,7 @@ def predict(
         str | None, typer.Option(help="Where outputs are accumulated (default: device).")
     ] = None,
     probabilities: Annotated[
-        bool, typer.Option("--probabilities", help="Also write CASE_probs.nii.gz.")
+        bool, typer.Option("--probabilities", help="Also write probabilities/CASE.nii.gz (classes last).")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:

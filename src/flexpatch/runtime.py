@@ -71,22 +71,25 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    # generators take their state as a CPU byte tensor, wherever a checkpoint was mapped to
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class _Progress(Progress):
     """A progress bar that vanishes when its block raises.
 
-    Off a terminal rich prints the final bar on exit; after an error that would put
-    extra lines before the CLI's one-line message on stderr.
+    Off a terminal rich prints the final bar and a blank line on exit; after an error
+    they would stand beside the CLI's one-line message on stderr.
     """
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        if exc_type is not None:
+        if exc_type is None:
+            super().__exit__(exc_type, exc_val, exc_tb)
+        elif not self.disable:
             self.live.transient = True
-        super().__exit__(exc_type, exc_val, exc_tb)
+            self.live.stop()
 
 
 def progress_bar(disable: bool = False) -> Progress:

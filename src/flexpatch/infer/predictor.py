@@ -30,6 +30,7 @@ from flexpatch.train.config import TrainConfig
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 CHECKPOINTS = {"best": BEST, "last": LAST}
+PROBABILITIES = "probabilities"  # subfolder of a prediction folder
 
 
 @dataclass
@@ -53,7 +54,7 @@ class LoadedModel:
         from flexpatch.sampling import parse_patch_spec
 
         return tuple(
-            self.config.val_patch
+            self.config.validation_patch(self.plan.ndim)
             or parse_patch_spec(self.config.patch, self.plan.ndim, self.divisor).max_size()
         )
 
@@ -185,7 +186,10 @@ def predict_files(
     save_probabilities: bool = False,
     progress: bool = True,
 ) -> list[Path]:
-    """Segment image files into ``CASE.nii.gz`` label maps (and ``CASE_probs.nii.gz``) on each input's grid.
+    """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
+
+    Probabilities go to ``out_dir/probabilities/CASE.nii.gz`` (classes last), a folder of
+    their own so that ``out_dir`` pairs file by file with a folder of reference labels.
 
     The window, the input files' existence and the output folder are checked before any
     case runs; each output is written atomically, so a failure never leaves a partial file.
@@ -203,11 +207,11 @@ def predict_files(
             probs = lm.probabilities(volume, window, overlap, blend, batch_size, stitch_device)
             seg = probs.argmax(0).astype(np.uint8 if lm.plan.num_classes < 256 else np.int16)
             # label maps keep the input's format (PNG in, PNG out); probabilities are always NIfTI
-            target = out_dir / f"{case}{suffix_of(files[0])}"
-            save_like(target, seg, volume)
+            written.append(out_dir / f"{case}{suffix_of(files[0])}")
+            save_like(written[-1], seg, volume)
             if save_probabilities:
-                save_like(out_dir / f"{case}_probs.nii.gz", probs.astype(np.float32), volume, channels=True)
-            written.append(target)
+                target = out_dir / PROBABILITIES / f"{case}.nii.gz"
+                save_like(target, probs.astype(np.float32), volume, channels=True)
             bar.update(task, advance=1, info=case)
     return written
 

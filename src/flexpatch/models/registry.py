@@ -11,6 +11,7 @@ the same network even if a default changes later.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import operator
@@ -82,6 +83,8 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+# Models whose modules are heavy to import register themselves on first use.
+_LAZY: dict[str, str] = {"unetr": "flexpatch.models.unetr"}
 
 
 def register_model(
@@ -112,7 +115,7 @@ def register_model(
 
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_LAZY))
 
 
 def model_description(name: str) -> str:
@@ -236,6 +239,8 @@ def _either(below: int, above: int) -> str:
 
 
 def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
     if name not in _REGISTRY:
         raise FlexPatchError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name]

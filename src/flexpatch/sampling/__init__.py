@@ -1,5 +1,8 @@
 """Patch sampling: which patch sizes and centres training sees, and the batch stream.
 
+Patch sizes are fixed, drawn (seed 01's augmentation) or scheduled over the run
+(seed 03's progressive growing, :mod:`flexpatch.sampling.progressive`).
+
 Random draws use an explicit ``torch.Generator`` and feed deterministic functions,
 so every draw can be logged and replayed (TorchIO's random/deterministic split).
 """
@@ -14,13 +17,22 @@ from flexpatch.sampling.centres import (
     patch_at,
 )
 from flexpatch.sampling.loader import PatchStream, SamplingConfig, derive_seed, make_loader
+from flexpatch.sampling.progressive import (
+    ProgressiveSchedule,
+    Stage,
+    make_schedule,
+    pools_from_divisor,
+)
 from flexpatch.sampling.sizes import (
     ChoiceSize,
     FixedSize,
     SizeSampler,
+    StepSizeSampler,
     UniformSize,
+    batch_for_step,
     parse_patch_spec,
     register_size_kind,
+    size_for_step,
 )
 
 __all__ = [
@@ -28,15 +40,22 @@ __all__ = [
     "ChoiceSize",
     "FixedSize",
     "PatchStream",
+    "ProgressiveSchedule",
     "SamplingConfig",
     "SizeSampler",
+    "Stage",
+    "StepSizeSampler",
     "UniformSize",
+    "batch_for_step",
     "compute_class_locations",
     "derive_seed",
     "draw_centre",
     "fit_patch",
     "make_loader",
+    "make_schedule",
     "parse_patch_spec",
     "patch_at",
+    "pools_from_divisor",
     "register_size_kind",
+    "size_for_step",
 ]

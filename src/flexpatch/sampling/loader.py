@@ -1,5 +1,9 @@
 """A reproducible stream of training batches, one patch size per step.
 
+A step's size and batch size come from the size sampler: a schedule over the steps
+(``StepSizeSampler``, e.g. progressive growing) decides both; any other sampler draws
+the size and the batch size is the config's.
+
 Every random choice of step ``s`` (its patch size, cases and centres) comes from a
 ``torch.Generator`` seeded by a hash of ``(seed, s)``. The stream is therefore a
 pure function of ``(cases, sizes, config, seed)``: it is the same with any number
@@ -26,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import extract
 from flexpatch.sampling.centres import CENTRE_MODES, compute_class_locations, draw_centre, fit_patch, patch_at
-from flexpatch.sampling.sizes import SizeSampler
+from flexpatch.sampling.sizes import SizeSampler, batch_for_step, size_for_step
 
 Shape = tuple[int, ...]
 PAD_MODES: tuple[str, ...] = ("border", "zeros")
@@ -37,7 +41,8 @@ class SamplingConfig:
     """How training batches are drawn.
 
     Attributes:
-        batch_size: patches per step (all of one size).
+        batch_size: patches per step (all of one size), unless the size sampler schedules its
+            own per step (``StepSizeSampler.batch_at``, e.g. progressive growing).
         divisor: the network's size divisor per axis (patches are fitted to it).
         mode: centre mode (``uniform``, ``balanced``, ``per_class``; see ``draw_centre``).
         foreground_ratio: probability of a foreground centre in the label-aware modes.
@@ -96,7 +101,8 @@ class PatchStream(IterableDataset):
     ``cache_size`` at least the number of cases when they fit (random case draws
     thrash a smaller cache).
 
-    Each step draws one patch size for the whole batch, then per sample a case
+    Each step takes one patch size and a batch size from the size sampler
+    (:func:`size_for_step`, :func:`batch_for_step`), then draws per sample a case
     and a centre. The drawn size is fitted (``fit_patch``) to the smallest case of
     the batch so no sample is padded beyond the divisor.
     """
@@ -161,13 +167,18 @@ class PatchStream(IterableDataset):
     def batch(self, step: int) -> dict[str, Any]:
         """Batch ``step`` of the stream: a pure function of the seed and ``step``."""
         g = torch.Generator().manual_seed(derive_seed("flexpatch-step", self.seed, step))
-        drawn = tuple(int(s) for s in self.sizes.draw(g))
+        drawn = tuple(int(s) for s in size_for_step(self.sizes, step, g))
         for s, d in zip(drawn, self.cfg.divisor, strict=True):
             if s % d:
                 raise FlexPatchError(
                     f"patch size {drawn} from {self.sizes.describe()!r} not divisible by {d}"
                 )
-        picks = torch.randint(len(self.cases), (self.cfg.batch_size,), generator=g).tolist()
+        batch_size = batch_for_step(self.sizes, step, self.cfg.batch_size)
+        if batch_size < 1:
+            raise FlexPatchError(
+                f"batch size {batch_size} of step {step} from {self.sizes.describe()!r} is < 1"
+            )
+        picks = torch.randint(len(self.cases), (batch_size,), generator=g).tolist()
         cases = [self._load(i) for i in picks]
         smallest = tuple(min(axis) for axis in zip(*(c.shape for c in cases), strict=True))
         size = fit_patch(drawn, smallest, self.cfg.divisor)

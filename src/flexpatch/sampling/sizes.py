@@ -14,14 +14,20 @@ Spec grammar (``ndim`` axes, sizes in voxels):
 - ``uniform-iso:32-192``: one value for all axes.
 - ``list:32x32x32,64x64x64`` (or ``list:32,64``, isotropic items): uniform over a list.
 
-Other kinds (``progressive:...``) plug in through :func:`register_size_kind`.
+Other kinds plug in through :func:`register_size_kind`; ``progressive:MODE:SIZE``
+(seed 03, :mod:`flexpatch.sampling.progressive`) is one, and it also needs the run's
+batch size and number of steps (``parse_patch_spec(..., batch=, steps=)``).
+
+A sampler may also follow the training step (:class:`StepSizeSampler`: ``size_at`` and
+``batch_at``, e.g. a growing schedule); :func:`size_for_step` and :func:`batch_for_step`
+ask it, and fall back to ``draw`` and the configured batch size for samplers that don't.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -45,6 +51,31 @@ class SizeSampler(Protocol):
     def describe(self) -> str:
         """A spec string that :func:`parse_patch_spec` reads back into an equal sampler."""
         ...
+
+
+@runtime_checkable
+class StepSizeSampler(SizeSampler, Protocol):
+    """A sampler whose size and batch size depend on the training step (a schedule)."""
+
+    def size_at(self, step: int, generator: torch.Generator) -> Shape:
+        """The patch size of step ``step``; any randomness comes from ``generator`` only."""
+        ...
+
+    def batch_at(self, step: int) -> int:
+        """The batch size of step ``step``."""
+        ...
+
+
+def size_for_step(sampler: SizeSampler, step: int, generator: torch.Generator) -> Shape:
+    """The size of step ``step``: the sampler's schedule, else a draw that ignores the step."""
+    if isinstance(sampler, StepSizeSampler):
+        return sampler.size_at(step, generator)
+    return sampler.draw(generator)
+
+
+def batch_for_step(sampler: SizeSampler, step: int, default: int) -> int:
+    """The batch size of step ``step``: the sampler's schedule, else ``default`` (the config's)."""
+    return int(sampler.batch_at(step)) if isinstance(sampler, StepSizeSampler) else int(default)
 
 
 def _fmt(size: Sequence[int]) -> str:
@@ -172,19 +203,29 @@ class ChoiceSize:
 
 # ---------------------------------------------------------------- parsing
 
-SpecParser = Callable[[str, int, Shape], SizeSampler]
-_KINDS: dict[str, tuple[SpecParser, str]] = {}
+SpecParser = Callable[..., SizeSampler]
 
 
-def register_size_kind(kind: str, parser: SpecParser, example: str) -> None:
+class _Kind(NamedTuple):
+    parser: SpecParser
+    example: str
+    needs_run: bool = False
+
+
+_KINDS: dict[str, _Kind] = {}
+
+
+def register_size_kind(kind: str, parser: SpecParser, example: str, *, needs_run: bool = False) -> None:
     """Make ``kind:...`` specs known to :func:`parse_patch_spec`.
 
     Args:
         kind: the prefix before the colon.
         parser: ``parser(body, ndim, divisor) -> SizeSampler`` for the text after the colon.
         example: a sample spec shown in error messages.
+        needs_run: the parser also takes the run's ``batch=`` and ``steps=`` keywords (each
+            None when the caller gave none), as a schedule over the training steps does.
     """
-    _KINDS[kind] = (parser, example)
+    _KINDS[kind] = _Kind(parser, example, needs_run)
 
 
 def _ints(text: str, spec: str) -> list[int]:
@@ -248,13 +289,24 @@ register_size_kind("uniform-iso", lambda b, n, d: _parse_uniform(b, n, d, True),
 register_size_kind("list", _parse_list, "list:32x32x32,64x64x64")
 
 
-def parse_patch_spec(spec: str, ndim: int, divisor: int | Sequence[int]) -> SizeSampler:
+def parse_patch_spec(
+    spec: str,
+    ndim: int,
+    divisor: int | Sequence[int],
+    *,
+    batch: int | None = None,
+    steps: int | None = None,
+) -> SizeSampler:
     """Read a ``--patch-size`` spec (see the module docstring) into a sampler.
 
     Args:
-        spec: e.g. ``"64,64,64"``, ``"64"``, ``"uniform:32-192"``, ``"list:32x32,64x64"``.
+        spec: e.g. ``"64,64,64"``, ``"64"``, ``"uniform:32-192"``, ``"list:32x32,64x64"``,
+            ``"progressive:performance:128x128x128"``.
         ndim: number of spatial axes of the data.
         divisor: size divisor of the network, one int or one per axis.
+        batch: the run's batch size (at the largest patch); only kinds that schedule over
+            the run (``progressive``) use it, and they require it.
+        steps: the run's number of training steps; as ``batch``.
 
     Raises:
         FlexPatchError: unknown kind, wrong number of axes, non-positive or
@@ -272,6 +324,9 @@ def parse_patch_spec(spec: str, ndim: int, divisor: int | Sequence[int]) -> Size
         return FixedSize(_one_size(spec, ndim, divs, spec, ","))
     kind, body = spec.split(":", 1)
     if kind not in _KINDS:
-        known = ", ".join(["fixed (e.g. 64,64,64)"] + [f"{k} (e.g. {ex})" for k, (_, ex) in _KINDS.items()])
+        known = ", ".join(["fixed (e.g. 64,64,64)"] + [f"{k} (e.g. {e.example})" for k, e in _KINDS.items()])
         raise FlexPatchError(f"unknown patch size kind {kind!r} in {spec!r}; known kinds: {known}")
-    return _KINDS[kind][0](body, ndim, divs)
+    entry = _KINDS[kind]
+    if entry.needs_run:
+        return entry.parser(body, ndim, divs, batch=batch, steps=steps)
+    return entry.parser(body, ndim, divs)

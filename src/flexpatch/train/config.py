@@ -24,8 +24,10 @@ class TrainConfig:
         lr: initial learning rate (poly decay to 0 with ``poly_power``).
         optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.99, as nnU-Net).
         val_every: validate (sliding window on held-out cases) every this many steps, and at the end.
-        val_patch: window for validation; None means the largest training patch.
-        val_fraction: share of training cases held out for validation (at least one when there are two or more).
+        val_patch: window for validation (one value: the same on every axis); None means the
+            largest training patch.
+        val_fraction: share of training cases held out for validation (at least one when there
+            are two or more).
         foreground_ratio: probability that a patch is centred on foreground.
         sampling: centre sampling mode (``balanced``, ``uniform``, ``per_class``).
         workers: data-loading worker processes (0 = in the main process).
@@ -69,6 +71,22 @@ class TrainConfig:
             raise FlexPatchError(f"val_every must be >= 1, got {self.val_every}")
         if not 0.0 <= self.foreground_ratio <= 1.0:
             raise FlexPatchError(f"foreground ratio must be in [0, 1], got {self.foreground_ratio}")
+        if self.workers < 0:
+            raise FlexPatchError(f"workers must be >= 0, got {self.workers}")
+        for name in ("val_fraction", "val_overlap"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FlexPatchError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.poly_power < 0:
+            raise FlexPatchError(
+                f"weight decay and poly power must be >= 0, got {self.weight_decay} and {self.poly_power}"
+            )
+
+    def validation_patch(self, ndim: int) -> tuple[int, ...] | None:
+        """``val_patch`` with a single value used on all ``ndim`` axes; None: the largest training patch."""
+        if self.val_patch is None:
+            return None
+        patch = tuple(int(v) for v in self.val_patch)
+        return patch * ndim if len(patch) == 1 else patch
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

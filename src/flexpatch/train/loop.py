@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from flexpatch.runtime import (
     seed_everything,
     set_rng_state,
 )
-from flexpatch.sampling import PatchStream, SamplingConfig, make_loader, parse_patch_spec
+from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_loader, parse_patch_spec
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 
@@ -74,7 +75,9 @@ def check_inputs(
     )
     parse_patch_spec(config.patch, ds.ndim, net.divisor)
     if config.val_patch is not None:
-        check_patch_size(config.val_patch, net.divisor, "validation patch", model=config.model)
+        check_patch_size(
+            config.validation_patch(ds.ndim), net.divisor, "validation patch", model=config.model
+        )
     check_writable(out_dir, "model folder")
     return ds, net
 
@@ -187,11 +190,11 @@ def resolve_config(out_dir: Path, config: TrainConfig | None, resume: bool) -> T
     return config
 
 
-def _restore(
-    path: Path, net: torch.nn.Module, opt: Any, sched: Any, dev: torch.device
-) -> tuple[int, float, Any]:
+def _restore(path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> tuple[int, float, Any]:
     """Load a ``model_last.pt`` into the run; returns its step, best Dice and RNG state."""
-    state = load_checkpoint(path, map_location=dev)
+    # on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
+    # copied onto the parameters' device by load_state_dict
+    state = load_checkpoint(path, map_location="cpu")
     try:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -200,6 +203,26 @@ def _restore(
     except (KeyError, RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: does not fit this model and config ({reason})") from None
+
+
+def _batches(
+    cases: list[Path],
+    sizes: SizeSampler,
+    divisor: tuple[int, ...],
+    config: TrainConfig,
+    start: int,
+    end: int,
+    dev: torch.device,
+) -> Iterator[dict[str, Any]]:
+    """Batches ``start .. end - 1`` of the run's stream (the same whatever ``config.workers``)."""
+    sampling = SamplingConfig(
+        batch_size=config.batch,
+        mode=config.sampling,
+        foreground_ratio=config.foreground_ratio,
+        divisor=divisor,
+    )
+    stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
+    return iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
 
 
 def train(
@@ -242,7 +265,7 @@ def train(
     start, best, rng = 0, -1.0, None
     log_path = out_dir / "log.jsonl"
     if resume:
-        start, best, rng = _restore(out_dir / LAST, net, opt, sched, dev)
+        start, best, rng = _restore(out_dir / LAST, net, opt, sched)
         _truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
@@ -250,14 +273,7 @@ def train(
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
 
-    sampling = SamplingConfig(
-        batch_size=config.batch,
-        mode=config.sampling,
-        foreground_ratio=config.foreground_ratio,
-        divisor=net.divisor,
-    )
-    stream = PatchStream(train_cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
-    batches = iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
+    batches = _batches(train_cases, sizes, net.divisor, config, start, end, dev)
     if rng is not None:
         # only now: making the loader's iterator draws a seed from torch's RNG, which the
         # uninterrupted run did before its first step, not at this one
@@ -268,9 +284,9 @@ def train(
     )
     from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
-    run = _Run(net, opt, sched, DiceCELoss(to_onehot_y=True, softmax=True), config, plan, dev, out_dir)
-    run.best = best
-    val_patch = tuple(config.val_patch or sizes.max_size())
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best)
+    val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     if end < config.steps or not (out_dir / BEST).exists():
         save_checkpoint(out_dir / LAST, run.state(end))
@@ -339,7 +355,7 @@ class _Run:
 
     def loop(
         self,
-        batches: Any,
+        batches: Iterator[dict[str, Any]],
         start: int,
         end: int,
         val_cases: list[Path],

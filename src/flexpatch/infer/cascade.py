@@ -1,0 +1,400 @@
+"""Segment-then-segment (seed 05): a rough pass on the downscaled image, then one fine pass per object.
+
+The rough network sees the whole image resized to S per axis. Each connected component of its
+upsampled mask gives a box, squared, padded by S//8 and shifted inside the image
+(:func:`object_boxes`: the authors' ``cropping.py`` rules in N-D). Each box of the full-resolution
+image is resized to S (:func:`crop_resize`), segmented by the fine network, resized back and fused
+(:func:`paste_back`): OR of thresholded masks (the paper) or the maximum of probabilities.
+
+Resizing keeps voxel centres aligned (``align_corners=False``) both ways: crop voxel j of a box of
+w voxels from s samples image index ``s - 0.5 + (j + 0.5) * w / S``, which ``F.interpolate`` back
+to w voxels inverts. All of it runs on the preprocessed grid; :class:`Cascade` restores the result
+onto the input's own grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from flexpatch.data.io import Volume, load_json, save_json, suffix_of
+from flexpatch.data.preprocess import restore
+from flexpatch.errors import FlexPatchError
+from flexpatch.geometry import Patch, Shape, extract
+from flexpatch.infer.predictor import (
+    PROBABILITIES,
+    LoadedModel,
+    _read_case,
+    group_inputs,
+    load_model,
+    save_like,
+)
+from flexpatch.runtime import check_writable, progress_bar
+
+CASCADE_FILE = "cascade.json"
+FUSIONS = ("or", "max")
+OVERSIZE = ("drop", "clip")
+Resampling = Literal["nearest", "linear"]
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box of image voxels: ``start`` (first voxel) and ``size`` per axis."""
+
+    start: Shape
+    size: Shape
+
+    def __post_init__(self) -> None:
+        if len(self.start) != len(self.size) or any(w < 1 for w in self.size):
+            raise FlexPatchError(f"box start {self.start} / size {self.size}: one value per axis, sizes >= 1")
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> Box:
+        """The box covering a whole image of ``shape``."""
+        return cls((0,) * len(shape), tuple(int(n) for n in shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(s, s + w) for s, w in zip(self.start, self.size, strict=True))
+
+    def patch(self, shape: Sequence[int]) -> Patch:
+        """The box resampled on ``shape`` voxels, voxel centres aligned (a plain box when sizes match)."""
+        centre = [s + (w - 1) / 2 for s, w in zip(self.start, self.size, strict=True)]
+        width = [w * (n - 1) / n for w, n in zip(self.size, shape, strict=True)]
+        return Patch.scaled(centre, width, shape)
+
+
+def object_extents(mask: np.ndarray | torch.Tensor, per_class: bool = True) -> list[tuple[int, Shape, Shape]]:
+    """``(class, start, size)`` of the bounding box of every connected component (full connectivity).
+
+    With ``per_class`` each class has its own components (touching organs get one box each);
+    otherwise components of ``mask > 0``, labelled with their most frequent class.
+    """
+    m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if m.dtype == bool:
+        m = m.astype(np.uint8)
+    if not np.issubdtype(m.dtype, np.integer) or (m.size and m.min() < 0):
+        raise FlexPatchError(f"mask of shape {m.shape} must hold non-negative integer labels, got {m.dtype}")
+    structure = ndimage.generate_binary_structure(m.ndim, m.ndim)
+    groups = [(int(c), m == c) for c in np.unique(m) if c > 0] if per_class else [(0, m > 0)]
+    out = []
+    for cls, fg in groups:
+        labelled, _ = ndimage.label(fg, structure=structure)
+        for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
+            if not per_class:
+                cls = int(np.bincount(m[sl][labelled[sl] == i]).argmax())
+            out.append((cls, tuple(s.start for s in sl), tuple(s.stop - s.start for s in sl)))
+    return out
+
+
+def expand_box(
+    start: Sequence[int],
+    size: Sequence[int],
+    image_shape: Sequence[int],
+    padding: int,
+    oversize: str = "drop",
+) -> Box | None:
+    """Square (cube) a box about its centre, pad it by ``padding`` per side and shift it inside the image.
+
+    Returns None when the box is larger than the image (``oversize="drop"``, the authors' rule);
+    ``"clip"`` keeps it, cut to the image on the axes where it does not fit.
+    """
+    sizes = [max(int(w), 1) for w in size]  # jitter may shrink a side to nothing
+    side = max(sizes)
+    # the authors move the start back by half the added width, rounded down
+    lo = [int(s) - (side - w) // 2 - padding for s, w in zip(start, sizes, strict=True)]
+    side += 2 * padding
+    out_size = []
+    for axis, n in enumerate(image_shape):
+        if side > n and oversize == "drop":
+            return None
+        w = min(side, n)
+        lo[axis] = min(max(lo[axis], 0), n - w)
+        out_size.append(w)
+    return Box(tuple(lo), tuple(out_size))
+
+
+def boxes_from_extents(
+    extents: Sequence[tuple[int, Shape, Shape]],
+    image_shape: Sequence[int],
+    input_size: int,
+    jitter: int = 0,
+    generator: torch.Generator | None = None,
+    min_side: int = 5,
+    oversize: str = "drop",
+) -> list[tuple[int, Box]]:
+    """:func:`object_boxes` on precomputed :func:`object_extents` (training reuses them every step)."""
+    if input_size < 1 or jitter < 0 or min_side < 0:
+        raise FlexPatchError(
+            f"input size {input_size} must be >= 1, jitter {jitter} and min side {min_side} >= 0"
+        )
+    if oversize not in OVERSIZE:
+        raise FlexPatchError(f"unknown oversize rule {oversize!r}; choose one of {', '.join(OVERSIZE)}")
+    ndim, out = len(image_shape), []
+    for cls, start, size in extents:
+        if min(size) < min_side:  # noise in the rough mask: the check is on the component itself
+            continue
+        if jitter:
+            # added to each start and size before squaring, as the authors' left, top, width, height
+            d = torch.randint(-jitter, jitter + 1, (2, ndim), generator=generator).tolist()
+            start = tuple(s + j for s, j in zip(start, d[0], strict=True))
+            size = tuple(w + j for w, j in zip(size, d[1], strict=True))
+        box = expand_box(start, size, image_shape, input_size // 8, oversize)
+        if box is not None:
+            out.append((cls, box))
+    return out
+
+
+def object_boxes(
+    mask: np.ndarray | torch.Tensor,
+    input_size: int,
+    jitter: int = 0,
+    generator: torch.Generator | None = None,
+    min_side: int = 5,
+    per_class: bool = True,
+    oversize: str = "drop",
+) -> list[tuple[int, Box]]:
+    """One ``(class, box)`` per connected component of a label map ``(*S)``.
+
+    The rules of the authors' ``cropping.py``, in N-D: bounding box; components with a side
+    under ``min_side`` voxels dropped; an integer jitter in ``[-jitter, jitter]`` on every start
+    and size (training); squared about the centre; padded by ``input_size // 8`` per side;
+    shifted inside the image; dropped when larger than the image (see :func:`expand_box`).
+    """
+    extents = object_extents(mask, per_class)
+    return boxes_from_extents(extents, tuple(mask.shape), input_size, jitter, generator, min_side, oversize)
+
+
+def crop_resize(
+    image: torch.Tensor, boxes: Sequence[Box], size: int | Sequence[int], mode: Resampling = "linear"
+) -> torch.Tensor:
+    """The ``boxes`` of ``image`` ``(C, *S)``, each resized to ``size``: ``(B, C, *size)``.
+
+    ``mode`` is ``linear`` for images, ``nearest`` for label maps (integer dtypes are kept).
+    """
+    if not boxes:
+        raise FlexPatchError("crop_resize needs at least one box")
+    shape = (int(size),) * boxes[0].ndim if isinstance(size, int) else tuple(int(s) for s in size)
+    if image.ndim != boxes[0].ndim + 1:
+        raise FlexPatchError(f"image {tuple(image.shape)} is not (C, *spatial) for {boxes[0].ndim}D boxes")
+    return extract(image, [b.patch(shape) for b in boxes], mode=mode, padding="border")
+
+
+def resize(x: torch.Tensor, size: Sequence[int], mode: Resampling = "linear") -> torch.Tensor:
+    """``(C, *S)`` resized to ``size``, voxel centres aligned: the inverse of crop_resize's mapping."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[1:]) == size:
+        return x
+    if mode == "nearest":
+        out = F.interpolate(x[None].float(), size=size, mode="nearest-exact")[0]
+        return out.to(x.dtype)
+    linear = {2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(x[None].float(), size=size, mode=linear, align_corners=False)[0]
+
+
+def paste_back(target: torch.Tensor, crop: torch.Tensor, box: Box, fuse: str = "or") -> None:
+    """Resize ``crop`` ``(C, *s)`` to the box and fuse it into ``target`` ``(C, *S)`` in place.
+
+    Float crops are resized linearly, others by nearest neighbour. ``or``: target is boolean
+    and a float crop is thresholded at 0.5 (the paper); ``max`` / ``min``: elementwise.
+    """
+    spatial = tuple(target.shape[1:])
+    if target.ndim != box.ndim + 1 or crop.shape[0] != target.shape[0]:
+        raise FlexPatchError(f"crop {tuple(crop.shape)} does not fit target {tuple(target.shape)}")
+    if any(s < 0 or s + w > n for s, w, n in zip(box.start, box.size, spatial, strict=True)):
+        raise FlexPatchError(f"box start {box.start} size {box.size} leaves the image {spatial}")
+    if fuse == "or" and target.dtype != torch.bool:
+        raise FlexPatchError(f"fuse 'or' needs a boolean target, got {target.dtype}")
+    crop = resize(crop, box.size, "linear" if crop.is_floating_point() else "nearest").to(target.device)
+    region = target[(slice(None), *box.slices())]
+    if fuse == "or":
+        region |= crop >= 0.5 if crop.is_floating_point() else crop.bool()
+    elif fuse in ("max", "min"):
+        op = torch.maximum if fuse == "max" else torch.minimum
+        region.copy_(op(region, crop.to(region.dtype)))
+    else:
+        raise FlexPatchError(f"unknown fusion {fuse!r}; choose one of or, max, min")
+
+
+@torch.no_grad()
+def rough_probabilities(
+    net: torch.nn.Module, image: torch.Tensor, input_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Softmax of the rough network on the whole image resized to S, upsampled linearly: ``(K, *S)``."""
+    x = crop_resize(image, [Box.whole(image.shape[1:])], input_size, "linear")
+    probs = torch.softmax(net(x.to(device)).float(), dim=1)[0]
+    return resize(probs, image.shape[1:], "linear")
+
+
+@dataclass
+class Segmentation:
+    """A cascade's answer on one grid: probabilities ``(K, *S)``, labels ``(*S)``, the boxes used."""
+
+    probabilities: torch.Tensor | np.ndarray
+    labels: torch.Tensor | np.ndarray
+    boxes: list[tuple[int, Box]]
+
+
+@torch.no_grad()
+def segment(
+    rough: torch.nn.Module,
+    fine: torch.nn.Module,
+    image: torch.Tensor,
+    input_size: int,
+    *,
+    fuse: str = "or",
+    min_side: int = 5,
+    per_class: bool = True,
+    oversize: str = "drop",
+    batch_size: int = 16,
+    baseline: bool = False,
+    device: torch.device | str = "cpu",
+) -> Segmentation:
+    """Segment-then-segment on a preprocessed image ``(C, *S)``; tensors come back on ``device``.
+
+    ``baseline`` returns the rough pass alone (the downscaled model the paper compares with).
+    Outside every box the answer is background, as in the paper.
+    """
+    _check_fuse(fuse)
+    image = image.to(device)
+    rough_p = rough_probabilities(rough, image, input_size, device)
+    if baseline:
+        return Segmentation(rough_p, rough_p.argmax(0), [])
+    boxes = object_boxes(rough_p.argmax(0), input_size, 0, None, min_side, per_class, oversize)
+    k, spatial = rough_p.shape[0], tuple(image.shape[1:])
+    fused = torch.zeros((k, *spatial), device=device)
+    fused[0] = 1.0  # background: the minimum over the crops, foreground the maximum
+    masks = torch.zeros((k - 1, *spatial), dtype=torch.bool, device=device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = [b for _, b in boxes[i : i + batch_size]]
+        crops = crop_resize(image, chunk, input_size, "linear")
+        probs = torch.softmax(fine(crops).float(), dim=1)
+        for box, p in zip(chunk, probs, strict=True):
+            p = resize(p, box.size, "linear")
+            paste_back(fused[:1], p[:1], box, "min")
+            paste_back(fused[1:], p[1:], box, "max")
+            onehot = F.one_hot(p.argmax(0), k).movedim(-1, 0).bool()
+            paste_back(masks, onehot[1:], box, "or")
+    fused /= fused.sum(0, keepdim=True).clamp_min(1e-6)
+    return Segmentation(fused, _labels(fused, masks, fuse), boxes)
+
+
+def _check_fuse(fuse: str) -> None:
+    if fuse not in FUSIONS:
+        raise FlexPatchError(f"unknown fusion {fuse!r}; choose one of {', '.join(FUSIONS)}")
+
+
+def _labels(fused: torch.Tensor, masks: torch.Tensor, fuse: str) -> torch.Tensor:
+    if fuse == "max":
+        return fused.argmax(0)
+    # OR: a voxel takes a class some crop gave it; where crops disagree, the most probable of those
+    score = torch.where(masks, fused[1:], torch.full_like(fused[1:], -1.0))
+    return torch.where(masks.any(0), score.argmax(0) + 1, torch.zeros_like(score[0], dtype=torch.long))
+
+
+def is_cascade(model_dir: str | Path) -> bool:
+    """True for a folder written by ``train_cascade`` (it holds ``cascade.json``)."""
+    return (Path(model_dir) / CASCADE_FILE).is_file()
+
+
+@dataclass
+class Cascade:
+    """A trained rough and fine network pair with the box rules they were trained with."""
+
+    rough: LoadedModel
+    fine: LoadedModel
+    input_size: int
+    fuse: str
+    rules: dict[str, Any]
+    model_dir: Path
+
+    def predict(
+        self, volume: Volume, fuse: str | None = None, baseline: bool = False, batch_size: int = 16
+    ) -> Segmentation:
+        """Segment a raw volume; probabilities ``(K, *S)`` and labels ``(*S)`` (numpy) on its own grid.
+
+        The boxes are on the preprocessed grid (the plan's spacing), where the crops were taken.
+        """
+        image, props = self.rough.prepare(volume)
+        seg = segment(
+            self.rough.net,
+            self.fine.net,
+            image[0],
+            self.input_size,
+            fuse=fuse or self.fuse,
+            batch_size=batch_size,
+            baseline=baseline,
+            device=self.rough.device,
+            **self.rules,
+        )
+        probs = restore(seg.probabilities.cpu().numpy(), props, is_label=False)
+        labels = restore(seg.labels.cpu().numpy().astype(np.int16), props, is_label=True)
+        return Segmentation(probs, labels, seg.boxes)
+
+
+def load_cascade(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> Cascade:
+    """Load a cascade folder: ``cascade.json`` and two ordinary model folders, ``rough/`` and ``fine/``."""
+    model_dir = Path(model_dir)
+    if not is_cascade(model_dir):
+        raise FlexPatchError(f"{model_dir}: not a segment-then-segment model folder (no {CASCADE_FILE})")
+    meta = load_json(model_dir / CASCADE_FILE)
+    try:
+        rules = {k: meta[k] for k in ("min_side", "per_class", "oversize")}
+        size, fuse = int(meta["input_size"]), str(meta["fuse"])
+        rough = load_model(model_dir / meta["rough"], device=device, checkpoint=checkpoint)
+        fine = load_model(model_dir / meta["fine"], device=device, checkpoint=checkpoint)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FlexPatchError(f"{model_dir / CASCADE_FILE}: malformed ({e!r})") from None
+    return Cascade(rough, fine, size, fuse, rules, model_dir)
+
+
+def predict_cascade_files(
+    model: Cascade | str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    fuse: str | None = None,
+    device: str = "auto",
+    baseline: bool = False,
+    batch_size: int = 16,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment image files with a cascade into label maps on each input's grid (as ``predict_files``).
+
+    Also writes ``out_dir/boxes.json``: the crops of each case on its preprocessed grid.
+    ``baseline`` segments with the rough model alone (whole image at S, upsampled).
+    """
+    cascade = model if isinstance(model, Cascade) else load_cascade(model, device=device)
+    if fuse is not None:
+        _check_fuse(fuse)  # before the first case, not after it
+    plan = cascade.rough.plan
+    cases = group_inputs(inputs, plan.in_channels)
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    written, boxes = [], {}
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("baseline" if baseline else "segment-then-segment", total=len(cases), info="")
+        for case, files in cases.items():
+            volume = _read_case(files, plan.ndim)
+            seg = cascade.predict(volume, fuse, baseline, batch_size)
+            written.append(out_dir / f"{case}{suffix_of(files[0])}")
+            save_like(
+                written[-1], seg.labels.astype(np.uint8 if plan.num_classes < 256 else np.int16), volume
+            )
+            if save_probabilities:
+                target = out_dir / PROBABILITIES / f"{case}.nii.gz"
+                save_like(target, seg.probabilities.astype(np.float32), volume, channels=True)
+            boxes[case] = [{"class": c, "start": b.start, "size": b.size} for c, b in seg.boxes]
+            bar.update(task, advance=1, info=case)
+    save_json(out_dir / "boxes.json", boxes)
+    return written
