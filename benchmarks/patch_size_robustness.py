@@ -212,5 +212,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    torch.backends.cudnn.benchmark = True
+    # off: with sizes drawn per step, cuDNN would re-benchmark every new shape
+    torch.backends.cudnn.benchmark = False
     main()

@@ -114,8 +114,25 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
     model: Annotated[str, typer.Option(help="Registered model name (flexpatch models).")] = "unet",
     patch: Annotated[
-        str, typer.Option(help="64,64,64 | 64 | uniform:32-192 | uniform-iso:32-192 | list:32x32x32,64x64x64")
+        str,
+        typer.Option(
+            help="64,64,64 | 64 | uniform:32-192 | uniform-iso:32-192 | list:32x32x32,64x64x64 | "
+            "progressive:resource|performance|random (with --max-patch)"
+        ),
     ] = "64,64,64",
+    max_patch: Annotated[
+        str | None, typer.Option(help="Largest patch of a progressive schedule, e.g. 128,128,128.")
+    ] = None,
+    hyper: Annotated[
+        bool, typer.Option("--hyper", help="Wrap the model in the patch-size hypernetwork (HN).")
+    ] = False,
+    hyper_subset: Annotated[
+        str, typer.Option(help="HN: predict 'all' weights, 'norm+last', or 'auto' (all up to 5M params).")
+    ] = "auto",
+    cascade: Annotated[
+        str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
+    ] = None,
+    input_size: Annotated[int, typer.Option(help="Cascade: network input size S per axis.")] = 64,
     steps: int = 1000,
     batch: int = 2,
     lr: float = 1e-3,
@@ -135,14 +152,20 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a network on patches (fixed or augmented sizes)."""
+    """Train a network on patches: fixed, augmented or growing sizes; plain, hypernetwork or cascade."""
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
+    if cascade is not None:
+        _train_cascade(dataset_dir, out, cascade, input_size, model, steps, batch, lr, seed, device, as_json)
+        return
+    if patch.startswith("progressive") and max_patch:
+        patch = f"{patch}:{'x'.join(map(str, parse_ints(max_patch, 'max patch')))}"
     config = None
     if not resume:
         config = TrainConfig(
             model=model,
+            model_kwargs={"hyper": {"subset": hyper_subset}} if hyper else {},
             patch=patch,
             steps=steps,
             batch=batch,
@@ -173,6 +196,34 @@ def train(
         )
 
 
+def _train_cascade(
+    dataset_dir: Path,
+    out: Path,
+    kind: str,
+    input_size: int,
+    model: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    device: str,
+    as_json: bool,
+) -> None:
+    from flexpatch.train.cascade import CascadeConfig, train_cascade
+
+    if kind != "sts":
+        raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
+    config = CascadeConfig(input_size=input_size, steps=steps, batch=batch, model=model, lr=lr, seed=seed)
+    result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
+    if as_json:
+        _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})
+    else:
+        typer.echo(
+            f"trained cascade in {result['seconds']:.0f} s; validation Dice {result['best_val_dice']:.3f} "
+            f"(rough model alone {result['baseline_val_dice']:.3f})"
+        )
+
+
 @app.command()
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")],
@@ -195,23 +246,35 @@ def predict(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Segment images with a sliding window at ANY patch size."""
+    """Segment images with a sliding window at ANY patch size (or with a segment-then-segment cascade)."""
+    from flexpatch.infer.cascade import is_cascade, predict_cascade_files
     from flexpatch.infer.predictor import predict_files
 
     patch = parse_ints(patch_size, "patch size") if patch_size else None
-    written = predict_files(
-        model_dir,
-        inputs,
-        out,
-        patch,
-        overlap,
-        blend,
-        batch,
-        device,
-        stitch_device,
-        probabilities,
-        progress=not as_json,
-    )
+    if is_cascade(model_dir):
+        written = predict_cascade_files(
+            model_dir,
+            inputs,
+            out,
+            device=device,
+            batch_size=batch,
+            save_probabilities=probabilities,
+            progress=not as_json,
+        )
+    else:
+        written = predict_files(
+            model_dir,
+            inputs,
+            out,
+            patch,
+            overlap,
+            blend,
+            batch,
+            device,
+            stitch_device,
+            probabilities,
+            progress=not as_json,
+        )
     if as_json:
         _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
     else:
@@ -288,6 +351,9 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
 
+
+# Commands defined in other modules attach themselves to ``app`` on import (they import it from here).
+import flexpatch.cli_analysis  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

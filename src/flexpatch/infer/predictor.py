@@ -55,7 +55,13 @@ class LoadedModel:
 
         return tuple(
             self.config.validation_patch(self.plan.ndim)
-            or parse_patch_spec(self.config.patch, self.plan.ndim, self.divisor).max_size()
+            or parse_patch_spec(
+                self.config.patch,
+                self.plan.ndim,
+                self.divisor,
+                batch=self.config.batch,
+                steps=self.config.steps,
+            ).max_size()
         )
 
     def window(self, patch_size: Sequence[int] | None) -> tuple[int, ...]:

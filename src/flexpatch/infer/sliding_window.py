@@ -8,9 +8,11 @@ network's divisor: padding up to the window with zeros (MONAI's behaviour) shows
 network mostly background it never saw in training, and collapses Dice (0.82 -> 0.08
 measured on a 3D U-Net).
 
-Speed: the weight sum depends only on the layout, so it is built once per call, axis
-by axis (the grid is a Cartesian product of per-axis starts); each window's output is
-then added with one fused ``addcmul_``, and the final weighted mean is one ``div_``.
+Speed and memory: the weight sum depends only on the layout, so it is built once per
+call, axis by axis (the grid is a Cartesian product of per-axis starts), and only after
+the first case's forwards, so it never sits beside the activations (peak one ``(1, *S)``
+buffer below MONAI's). Each window's output is added with one fused ``addcmul_``; the
+weighted mean is one ``div_`` at the end. Measured against MONAI: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import WINDOW_KINDS, Patch, grid_starts, window_weights
 
 Shape = tuple[int, ...]
+Boxes = list[tuple[slice, ...]]
 PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
 
 __all__ = ["PAD_MODES", "sliding_window", "window_layout"]
@@ -169,17 +172,15 @@ class _Stitcher:
         self.stitch = stitch
         self.deferred = stitch != net_device
         self.async_copy = stitch.type == "cpu" and net_device.type == "cuda"
-        self.pending: (
-            tuple[torch.Tensor, torch.cuda.Event | None, list[tuple[slice, ...]], torch.Tensor] | None
-        )
-        self.pending = None
+        # (moved outputs, their copy's event, boxes, buffer) of the batch still to add
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None, Boxes, torch.Tensor] | None = None
 
     @functools.cached_property
     def weights(self) -> torch.Tensor:
         """The window weights, made at the first add: after the first forward, not beside it."""
         return self.make_weights()
 
-    def add(self, buffer: torch.Tensor, y: torch.Tensor, boxes: list[tuple[slice, ...]]) -> None:
+    def add(self, buffer: torch.Tensor, y: torch.Tensor, boxes: Boxes) -> None:
         """Add ``y`` (one output per box) into ``buffer`` (``(C, *padded)``)."""
         if not self.deferred:
             self._add_now(buffer, y, boxes)
@@ -205,7 +206,7 @@ class _Stitcher:
             event.synchronize()
         self._add_now(buffer, moved, boxes)
 
-    def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, boxes: list[tuple[slice, ...]]) -> None:
+    def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, boxes: Boxes) -> None:
         for o, box in zip(y, boxes, strict=True):
             buffer[(slice(None), *box)].addcmul_(o, self.weights)
 
@@ -240,7 +241,7 @@ class _Output:
 def _blend_case(
     net: Callable[[torch.Tensor], torch.Tensor],
     case: torch.Tensor,
-    boxes: list[tuple[slice, ...]],
+    boxes: Boxes,
     batch_size: int,
     make_buffer: Callable[[int], torch.Tensor],
     stitcher: _Stitcher,

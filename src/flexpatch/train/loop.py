@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from flexpatch.runtime import (
     set_rng_state,
 )
 from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_loader, parse_patch_spec
+from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 
@@ -73,7 +74,7 @@ def check_inputs(
         out_channels=ds.num_classes,
         **config.model_kwargs,
     )
-    parse_patch_spec(config.patch, ds.ndim, net.divisor)
+    parse_patch_spec(config.patch, ds.ndim, net.divisor, batch=config.batch, steps=config.steps)
     if config.val_patch is not None:
         check_patch_size(
             config.validation_patch(ds.ndim), net.divisor, "validation patch", model=config.model
@@ -215,10 +216,12 @@ def _batches(
     dev: torch.device,
 ) -> Iterator[dict[str, Any]]:
     """Batches ``start .. end - 1`` of the run's stream (the same whatever ``config.workers``)."""
+    # seed 03 oversamples foreground at 0.5 while the patch grows (all three of its trainers)
+    growing = isinstance(sizes, ProgressiveSchedule)
     sampling = SamplingConfig(
         batch_size=config.batch,
         mode=config.sampling,
-        foreground_ratio=config.foreground_ratio,
+        foreground_ratio=0.5 if growing else config.foreground_ratio,
         divisor=divisor,
     )
     stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
@@ -258,7 +261,7 @@ def train(
     save_json(out_dir / "config.json", config.to_json())
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
     save_json(out_dir / "model.json", net.spec.to_json())
-    sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor)
+    sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
     net.to(dev)
     opt, sched = make_optimizer(net, config)
 
@@ -285,7 +288,7 @@ def train(
     from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best)
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes))
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     if end < config.steps or not (out_dir / BEST).exists():
@@ -293,6 +296,13 @@ def train(
     if not (out_dir / BEST).exists():
         save_checkpoint(out_dir / BEST, {"model": net.state_dict(), "step": end, "val_mean": run.best})
     return TrainResult(out_dir, end, run.best, last_loss, seconds)
+
+
+def stage_ends(sizes: SizeSampler) -> dict[int, int]:
+    """Step closing each stage of a growing patch schedule -> that stage's index."""
+    if isinstance(sizes, ProgressiveSchedule) and sizes.mode != "random":
+        return {st.start + st.steps: st.index for st in sizes.stages()[:-1]}
+    return {}
 
 
 @dataclass
@@ -308,6 +318,7 @@ class _Run:
     dev: torch.device
     out_dir: Path
     best: float = -1.0
+    stage_ends: dict[int, int] = field(default_factory=dict)
 
     def state(self, step: int) -> dict[str, Any]:
         """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
@@ -377,10 +388,15 @@ class _Run:
                     "loss": last_loss,
                     "lr": self.sched.get_last_lr()[0],
                     "patch": list(batch["size"]),
+                    "batch": int(batch["image"].shape[0]),
                 }
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     record.update(self.validate_and_save(step, val_cases, val_patch))
                     last_val = record["val_mean"]
+                elif step in self.stage_ends:  # a resumable point and the stage's weights at each switch
+                    save_checkpoint(self.out_dir / LAST, self.state(step))
+                    stage_file = self.out_dir / f"model_stage{self.stage_ends[step]}.pt"
+                    save_checkpoint(stage_file, {"model": self.net.state_dict(), "step": step})
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)

@@ -1,0 +1,120 @@
+"""CLI commands that analyse patch sizes: sweeps, model comparison, progressive schedules.
+
+Registered on the one ``flexpatch`` app (see ``flexpatch.cli``); heavy imports stay
+inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexpatch.cli import DeviceOpt, JsonOpt, _emit_json, app, parse_ints
+from flexpatch.errors import FlexPatchError
+
+
+@app.command()
+def sweep(
+    model_dir: Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")],
+    dataset_dir: Annotated[
+        Path, typer.Argument(help="Dataset whose test cases (imagesTs + labelsTs) are segmented.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report folder: sweep.csv, sweep.json, sweep.png.")],
+    sizes: Annotated[
+        str, typer.Option(help="Isotropic window edges: start:stop:step or a list.")
+    ] = "32:256:8",
+    random: Annotated[int, typer.Option(help="Extra random anisotropic windows within the range.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the random windows.")] = 0,
+    label: Annotated[
+        str | None, typer.Option(help="Model name in the report (default: folder name).")
+    ] = None,
+    overlap: float = 0.5,
+    batch: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Dice against patch size: every isotropic window in the range plus random anisotropic ones."""
+    from flexpatch.data.dataset import load_dataset
+    from flexpatch.evaluate.sweep import (
+        parse_sizes,
+        plot_sweep,
+        random_sizes,
+        run_sweep,
+        summarize,
+        write_rows,
+    )
+    from flexpatch.infer.predictor import load_model
+    from flexpatch.runtime import check_writable
+
+    check_writable(out, "report folder")
+    model = load_model(model_dir, device=device)
+    ds = load_dataset(dataset_dir)
+    cases = [c for c in ds.test if c.label is not None]
+    if not cases:
+        raise FlexPatchError(f"{dataset_dir}: no labelled test cases (imagesTs with labelsTs) to sweep")
+    windows = parse_sizes(sizes, model.plan.ndim, model.divisor)
+    edges = [w[0] for w in windows]
+    windows += random_sizes(random, min(edges), max(edges), model.divisor, seed=seed) if random else []
+    rows = run_sweep(
+        model,
+        cases,
+        windows,
+        overlap=overlap,
+        batch_size=batch,
+        progress=not as_json,
+        label=label or Path(model_dir).name,
+    )
+    write_rows(rows, out)
+    plot_sweep(rows, out / "sweep.png", per_class=True)
+    summary = summarize(rows)
+    if as_json:
+        _emit_json({"report": str(out), "summary": summary})
+        return
+    for size, means in next(iter(summary.values())).items():
+        typer.echo(f"{size:>14s}  mean Dice {means['mean']:.3f}")
+    typer.echo(f"report in {out} (sweep.csv, sweep.json, sweep.png)")
+
+
+@app.command()
+def compare(
+    reports: Annotated[list[Path], typer.Argument(help="Report folders written by flexpatch sweep.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Seed 01's Table 1 (all sizes) and Table 2 (isotropic sizes), with Wilcoxon signed-rank tests."""
+    from flexpatch.evaluate.stats import compare as run_compare
+    from flexpatch.evaluate.stats import markdown_table
+
+    result = run_compare(reports)
+    if as_json:
+        _emit_json(result)
+        return
+    typer.echo(f"{result['n_cases']} cases, {result['n_sizes']} sizes\n\nTable 1: mean Dice over all sizes")
+    typer.echo(markdown_table(result["table1_all_sizes"], result["wilcoxon_all_sizes"]))
+    typer.echo("\nTable 2: mean Dice over isotropic sizes")
+    typer.echo(markdown_table(result["table2_isotropic"], result["wilcoxon_isotropic"]))
+
+
+@app.command()
+def schedule(
+    max_size: Annotated[str, typer.Option("--max", help="Largest (planned) patch, e.g. 128,128,128.")],
+    pools: Annotated[str, typer.Option(help="Poolings per axis, e.g. 5,5,5 (or one number).")],
+    mode: Annotated[str, typer.Option(help="resource, performance or random.")] = "resource",
+    batch: Annotated[int, typer.Option(help="Batch size at the largest patch.")] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps in total.")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the progressive patch-size schedule (seed 03): stages, patch and batch sizes, steps."""
+    from flexpatch.sampling.progressive import make_schedule
+
+    plan = make_schedule(parse_ints(max_size, "max size"), parse_ints(pools, "pools"), mode, batch, steps)
+    if as_json:
+        _emit_json(plan.to_json())
+        return
+    typer.echo(f"{plan.describe()}: {len(plan.stages())} stages, batch at the largest patch {batch}")
+    for st in plan.stages():
+        typer.echo(
+            f"  stage {st.index}: patch {'x'.join(map(str, st.patch)):>12s}  batch {st.batch:>3d}  "
+            f"steps {st.start}-{st.start + st.steps - 1}"
+        )
