@@ -27,7 +27,11 @@ from flexpatch.models import (
 
 HAS_EINOPS = importlib.util.find_spec("einops") is not None
 # The smallest configuration of each model that the smoke test can afford on one CPU core.
-SMALL = {"swinunetr": {"feature_size": 12}, "dynunet": {"filters": [8, 16, 32, 64]}}
+SMALL = {
+    "swinunetr": {"feature_size": 12},
+    "dynunet": {"filters": [8, 16, 32, 64]},
+    "unetr": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 2, "num_layers": 2, "feature_size": 8, "img_size": 32},
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
