@@ -13,6 +13,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models run faster single-threaded on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_abdomen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3D abdomen phantom: 4 training + 2 test cases of 32^3 voxels at 6 mm."""

@@ -30,16 +30,18 @@ HAS_EINOPS = importlib.util.find_spec("einops") is not None
 SMALL = {
     "swinunetr": {"feature_size": 12},
     "dynunet": {"filters": [8, 16, 32, 64]},
-    "unetr": {"hidden_size": 48, "mlp_dim": 96, "num_heads": 2, "num_layers": 2, "feature_size": 8, "img_size": 32},
+    "unetr": {
+        "hidden_size": 48,
+        "mlp_dim": 96,
+        "num_heads": 2,
+        "num_layers": 2,
+        "feature_size": 8,
+        "img_size": 32,
+    },
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _create(name: str, ndim: int, **kwargs) -> nn.Module:

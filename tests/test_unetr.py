@@ -27,12 +27,7 @@ BASE = {2: 64, 3: 32}  # input edge the tests aim for
 TOKENS = [4, 8, 12, 16, 24, 32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(ndim: int, token: int | list[int], img: int | list[int], **kwargs) -> FlexUNETR:

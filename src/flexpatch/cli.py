@@ -112,14 +112,16 @@ def models(as_json: JsonOpt = False) -> None:
 def train(
     dataset_dir: Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")],
     out: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
-    model: Annotated[str, typer.Option(help="Registered model name (flexpatch models).")] = "unet",
+    model: Annotated[
+        str | None, typer.Option(help="Registered model name (flexpatch models); default unet.")
+    ] = None,
     patch: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="64,64,64 | 64 | uniform:32-192 | uniform-iso:32-192 | list:32x32x32,64x64x64 | "
-            "progressive:resource|performance|random (with --max-patch)"
+            "progressive:resource|performance|random (with --max-patch); default 64,64,64."
         ),
-    ] = "64,64,64",
+    ] = None,
     max_patch: Annotated[
         str | None, typer.Option(help="Largest patch of a progressive schedule, e.g. 128,128,128.")
     ] = None,
@@ -134,7 +136,7 @@ def train(
     ] = None,
     input_size: Annotated[int, typer.Option(help="Cascade: network input size S per axis.")] = 64,
     steps: int = 1000,
-    batch: int = 2,
+    batch: Annotated[int | None, typer.Option(help="Patches per step; default 2.")] = None,
     lr: float = 1e-3,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (both with poly decay).")] = "adamw",
     val_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 100,
@@ -150,13 +152,30 @@ def train(
     amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
     device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt.")] = False,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="A plan from flexpatch plan: its model, patch and batch.")
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Model folder whose matching weights start the run (transfer).")
+    ] = None,
+    freeze_loaded: Annotated[
+        bool, typer.Option("--freeze-loaded", help="Keep the weights loaded by --init-from fixed.")
+    ] = False,
+    loaded_lr_scale: Annotated[
+        float, typer.Option(help="Learning-rate factor for the weights loaded by --init-from.")
+    ] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a network on patches: fixed, augmented or growing sizes; plain, hypernetwork or cascade."""
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
+    model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
+    if hyper:
+        model_kwargs["hyper"] = {"subset": hyper_subset}
     if cascade is not None:
+        if init_from is not None:
+            raise FlexPatchError("--init-from is for single networks, not --cascade")
         _train_cascade(dataset_dir, out, cascade, input_size, model, steps, batch, lr, seed, device, as_json)
         return
     if patch.startswith("progressive") and max_patch:
@@ -165,7 +184,7 @@ def train(
     if not resume:
         config = TrainConfig(
             model=model,
-            model_kwargs={"hyper": {"subset": hyper_subset}} if hyper else {},
+            model_kwargs=model_kwargs,
             patch=patch,
             steps=steps,
             batch=batch,
@@ -178,6 +197,9 @@ def train(
             target_spacing=parse_floats(spacing, "target spacing") if spacing else None,
             seed=seed,
             amp=amp,
+            init_from=str(init_from) if init_from else None,
+            freeze_loaded=freeze_loaded,
+            loaded_lr_scale=loaded_lr_scale,
         )
     result = run(dataset_dir, out, config, resume=resume, device=device, progress=not as_json)
     summary = {
@@ -187,6 +209,11 @@ def train(
         "last_loss": _finite(result.last_loss),
         "seconds": round(result.seconds, 1),
     }
+    if (result.out_dir / "transfer.json").is_file() and init_from:
+        from flexpatch.data.io import load_json
+
+        transfer = load_json(result.out_dir / "transfer.json")
+        summary["init_from"] = {"loaded": len(transfer["loaded"]), "skipped": transfer["skipped"]}
     if as_json:
         _emit_json(summary)
     else:
@@ -194,6 +221,32 @@ def train(
             f"trained {result.steps} steps in {result.seconds:.0f} s; "
             f"best validation Dice {result.best_dice:.3f}"
         )
+
+
+def _from_plan(
+    path: Path | None, model: str | None, patch: str | None, batch: int | None
+) -> tuple[str, dict, str, int]:
+    """Model, model options, patch and batch: given ones first, then the plan's, then the defaults."""
+    if path is None:
+        return model or "unet", {}, patch or "64,64,64", batch or 2
+    from flexpatch.data.io import load_json
+
+    saved = load_json(path)
+    try:
+        planned, options = str(saved["model"]), dict(saved["model_kwargs"])
+        planned_patch, planned_batch = (
+            ",".join(map(str, saved["train"]["patch"])),
+            int(saved["train"]["batch"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise FlexPatchError(
+            f"{path}: not a plan written by flexpatch plan (model, model_kwargs, train)"
+        ) from None
+    if model is not None and model != planned:
+        raise FlexPatchError(
+            f"{path}: plans model {planned!r}, not {model!r}; plan again with --model {model}"
+        )
+    return planned, options, patch or planned_patch, batch or planned_batch
 
 
 def _train_cascade(
@@ -244,6 +297,13 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Also write probabilities/CASE.nii.gz (classes last).")
     ] = False,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget on the device (8GB, 2GiB, auto): picks the window (unless --patch-size) "
+            "and the window batch (at most --batch), and retries smaller on out-of-memory."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Segment images with a sliding window at ANY patch size (or with a segment-then-segment cascade)."""
@@ -274,6 +334,7 @@ def predict(
             stitch_device,
             probabilities,
             progress=not as_json,
+            memory=memory,
         )
     if as_json:
         _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})

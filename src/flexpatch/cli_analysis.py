@@ -118,3 +118,71 @@ def schedule(
             f"  stage {st.index}: patch {'x'.join(map(str, st.patch)):>12s}  batch {st.batch:>3d}  "
             f"steps {st.start}-{st.start + st.steps - 1}"
         )
+
+
+@app.command()
+def plan(
+    dataset_dir: Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")],
+    memory: Annotated[str, typer.Option(help="Memory budget on the device: 8GB, 2GiB, 512MB or auto.")],
+    model: Annotated[str, typer.Option(help="Registered model name (flexpatch models).")] = "unet",
+    options: Annotated[
+        str | None, typer.Option(help="Model options as JSON, e.g. '{\"hidden_size\": 384}'.")
+    ] = None,
+    token_class: Annotated[
+        str | None, typer.Option(help="Class whose mean object size sets the ViT token size (unetr).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Plan file (default DATASET_DIR/flexpatch_plan.json).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or auto (bfloat16 on CUDA).")] = "auto",
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """The largest training patch and batch, and inference window and batch, that fit a memory budget.
+
+    Writes the plan as JSON; `flexpatch train DATASET_DIR --out MODEL_DIR --plan PLAN` trains with it.
+    """
+    import json
+
+    from flexpatch.data.io import save_json
+    from flexpatch.infer.planner import format_bytes, plan_dataset
+    from flexpatch.runtime import check_writable
+
+    target = out or Path(dataset_dir) / "flexpatch_plan.json"
+    check_writable(target.parent, "plan folder")
+    try:
+        kwargs = json.loads(options) if options else {}
+    except json.JSONDecodeError as e:
+        raise FlexPatchError(f"--options {options!r} is not JSON ({e.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise FlexPatchError(f"--options {options!r} must be a JSON object")
+    result = plan_dataset(
+        dataset_dir, memory, model, kwargs, device=device, dtype=dtype, token_class=token_class,
+        progress=not as_json,
+    )  # fmt: skip
+    result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}"
+    save_json(target, result)
+    if as_json:
+        _emit_json({**result, "plan_file": str(target)})
+        return
+    train, infer, x = result["train"], result["infer"], lambda v: "x".join(map(str, v))
+    typer.echo(
+        f"{model} on {result['device']} ({result['dtype']}), budget {format_bytes(result['budget_bytes'])}"
+    )
+    typer.echo(
+        f"  train:   patch {x(train['patch'])}, batch {train['batch']} "
+        f"(predicted peak {format_bytes(train['predicted'])})"
+    )
+    typer.echo(
+        f"  predict: window {x(infer['window'])}, {infer['batch']} per batch, stitching on "
+        f"{infer['stitch_device']}, for the median image {x(infer['image_shape'])} "
+        f"(predicted peak {format_bytes(infer['predicted'])})"
+    )
+    if result["tokens"]:
+        t = result["tokens"]
+        typer.echo(
+            f"  tokens:  class {t['class_name']!r}, mean {t['mean_volume_mm3']:.1f} mm^{len(t['spacing'])}, "
+            f"equivalent diameter {t['diameter_mm']:.1f} mm -> token {x(t['token_size'])}, "
+            f"window {x(t['window'])}"
+        )
+    typer.echo(f"plan written to {target}\ntrain with: {result['train_command']}")

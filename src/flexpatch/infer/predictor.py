@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ from flexpatch.data.io import (
 )
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError
+from flexpatch.infer.planner import WindowChoice
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.runtime import check_writable, progress_bar, resolve_device
+from flexpatch.runtime import check_writable, console, progress_bar, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 
@@ -43,6 +44,8 @@ class LoadedModel:
     config: TrainConfig
     device: torch.device
     model_dir: Path
+    # the calibrated inference memory model and the last line that reported a choice
+    _memory: dict = field(default_factory=dict, repr=False)
 
     @property
     def divisor(self) -> tuple[int, ...]:
@@ -63,6 +66,54 @@ class LoadedModel:
                 steps=self.config.steps,
             ).max_size()
         )
+
+    @property
+    def fixed_size(self) -> bool:
+        """Trained at one patch size (FP): other windows may lose accuracy (nnU-Net's warning)."""
+        from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
+
+        spec = parse_patch_spec(
+            self.config.patch, self.plan.ndim, self.divisor, batch=self.config.batch, steps=self.config.steps
+        )
+        return isinstance(spec, FixedSize)
+
+    def plan_window(
+        self,
+        image_shape: Sequence[int],
+        budget: int,
+        patch_size: Sequence[int] | None = None,
+        overlap: float = 0.5,
+        max_batch: int = 4,
+        stitch_device: str | None = None,
+    ) -> WindowChoice:
+        """The window and window batch that fit ``budget`` bytes for an image (at the model's spacing).
+
+        A given ``patch_size`` is kept; otherwise the largest window that fits, up to the whole
+        image for models trained at varying sizes (AP, HN, progressive) and up to the training
+        patch for a fixed-size model. Probes calibrate the memory model once per model.
+        """
+        from flexpatch.infer.memory import calibrate
+        from flexpatch.infer.planner import plan_window
+
+        if "model" not in self._memory:
+            self._memory["model"] = calibrate(self.net, "infer", device=self.device)
+        return plan_window(
+            self._memory["model"],
+            budget,
+            image_shape,
+            self.divisor,
+            window=self.window(patch_size) if patch_size is not None else None,
+            max_window=self.train_patch if self.fixed_size else None,
+            overlap=overlap,
+            max_batch=max_batch,
+            stitch_device=stitch_device,
+        )
+
+    def _report(self, line: str) -> None:
+        """One line on stderr per new choice, not one per case."""
+        if self._memory.get("line") != line:
+            self._memory["line"] = line
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def window(self, patch_size: Sequence[int] | None) -> tuple[int, ...]:
         """Validate a user's window (isotropic when one number is given)."""
@@ -98,12 +149,20 @@ class LoadedModel:
         batch_size: int = 4,
         stitch_device: str | None = None,
         progress: bool = False,
+        memory: int | None = None,
     ) -> np.ndarray:
         """Softmax probabilities ``(classes, *spatial)`` on the volume's original grid.
 
         ``volume`` may be the result of :meth:`prepare`, so sweeps preprocess each case once.
+        With a ``memory`` budget (bytes), the window (unless ``patch_size`` is given) and the
+        window batch (at most ``batch_size``) are planned to fit it (:meth:`plan_window`),
+        out-of-memory errors are retried smaller, and the choice is reported on stderr.
         """
         image, props = self.prepare(volume) if isinstance(volume, Volume) else volume
+        if memory is not None:
+            logits = self._within(image, memory, patch_size, overlap, blend, batch_size, stitch_device)
+            probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
+            return restore(probs, props, is_label=False)
         logits = sliding_window(
             self.net,
             image,
@@ -118,6 +177,42 @@ class LoadedModel:
         )
         probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
         return restore(probs, props, is_label=False)
+
+    def _within(
+        self,
+        image: torch.Tensor,
+        budget: int,
+        patch_size: Sequence[int] | None,
+        overlap: float,
+        blend: str,
+        batch_size: int,
+        stitch_device: str | None,
+    ) -> torch.Tensor:
+        from flexpatch.infer.planner import format_bytes, sliding_window_within
+
+        shape = tuple(image.shape[2:])
+        choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
+        logits, ran = sliding_window_within(
+            self.net,
+            image,
+            choice,
+            self.divisor,
+            device=self.device,
+            overlap=overlap,
+            blend=blend,
+            fixed_window=patch_size is not None,
+            log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+        )
+        fixed = (
+            ", at most the training patch (fixed-size model)"
+            if self.fixed_size and patch_size is None
+            else ""
+        )
+        self._report(
+            f"memory {format_bytes(budget)}: {ran.describe()}{fixed}; predicted peak "
+            f"{format_bytes(choice.predicted)} for image {'x'.join(map(str, shape))}"
+        )
+        return logits
 
 
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
@@ -191,6 +286,7 @@ def predict_files(
     stitch_device: str | None = None,
     save_probabilities: bool = False,
     progress: bool = True,
+    memory: str | int | None = None,
 ) -> list[Path]:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
@@ -199,18 +295,26 @@ def predict_files(
 
     The window, the input files' existence and the output folder are checked before any
     case runs; each output is written atomically, so a failure never leaves a partial file.
+    ``memory`` (``"2GB"``, ``"auto"``, bytes) plans the window and window batch per case
+    within that budget on the device (:meth:`LoadedModel.plan_window`).
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    if memory is not None:
+        from flexpatch.infer.planner import parse_budget
+
+        memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)
     cases = group_inputs(inputs, lm.plan.in_channels)
     out_dir = Path(out_dir)
     check_writable(out_dir)  # before the slow part, not after the first case
     written: list[Path] = []
     with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(f"predict {window}", total=len(cases), info="")
+        what = window if memory is None or patch_size is not None else "within the memory budget"
+        task = bar.add_task(f"predict {what}", total=len(cases), info="")
         for case, files in cases.items():
             volume = _read_case(files, lm.plan.ndim)
-            probs = lm.probabilities(volume, window, overlap, blend, batch_size, stitch_device)
+            chosen = window if memory is None or patch_size is not None else None
+            probs = lm.probabilities(volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory)
             seg = probs.argmax(0).astype(np.uint8 if lm.plan.num_classes < 256 else np.int16)
             # label maps keep the input's format (PNG in, PNG out); probabilities are always NIfTI
             written.append(out_dir / f"{case}{suffix_of(files[0])}")

@@ -23,6 +23,7 @@ class TrainConfig:
         batch: patches per step (all of one size).
         lr: initial learning rate (poly decay to 0 with ``poly_power``).
         optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.99, as nnU-Net).
+        grad_clip: clip the gradient norm to this (nnU-Net uses 12); None turns clipping off.
         val_every: validate (sliding window on held-out cases) every this many steps, and at the end.
         val_patch: window for validation (one value: the same on every axis); None means the
             largest training patch.
@@ -34,6 +35,9 @@ class TrainConfig:
         amp: mixed precision (bfloat16 autocast) on CUDA; ignored on the CPU.
         target_spacing: resampling spacing in mm; None means the dataset's median.
         seed: seeds the split, the initial weights and every sampled patch.
+        init_from: a model folder whose matching weights start the run (transfer learning).
+        freeze_loaded: keep the weights loaded by ``init_from`` fixed.
+        loaded_lr_scale: learning-rate factor of the weights loaded by ``init_from``.
     """
 
     model: str = "unet"
@@ -45,6 +49,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 3e-5
     poly_power: float = 0.9
+    grad_clip: float | None = 12.0
     val_every: int = 100
     val_patch: tuple[int, ...] | None = None
     val_fraction: float = 0.2
@@ -55,6 +60,9 @@ class TrainConfig:
     amp: bool = True
     target_spacing: tuple[float, ...] | None = None
     seed: int = 0
+    init_from: str | None = None
+    freeze_loaded: bool = False
+    loaded_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -80,6 +88,13 @@ class TrainConfig:
             raise FlexPatchError(
                 f"weight decay and poly power must be >= 0, got {self.weight_decay} and {self.poly_power}"
             )
+
+        if not self.loaded_lr_scale > 0:
+            raise FlexPatchError(
+                f"loaded_lr_scale must be > 0, got {self.loaded_lr_scale} (freeze with freeze_loaded instead)"
+            )
+        if not self.init_from and (self.freeze_loaded or self.loaded_lr_scale != 1.0):
+            raise FlexPatchError("freeze_loaded and loaded_lr_scale need init_from (a model folder to load)")
 
     def validation_patch(self, ndim: int) -> tuple[int, ...] | None:
         """``val_patch`` with a single value used on all ``ndim`` axes; None: the largest training patch."""

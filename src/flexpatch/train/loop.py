@@ -38,6 +38,7 @@ from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_lo
 from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
+from flexpatch.train.transfer import initialise, param_groups
 
 
 @dataclass
@@ -112,13 +113,17 @@ def split_cases(cases: list[Path], fraction: float, seed: int) -> tuple[list[Pat
     return [c for c in cases if c not in val], val
 
 
-def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(
+    net: torch.nn.Module, config: TrainConfig, loaded: frozenset[str] = frozenset()
+) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimiser (``loaded`` parameters at ``config.loaded_lr_scale`` x the rate), poly decay."""
+    groups = param_groups(net, config.lr, loaded, config.loaded_lr_scale)
     if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            net.parameters(), lr=config.lr, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=0.99, nesterov=True, weight_decay=config.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     poly = lambda step: max(1.0 - step / config.steps, 0.0) ** config.poly_power  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
 
@@ -249,6 +254,8 @@ def train(
         config: the run's settings; on ``resume`` the saved config is used and this must be None or
             equal to it (except ``workers``).
         resume: continue from ``out_dir/model_last.pt`` exactly where it stopped.
+            ``config.init_from`` loads matching weights from another model folder first
+            (see :mod:`flexpatch.train.transfer`).
         device: ``auto``, ``cpu``, ``cuda``.
         progress: show progress bars (loss, validation Dice, it/s) on stderr.
         stop_after: stop (saving ``model_last.pt``) after this many steps, as an interruption would.
@@ -257,13 +264,16 @@ def train(
     dev = resolve_device(device)
     config = resolve_config(out_dir, config, resume)
     ds, net = check_inputs(dataset_dir, out_dir, config)
+    loaded = initialise(
+        net, config, out_dir, resume
+    )  # before the slow preprocessing: a bad source fails fast
     plan, cases = prepare(ds, out_dir, config, progress, resume)
     save_json(out_dir / "config.json", config.to_json())
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
     save_json(out_dir / "model.json", net.spec.to_json())
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
     net.to(dev)
-    opt, sched = make_optimizer(net, config)
+    opt, sched = make_optimizer(net, config, loaded)
 
     start, best, rng = 0, -1.0, None
     log_path = out_dir / "log.jsonl"
@@ -360,6 +370,9 @@ class _Run:
             loss = self.loss_fn(self.net(image), label)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.config.grad_clip is not None:
+            # randomly sized patches give gradients of very different scales from step to step
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
         self.opt.step()
         self.sched.step()
         return float(loss.detach())
@@ -393,8 +406,9 @@ class _Run:
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     record.update(self.validate_and_save(step, val_cases, val_patch))
                     last_val = record["val_mean"]
-                elif step in self.stage_ends:  # a resumable point and the stage's weights at each switch
+                elif step in self.stage_ends:  # a resumable point at each stage switch
                     save_checkpoint(self.out_dir / LAST, self.state(step))
+                if step in self.stage_ends:  # the stage's weights, validated or not
                     stage_file = self.out_dir / f"model_stage{self.stage_ends[step]}.pt"
                     save_checkpoint(stage_file, {"model": self.net.state_dict(), "step": step})
                 log.write(json.dumps(record) + "\n")

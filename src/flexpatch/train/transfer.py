@@ -1,0 +1,163 @@
+"""Start a training run from another model's weights (seed 02: pretrain on large lesions, fine-tune on small).
+
+Every tensor of the new network whose name and shape match one in the source model
+folder is copied; the rest keep their fresh initialisation and are listed with the
+reason. A UNETR source with another token size or input size is first converted by
+:func:`flexpatch.models.unetr.resize_tokens` (FlexiViT's resize), so a model pretrained
+at token 16 starts a fine-tune at token 8. Loaded parameters may be frozen or given a
+smaller learning rate. What was loaded is saved as ``transfer.json`` in the new model
+folder, where a resumed run reads it back to rebuild the same optimiser groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexpatch.data.io import load_json, save_json
+from flexpatch.errors import FlexPatchError
+from flexpatch.models import ModelSpec, build
+from flexpatch.runtime import console
+from flexpatch.train.checkpoint import BEST, load_checkpoint
+
+TRANSFER = "transfer.json"
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What :func:`load_matching` did.
+
+    Attributes:
+        source: the source model folder.
+        loaded: parameter and buffer names copied from it.
+        skipped: ``(name, reason)`` of the new network's tensors left as initialised.
+        unused: source tensors with no counterpart.
+        resized: ``(old, new)`` token sizes when a UNETR source was resized; else None.
+    """
+
+    source: str
+    loaded: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+    unused: tuple[str, ...]
+    resized: tuple[list[int], list[int]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "loaded": list(self.loaded),
+            "skipped": [list(s) for s in self.skipped],
+            "unused": list(self.unused),
+            "resized": None if self.resized is None else list(self.resized),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TransferReport:
+        resized = d.get("resized")
+        return cls(
+            str(d["source"]),
+            tuple(d["loaded"]),
+            tuple((str(a), str(b)) for a, b in d["skipped"]),
+            tuple(d["unused"]),
+            None if resized is None else (list(resized[0]), list(resized[1])),
+        )
+
+    def describe(self) -> str:
+        resized = f" (UNETR tokens resized {self.resized[0]} -> {self.resized[1]})" if self.resized else ""
+        text = f"init from {self.source}{resized}: loaded {len(self.loaded)} tensors"
+        text += f", skipped {len(self.skipped)}"
+        if self.skipped:
+            text += ": " + "; ".join(f"{name} ({why})" for name, why in self.skipped[:8])
+            text += f"; and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
+        return text
+
+
+def _source_state(model_dir: Path, target: torch.nn.Module) -> tuple[dict[str, torch.Tensor], set[str], Any]:
+    """The source's weights (token-resized to ``target`` if both are UNETRs), fresh names, the resize."""
+    if not (model_dir / "model.json").is_file():
+        raise FlexPatchError(f"{model_dir}: not a model folder (no model.json) to initialise from")
+    spec = ModelSpec.from_json(load_json(model_dir / "model.json"))
+    state = load_checkpoint(model_dir / BEST, map_location="cpu")["model"]
+    tspec = getattr(target, "spec", None)
+    if spec.name != "unetr" or tspec is None or tspec.name != "unetr" or "hyper" in spec.kwargs:
+        return state, set(), None
+    from flexpatch.models.unetr import resize_tokens
+
+    source = build(spec)
+    source.load_state_dict(state)
+    if (source.token_size, source.img_size) == (target.token_size, target.img_size):
+        return state, set(), None
+    resized = resize_tokens(source, target.token_size, target.img_size)
+    change = (
+        (list(source.token_size), list(target.token_size)) if source.token_size != target.token_size else None
+    )
+    return resized.state_dict(), set(resized.fresh_parameters), change
+
+
+def load_matching(net: torch.nn.Module, model_dir: str | Path) -> TransferReport:
+    """Copy every tensor of ``model_dir``'s best checkpoint that matches ``net`` by name and shape."""
+    model_dir = Path(model_dir)
+    source, fresh, change = _source_state(model_dir, net)
+    state = net.state_dict()
+    loaded, skipped = [], []
+    for name, value in state.items():
+        if name in fresh:
+            skipped.append((name, "new at the resized token size"))
+        elif name not in source:
+            skipped.append((name, "not in the source"))
+        elif source[name].shape != value.shape:
+            skipped.append(
+                (name, f"shape {tuple(source[name].shape)} in the source, {tuple(value.shape)} here")
+            )
+        else:
+            state[name] = source[name]
+            loaded.append(name)
+    if not loaded:
+        raise FlexPatchError(f"{model_dir}: no tensor matches the new network by name and shape")
+    net.load_state_dict(state)
+    unused = tuple(k for k in source if k not in state)
+    return TransferReport(str(model_dir), tuple(loaded), tuple(skipped), unused, change)
+
+
+def initialise(net: torch.nn.Module, config: Any, out_dir: Path, resume: bool) -> frozenset[str]:
+    """Apply ``config.init_from`` to ``net``; return the names of the loaded parameters.
+
+    A fresh run loads the weights and writes ``transfer.json``; a resumed run reads that
+    file (the checkpoint restores the weights). Loaded parameters are frozen when
+    ``config.freeze_loaded``.
+    """
+    if not config.init_from:
+        return frozenset()
+    if resume and (out_dir / TRANSFER).is_file():
+        report = TransferReport.from_json(load_json(out_dir / TRANSFER))
+    else:
+        report = load_matching(net, config.init_from)
+        save_json(out_dir / TRANSFER, report.to_json())
+        console.print(report.describe())
+    params = {name for name, _ in net.named_parameters()}
+    loaded = frozenset(n for n in report.loaded if n in params)
+    if config.freeze_loaded:
+        for name, p in net.named_parameters():
+            if name in loaded:
+                p.requires_grad_(False)
+    return loaded
+
+
+def param_groups(
+    net: torch.nn.Module, lr: float, loaded: frozenset[str], scale: float
+) -> list[dict[str, Any]]:
+    """Optimiser groups: loaded parameters at ``lr * scale``, the others at ``lr``.
+
+    Without loaded parameters, one group of all of them, as before transfer existed (so
+    older checkpoints resume); with them, frozen parameters are left out.
+    """
+    if not loaded:
+        return [{"params": list(net.parameters()), "lr": lr}]
+    fresh = [p for n, p in net.named_parameters() if p.requires_grad and n not in loaded]
+    reused = [p for n, p in net.named_parameters() if p.requires_grad and n in loaded]
+    if not fresh and not reused:
+        raise FlexPatchError("every parameter is frozen: nothing left to train (drop --freeze-loaded)")
+    groups = [{"params": fresh, "lr": lr}] if fresh else []
+    return groups + ([{"params": reused, "lr": lr * scale}] if reused else [])
