@@ -103,8 +103,8 @@ def targets(rows: list[dict], m: dict, names: list[str]) -> list[str]:
         sizes = by_size[name]
         smallest, best = sizes[min(sizes)], max(sizes.values())
         out.append(
-            f"- {name} Dice at {min(sizes)}^3 {smallest:.3f}, best size {best:.3f}: gap {best - smallest:.3f} "
-            f"(target <= 0.05: {'met' if best - smallest <= 0.05 else 'MISSED'})"
+            f"- {name} Dice at {min(sizes)}^3 {smallest:.3f}, best size {best:.3f}: "
+            f"gap {best - smallest:.3f} (target <= 0.05: {'met' if best - smallest <= 0.05 else 'MISSED'})"
         )
     test = next(t for t in wilcoxon_tests(rows) if {t["a"], t["b"]} == {ap, hn} and t["class"] == "average")
     better = iso[hn]["average"] > iso[ap]["average"] and t1[hn]["average"] > t1[ap]["average"]
@@ -119,7 +119,8 @@ def targets(rows: list[dict], m: dict, names: list[str]) -> list[str]:
         loss = at_image - min(beyond) if beyond else float("nan")
         out.append(
             f"- {name}: Dice at the whole image ({m['shape']}^3) {at_image:.3f}, worst beyond it "
-            f"{min(beyond) if beyond else float('nan'):.3f} (target: no loss: {'met' if loss <= 1e-3 else 'MISSED'})"
+            f"{min(beyond) if beyond else float('nan'):.3f} "
+            f"(target: no loss: {'met' if loss <= 1e-3 else 'MISSED'})"
         )
     return out
 
@@ -186,9 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     names = list(configs)
     body = "\n\n".join(
         [
-            f"Phantom {m['shape']}^3 at {m['spacing']} mm, {m['cases']} training / {m['test']} test cases; U-Net of seed 01; "
-            f"{m['steps']} steps, batch {m['batch']}, AdamW 1e-3 poly, same seed for all. HN settings {m['hyper']}. "
-            f"Sweep: isotropic {m['sizes']} plus {m['random']} random anisotropic sizes in [{m['low']}, {m['shape']}].",
+            f"Phantom {m['shape']}^3 at {m['spacing']} mm, {m['cases']} training / {m['test']} test cases; "
+            f"U-Net of seed 01; {m['steps']} steps, batch {m['batch']}, AdamW 1e-3 poly, same seed for all. "
+            f"HN settings {m['hyper']}. Sweep: isotropic {m['sizes']} plus {m['random']} random anisotropic "
+            f"sizes in [{m['low']}, {m['shape']}].",
             "Training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
             "**Table 1: mean Dice over all sizes**\n\n" + markdown_table(dice_table(rows)),
             "**Table 2: mean Dice over isotropic sizes**\n\n" + markdown_table(dice_table(rows, True)),

@@ -147,8 +147,8 @@ def test_training_plan_fits_and_the_model_takes_it(models, budget: float) -> Non
     choice = plan_training(mm, int(budget), median, spacing, net.divisor, max_batch=4)
     check_patch_size(choice.patch, net.divisor)
     assert choice.predicted <= budget * 0.9 and 1 <= choice.batch <= 4
-    grown = shrink(choice.patch, median, net.divisor)  # sanity of the search: shrinking only ever fits
-    assert grown is None or mm.peak(grown, choice.batch) <= mm.peak(choice.patch, choice.batch)
+    smaller = shrink(choice.patch, median, net.divisor)  # the search is monotone: smaller never costs more
+    assert smaller is None or mm.peak(smaller, choice.batch) <= mm.peak(choice.patch, choice.batch)
     measured = Prober(net, "train").peak(choice.patch, choice.batch)
     assert measured <= budget, f"measured {format_bytes(measured)} over the budget {format_bytes(budget)}"
 
@@ -298,6 +298,24 @@ def test_predictor_within_a_budget_matches_the_direct_run(capsys: pytest.Capture
     lm.probabilities((image, props), memory=tight, batch_size=4)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"memory {format_bytes(tight)}: window")
+
+
+def test_cli_predict_within_a_budget_reports_its_choice(tiny_abdomen: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flexpatch.cli import app
+    from flexpatch.train.loop import train
+
+    config = TrainConfig(model="unet", model_kwargs=TINY, patch="uniform:8-32", steps=1, batch=1, workers=0)
+    train(tiny_abdomen, tmp_path / "model", config, device="cpu", progress=False)
+    args = ["predict", tmp_path / "model", tiny_abdomen / "imagesTs", "--out", tmp_path / "pred"]
+    result = CliRunner().invoke(
+        app, [str(a) for a in [*args, "--memory", "40MB", "--device", "cpu", "--json"]]
+    )
+    assert result.exit_code == 0, f"{result.stderr}\n{result.exception!r}"
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("memory 40.00 MB: window")]
+    assert len(lines) == 1, result.stderr  # one line for both cases: the same shape, the same choice
 
 
 # --- token size -------------------------------------------------------------------------------

@@ -50,7 +50,10 @@ def _f(v: object) -> float:
 def paired(
     rows: Sequence[dict], a: str, b: str, cls: str | None = None, isotropic_only: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dice of models ``a`` and ``b`` paired over (case, size[, class]); mean over classes when ``cls`` is None."""
+    """Dice of models ``a`` and ``b`` paired over (case, size[, class]).
+
+    With ``cls`` None each pair is the mean over classes.
+    """
 
     def key_values(model: str) -> dict[tuple, float]:
         acc: dict[tuple, list[float]] = {}

@@ -281,7 +281,8 @@ class Prober:
     """Measured peak memory of ``net``'s calls, as a training loop or a predictor makes them.
 
     Training probes run on a copy (the optimiser changes weights), with the loop's
-    Dice + CE loss and optimiser, in three phases: forward, backward, optimiser step.
+    Dice + CE loss, gradient clipping and optimiser, in three phases: forward, backward,
+    optimiser step.
     Inference probes run ``net`` itself, moved to ``device``, in one phase. Every call is
     made once to warm up (gradients, optimiser state, cuDNN plans), then measured.
 
@@ -358,7 +359,11 @@ class Prober:
             opt.zero_grad(set_to_none=True)
             state.pop("loss").backward()
 
-        return [forward, backward, opt.step]
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)  # the loop's default clipping
+            opt.step()
+
+        return [forward, backward, step]
 
 
 def _forward(net: torch.nn.Module, x_shape: tuple, dev: torch.device, amp: bool) -> Callable[[], None]:

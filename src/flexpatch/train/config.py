@@ -24,6 +24,8 @@ class TrainConfig:
         lr: initial learning rate (poly decay to 0 with ``poly_power``).
         optimizer: ``adamw`` or ``sgd`` (nesterov, momentum 0.99, as nnU-Net).
         grad_clip: clip the gradient norm to this (nnU-Net uses 12); None turns clipping off.
+        batch_dice: Dice over the whole batch, not per patch (nnU-Net's choice for 3D): small patches
+            often miss a class, and per-patch Dice then punishes any probability mass for it.
         val_every: validate (sliding window on held-out cases) every this many steps, and at the end.
         val_patch: window for validation (one value: the same on every axis); None means the
             largest training patch.
@@ -50,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 3e-5
     poly_power: float = 0.9
     grad_clip: float | None = 12.0
+    batch_dice: bool = True
     val_every: int = 100
     val_patch: tuple[int, ...] | None = None
     val_fraction: float = 0.2

@@ -297,7 +297,7 @@ def train(
     )
     from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
     run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes))
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)

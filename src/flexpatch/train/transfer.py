@@ -135,7 +135,7 @@ def initialise(net: torch.nn.Module, config: Any, out_dir: Path, resume: bool) -
     else:
         report = load_matching(net, config.init_from)
         save_json(out_dir / TRANSFER, report.to_json())
-        console.print(report.describe())
+        console.print(report.describe(), soft_wrap=True, highlight=False, markup=False)
     params = {name for name, _ in net.named_parameters()}
     loaded = frozenset(n for n in report.loaded if n in params)
     if config.freeze_loaded:
