@@ -1,7 +1,8 @@
 """The main job on the built-in phantom, end to end on a laptop CPU in a few minutes.
 
-Makes a small 3D abdomen phantom, trains the seed-01 U-Net twice with the same
-budget — at a fixed patch size (FP) and with patch-size augmentation (AP) —
+Makes a small 3D abdomen phantom, trains the seed-01 U-Net three times with the
+same budget — at a fixed patch size (FP), with patch-size augmentation (AP), and
+as the patch-size hypernetwork (HN, normalisation and last layer predicted) —
 then segments the test cases at several window sizes and shows Dice against
 patch size as a table and a PNG.
 """
@@ -25,43 +26,60 @@ SHAPE = (48, 48, 48)
 SPACING = (4.0, 4.0, 4.0)  # a 19 cm field of view, as the default phantom (96 voxels at 2 mm)
 FIXED = "32,32,32"
 AUGMENTED = "uniform:16-48"
+MODELS = {  # label -> (folder, patch spec, model options)
+    "FP 32^3": ("model_fp", FIXED, {}),
+    "AP 16-48": ("model_ap", AUGMENTED, {}),
+    "HN 16-48": ("model_hn", AUGMENTED, {"hyper": {"subset": "norm+last"}}),
+}
 # 64 exceeds the image: the window then takes each axis whole, so Dice must not drop there
 WINDOWS = (16, 24, 32, 48, 64)
 
 
-def run_demo(out_dir: Path, steps: int = 200, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Phantom -> train FP and AP -> sweep windows -> table + PNG. Returns the Dice summary."""
+def run_demo(
+    out_dir: Path,
+    steps: int = 300,
+    device: str = "auto",
+    progress: bool = True,
+    shape: tuple[int, ...] = SHAPE,
+    cases: tuple[int, int] = (10, 3),
+    windows: tuple[int, ...] = WINDOWS,
+) -> dict[str, Any]:
+    """Phantom -> train FP, AP and HN -> sweep windows -> table + PNG. Returns the Dice summary.
+
+    ``shape``, ``cases`` (training, test) and ``windows`` exist so tests can run it small.
+    """
     out_dir = Path(out_dir)
     data = out_dir / "phantom"
     if not (data / "dataset.json").exists():
         make_phantom(
             data,
-            cases=10,
-            shape=SHAPE,
+            cases=cases[0],
+            shape=shape,
             ndim=3,
             kind="abdomen",
             seed=0,
-            test_cases=3,
-            spacing=SPACING,
+            test_cases=cases[1],
+            spacing=tuple(s * SHAPE[0] / shape[0] for s in SPACING),  # the same field of view
             progress=progress,
         )
     ds = load_dataset(data)
     rows: list[dict] = []
-    for label, patch in (("FP 32^3", FIXED), ("AP 16-48", AUGMENTED)):
-        model_dir = out_dir / ("model_fp" if label.startswith("FP") else "model_ap")
+    for label, (folder, patch, options) in MODELS.items():
+        model_dir = out_dir / folder
         config = TrainConfig(
             model="unet",
+            model_kwargs=options,
             patch=patch,
             steps=steps,
             batch=2,
             val_every=max(steps // 3, 1),
-            val_patch=SHAPE,
+            val_patch=shape,
             workers=1,
             seed=0,
         )
         train(data, model_dir, config, device=device, progress=progress)
         model = load_model(model_dir, device=device)
-        rows += run_sweep(model, ds.test, [(w,) * 3 for w in WINDOWS], progress=progress, label=label)
+        rows += run_sweep(model, ds.test, [(w,) * 3 for w in windows], progress=progress, label=label)
     write_rows(rows, out_dir)
     png = plot_sweep(rows, out_dir / "dice_vs_patch_size.png")
     summary = summarize(rows)
