@@ -210,7 +210,7 @@ def accumulate(
             src, dst = _clip_box(p, spatial)
             if dst is None:
                 continue
-            out_sum[(slice(None), *dst)] += outputs[(b, slice(None), *src)] * window[src]
+            out_sum[(slice(None), *dst)].addcmul_(outputs[(b, slice(None), *src)], window[src])
             weight_sum[(slice(None), *dst)] += window[src]
         else:
             _scatter_nearest(out_sum, weight_sum, outputs[b], p, window)
