@@ -303,8 +303,8 @@ def targets(rows: list[dict], budgets: list[dict], res: dict, gpu_run: bool) -> 
         out.append(
             f"- (b) {kind} lesions: planner picks token {res['pick'][kind]} "
             f"(Dice {dice[res['pick'][kind]]:.3f}), "
-            f"best token {best} (Dice {dice[best]:.3f}): gap {gap:.3f} (target <= 0.02: "
-            f"{'met' if gap <= 0.02 else 'MISSED'})"
+            f"best token {best} (Dice {dice[best]:.3f}): gap {gap:.3f} (target <= 0.01: "
+            f"{'met' if gap <= 0.01 else 'MISSED'})"
         )
     gain = res["transfer"] - res["scratch"]
     out.append(
