@@ -41,8 +41,7 @@ from flexpatch.models import build, check_patch_size, create_model
 from flexpatch.runtime import check_writable, console, progress_bar, resolve_device, seed_everything
 from flexpatch.sampling import derive_seed
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from flexpatch.train.config import TrainConfig
-from flexpatch.train.loop import make_optimizer, prepare, split_cases
+from flexpatch.train.config import TrainConfig, config_from_json
 
 STAGES = ("rough", "fine")
 CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
@@ -141,11 +140,7 @@ class CascadeConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CascadeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if d.get("target_spacing") is not None:
-            d["target_spacing"] = tuple(d["target_spacing"])
-        return cls(**d)
+        return config_from_json(cls, d, tuples=("target_spacing",))
 
 
 class _Cases:

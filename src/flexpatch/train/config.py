@@ -11,6 +11,17 @@ from flexpatch.errors import FlexPatchError
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def config_from_json(cls: type[Any], d: dict[str, Any], tuples: tuple[str, ...] = ()) -> Any:
+    """Rebuild a frozen config dataclass from JSON: unknown keys dropped (older or newer
+    files still load), lists turned back into tuples for the ``tuples`` fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k in known}
+    for key in tuples:
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run (paths are arguments of ``train``, not config).
@@ -111,12 +122,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for key in ("val_patch", "target_spacing"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        return cls(**d)
+        return config_from_json(cls, d, tuples=("val_patch", "target_spacing"))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
