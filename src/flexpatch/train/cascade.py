@@ -42,6 +42,7 @@ from flexpatch.runtime import check_writable, console, progress_bar, resolve_dev
 from flexpatch.sampling import derive_seed
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig, config_from_json
+from flexpatch.train.loop import make_optimizer, prepare, split_cases
 
 STAGES = ("rough", "fine")
 CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
