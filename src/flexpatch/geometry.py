@@ -183,6 +183,49 @@ def extract(
     return out.to(image.dtype) if image.dtype.is_floating_point else out.round().to(image.dtype)
 
 
+def extract_each(
+    sources: torch.Tensor,
+    affines: torch.Tensor,
+    shape: Sequence[int],
+    mode: Literal["nearest", "linear"] = "nearest",
+    padding: Literal["zeros", "border"] = "zeros",
+) -> torch.Tensor:
+    """Cut one patch out of each batch item's own source, in one ``grid_sample`` call.
+
+    Args:
+        sources: ``(B, C, *spatial)``; item ``b`` is sampled only from ``sources[b]``.
+        affines: ``(B, ndim+1, ndim+1)`` patch voxel index -> source voxel index (any float dtype).
+        shape: the patch matrix, one int per spatial axis.
+
+    Returns:
+        ``(B, C, *shape)``, differentiable with respect to ``sources``; equal to
+        :func:`extract` of ``sources[b]`` at ``affines[b]`` (boxes included).
+    """
+    shape = tuple(int(s) for s in shape)
+    spatial = tuple(sources.shape[2:])
+    n = len(spatial)
+    if n not in (2, 3) or len(shape) != n:
+        raise FlexPatchError(f"extract_each needs 2 or 3 spatial axes matching patch {shape}, got {spatial}")
+    if tuple(affines.shape) != (sources.shape[0], n + 1, n + 1):
+        raise FlexPatchError(
+            f"affines {tuple(affines.shape)} do not match sources {tuple(sources.shape)}: "
+            f"expected {(sources.shape[0], n + 1, n + 1)}"
+        )
+    device = sources.device
+    # float64 grids as _sampling_grid (so nearest rounding agrees); MPS has no float64.
+    gdtype = torch.float32 if device.type == "mps" else torch.float64
+    a = torch.as_tensor(affines, device=device).to(gdtype)
+    axes = [torch.arange(s, dtype=gdtype, device=device) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
+    pos = torch.einsum("pj,bij->bpi", idx, a[:, :n, :n]) + a[:, None, :n, n]
+    scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
+    grid = (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
+    src = sources if sources.dtype.is_floating_point else sources.float()
+    gmode = "bilinear" if mode == "linear" else "nearest"
+    out = F.grid_sample(src, grid.to(src.dtype), mode=gmode, padding_mode=padding, align_corners=True)
+    return out if sources.dtype.is_floating_point else out.round().to(sources.dtype)
+
+
 def accumulate(
     out_sum: torch.Tensor,
     weight_sum: torch.Tensor,
