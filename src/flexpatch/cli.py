@@ -135,6 +135,34 @@ def train(
         str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
     ] = None,
     input_size: Annotated[int, typer.Option(help="Cascade: network input size S per axis.")] = 64,
+    patchwork: Annotated[
+        bool, typer.Option("--patchwork", help="Train a deep neural patchwork (nested patches, seed 04).")
+    ] = False,
+    depth: Annotated[int | None, typer.Option(help="Patchwork: levels, coarse to fine (default 3).")] = None,
+    matrix: Annotated[
+        str | None, typer.Option(help="Patchwork: matrix per level, e.g. 32 or 32,32,32 (default 32).")
+    ] = None,
+    fov_rel: Annotated[
+        str | None, typer.Option(help="Patchwork: coarsest patch relative to the image, e.g. 0.9.")
+    ] = None,
+    fov_mm: Annotated[str | None, typer.Option(help="Patchwork: coarsest patch in mm.")] = None,
+    destvox_rel: Annotated[
+        str | None, typer.Option(help="Patchwork: finest voxel relative to the image's (default 1).")
+    ] = None,
+    destvox_mm: Annotated[str | None, typer.Option(help="Patchwork: finest voxel in mm.")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="Patchwork: rounds of freshly drawn patch sets (default 20).")
+    ] = None,
+    num_patches: Annotated[
+        int | None, typer.Option(help="Patchwork: chains drawn per image and round (default 16).")
+    ] = None,
+    hard_mining: Annotated[
+        float | None, typer.Option(help="Patchwork: keep 1-1/(1+h) of the hardest patches per round.")
+    ] = None,
+    patchwork_options: Annotated[
+        Path | None,
+        typer.Option(help="Patchwork: JSON file with any other option (see README), e.g. augmentation."),
+    ] = None,
     steps: int = 1000,
     batch: Annotated[int | None, typer.Option(help="Patches per step; default 2.")] = None,
     lr: float = 1e-3,
@@ -166,10 +194,22 @@ def train(
     ] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a network on patches: fixed, augmented or growing sizes; plain, hypernetwork or cascade."""
+    """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork."""
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
+    if patchwork:
+        _train_patchwork(
+            dataset_dir, out, device, as_json, patchwork_options,
+            block=model, depth=depth, matrix=parse_ints(matrix, "matrix") if matrix else None,
+            fov_rel=parse_floats(fov_rel, "fov_rel") if fov_rel else None,
+            fov_mm=parse_floats(fov_mm, "fov_mm") if fov_mm else None,
+            destvox_rel=parse_floats(destvox_rel, "destvox_rel") if destvox_rel else None,
+            destvox_mm=parse_floats(destvox_mm, "destvox_mm") if destvox_mm else None,
+            rounds=rounds, num_patches=num_patches, hard_mining=hard_mining, batch_size=batch,
+            lr=lr if lr != 1e-3 else None, seed=seed if seed else None,
+        )  # fmt: skip
+        return
     model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
     if hyper:
         model_kwargs["hyper"] = {"subset": hyper_subset}
@@ -221,6 +261,19 @@ def train(
             f"trained {result.steps} steps in {result.seconds:.0f} s; "
             f"best validation Dice {result.best_dice:.3f}"
         )
+
+
+def _train_patchwork(
+    dataset_dir: Path, out: Path, device: str, as_json: bool, options: Path | None, **flags: object
+) -> None:
+    from flexpatch.cli_patchwork import train_cli
+
+    result = train_cli(dataset_dir, out, dict(flags), options, device, as_json)
+    if as_json:
+        _emit_json(result)
+    else:
+        typer.echo(f"trained patchwork: {result['rounds']} rounds in {result['seconds']:.0f} s, "
+                   f"last loss {result['last_loss']:.3f}")
 
 
 def _from_plan(
@@ -288,7 +341,9 @@ def predict(
         str | None, typer.Option(help="Window, e.g. 48,48,48 or 48 (default: training size).")
     ] = None,
     overlap: float = 0.5,
-    blend: Annotated[str, typer.Option(help="gaussian, constant, cos or cos2.")] = "gaussian",
+    blend: Annotated[
+        str | None, typer.Option(help="gaussian, constant, cos or cos2 (default gaussian; patchwork: cos).")
+    ] = None,
     batch: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     device: DeviceOpt = "auto",
     stitch_device: Annotated[
@@ -304,13 +359,47 @@ def predict(
             "and the window batch (at most --batch), and retries smaller on out-of-memory."
         ),
     ] = None,
+    lazy: Annotated[
+        float | None, typer.Option(help="Patchwork: fraction of patches per level that get children.")
+    ] = None,
+    generate: Annotated[str, typer.Option(help="Patchwork: tree (covering) or random patches.")] = "tree",
+    num_patches: Annotated[int, typer.Option(help="Patchwork: level-0 patches of random generation.")] = 16,
+    branch_factor: Annotated[
+        int | None, typer.Option(help="Patchwork: children per parent (random; default round(1/lazy)).")
+    ] = None,
+    num_chunks: Annotated[int, typer.Option(help="Patchwork: repetitions of the whole process.")] = 1,
+    jitter: Annotated[float, typer.Option(help="Patchwork: tree positions jittered by this fraction.")] = 0.0,
+    alpha: Annotated[float, typer.Option(help="Patchwork: sparse suppression alpha.")] = 0.0,
+    level: Annotated[str, typer.Option(help="Patchwork: level to scatter: last, mix or an index.")] = "last",
+    out_type: Annotated[
+        str, typer.Option(help="Patchwork: atlas[:t..], mask[:t..], float32, uint8 or int16.")
+    ] = "atlas",
+    sampling_factor: Annotated[
+        float, typer.Option(help="Patchwork: output voxel size = input voxel size / factor.")
+    ] = 1.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Segment images with a sliding window at ANY patch size (or with a segment-then-segment cascade)."""
+    """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
     from flexpatch.infer.cascade import is_cascade, predict_cascade_files
     from flexpatch.infer.predictor import predict_files
+    from flexpatch.patchwork.train import is_patchwork
 
     patch = parse_ints(patch_size, "patch size") if patch_size else None
+    if is_patchwork(model_dir):
+        from flexpatch.cli_patchwork import predict_cli
+
+        flags = dict(
+            lazy=lazy, generate=generate, num_patches=num_patches, branch_factor=branch_factor,
+            num_chunks=num_chunks, jitter=jitter, alpha=alpha, level=level, window=blend or "cos",
+            sampling_factor=sampling_factor, batch_size=batch,
+        )  # fmt: skip
+        written, stats = predict_cli(model_dir, inputs, out, flags, out_type, device, as_json)
+        if as_json:
+            _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": stats})
+        else:
+            typer.echo(f"wrote {len(written)} patchwork outputs to {out}")
+        return
+    blend = blend or "gaussian"
     if is_cascade(model_dir):
         written = predict_cascade_files(
             model_dir,

@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,22 +177,33 @@ def read_label(path: str | Path, ndim: int | None = None) -> Volume:
 
 
 def write_image(
-    path: str | Path, data: np.ndarray, affine: np.ndarray | None = None, *, channels: bool = False
+    path: str | Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    *,
+    channels: bool = False,
+    extensions: Sequence[Any] = (),
 ) -> None:
     """Write ``(*spatial)`` data, or ``(C, *spatial)`` with ``channels=True``, atomically.
 
     NIfTI keeps ``affine`` (identity when None); 2D NIfTI gets nnU-Net's trailing
-    singleton axis; channels go last. PNG/TIFF take 2D data only.
+    singleton axis; channels go last. PNG/TIFF take 2D data only. ``extensions``
+    (``nibabel.nifti1.Nifti1Extension`` objects) go into a NIfTI header.
     """
     import nibabel as nib
 
     path = Path(path)
     suffix = suffix_of(path)
+    if extensions and suffix not in NIFTI_SUFFIXES:
+        raise FlexPatchError(f"{path}: header extensions need a NIfTI output (.nii.gz, .nii)")
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             arr = np.asarray(data)
-            nib.save(nib.Nifti1Image(_to_nifti_layout(arr, channels), affine), str(tmp))
+            img = nib.Nifti1Image(_to_nifti_layout(arr, channels), affine)
+            for ext in extensions:
+                img.header.extensions.append(ext)
+            nib.save(img, str(tmp))
         elif suffix == ".png":
             from PIL import Image
 

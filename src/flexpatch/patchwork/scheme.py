@@ -136,7 +136,8 @@ class Scheme:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Scheme:
         d = dict(d)
-        d["matrix"] = tuple(tuple(m) for m in d.get("matrix", ()))
+        matrix = d.get("matrix", ())
+        d["matrix"] = tuple(tuple(m) if isinstance(m, (list, tuple)) else int(m) for m in matrix)
         for key in ("fov_mm", "fov_rel", "destvox_mm", "destvox_rel", "snapper"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])

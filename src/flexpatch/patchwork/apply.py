@@ -1,0 +1,331 @@
+"""Applying a patchwork: patches from coarse to fine, lazy evaluation, stitching, output files.
+
+Level 0 is a covering grid (``tree``) or ``num_patches`` random patches; each further level
+holds the children of the kept parents. With lazy evaluation only the
+max(1, floor(N * fraction)) patches of a level with the highest attention (mean sigmoid of
+their foreground logits) get children, and children per parent default to round(1/fraction),
+so every level costs about the same. The chosen level's outputs (the last, or all mixed) are
+scattered onto the output grid with a cos window and optional sparse suppression.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexpatch.data.io import Volume
+from flexpatch.errors import FlexPatchError
+from flexpatch.patchwork import crop, generate
+from flexpatch.patchwork.losses import LabelEmbedding
+from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
+from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.stitch import Stitcher, mix_levels
+from flexpatch.patchwork.train import WEIGHTS, load_meta
+from flexpatch.runtime import check_writable, resolve_device
+from flexpatch.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class ApplyOptions:
+    """DNP's application options.
+
+    Attributes:
+        generate: ``tree`` (covering grid, full coverage) or ``random``.
+        num_patches: level-0 patches of random generation.
+        branch_factor: children per kept parent in random generation (default round(1/lazy) or 1).
+        lazy: fraction of patches per level that get children (None: all).
+        num_chunks: repetitions of the whole process (with ``jitter``/random draws: more coverage).
+        jitter: tree positions jittered by this fraction of the grid step.
+        window: ``cos`` or ``cos2`` (or ``constant``); alpha: sparse suppression.
+        level: ``last``, ``mix`` (finest level covering each voxel) or a level index.
+        sampling_factor: output voxel size = input voxel size / sampling_factor.
+        batch_size: patches per forward pass.
+        seed: seeds random generation and jitter.
+    """
+
+    generate: str = "tree"
+    num_patches: int = 16
+    branch_factor: int | None = None
+    lazy: float | None = None
+    num_chunks: int = 1
+    jitter: float = 0.0
+    window: str = "cos"
+    alpha: float = 0.0
+    level: str | int = "last"
+    sampling_factor: float = 1.0
+    batch_size: int = 16
+    seed: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, depth: int) -> None:
+        if self.generate not in ("tree", "random"):
+            raise FlexPatchError(f"generate must be tree or random, got {self.generate!r}")
+        if self.lazy is not None and not 0 < self.lazy <= 1:
+            raise FlexPatchError(f"lazy fraction must be in (0, 1], got {self.lazy}")
+        if self.num_chunks < 1 or self.num_patches < 1 or self.batch_size < 1 or self.sampling_factor <= 0:
+            raise FlexPatchError("num_chunks, num_patches, batch_size and sampling_factor must be positive")
+        if self.level not in ("last", "mix") and not (
+            isinstance(self.level, int) and 0 <= self.level < depth
+        ):
+            raise FlexPatchError(f"level must be last, mix or 0..{depth - 1}, got {self.level!r}")
+
+    def branches(self) -> int:
+        if self.branch_factor is not None:
+            return self.branch_factor
+        return max(1, round(1 / self.lazy)) if self.lazy else 1
+
+
+def keep_count(n: int, fraction: float | None) -> int:
+    """Patches of a level that get children: max(1, floor(n * fraction)), or all."""
+    return n if fraction is None else max(1, math.floor(n * fraction))
+
+
+def attention(logits: torch.Tensor, categorical: bool) -> torch.Tensor:
+    """Evidence of a patch: mean sigmoid of its label logits over space and labels (background excluded)."""
+    labels = logits[:, 1:] if categorical and logits.shape[1] > 1 else logits
+    return torch.sigmoid(labels.float()).flatten(1).mean(1)
+
+
+def output_grid(shape: Sequence[int], factor: float) -> tuple[tuple[int, ...], np.ndarray]:
+    """The output grid's shape and its index -> input index affine (voxel centres kept aligned)."""
+    n = len(shape)
+    out_shape = tuple(max(1, round(s * factor)) for s in shape)
+    g = np.eye(n + 1)
+    g[:n, :n] = np.diag([s / o for s, o in zip(shape, out_shape)])
+    g[:n, n] = [0.5 * s / o - 0.5 for s, o in zip(shape, out_shape)]
+    return out_shape, g
+
+
+@dataclass
+class Applied:
+    """Stitched result of one image."""
+
+    values: torch.Tensor  # (C, *out_shape): probabilities, or embedding responses
+    grid: np.ndarray  # output index -> input index
+    stats: dict[str, Any]
+
+
+def apply_image(
+    net: Any,
+    image: np.ndarray,
+    affine: np.ndarray,
+    scheme: Scheme,
+    opts: ApplyOptions,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    categorical: bool = True,
+    device: torch.device | str = "cpu",
+) -> Applied:
+    """Run a patchwork over one image ``(C, *spatial)`` with world ``affine``.
+
+    ``net`` needs ``forward_level(k, crops, parent_out, rel)``, ``num_outputs`` and ``depth``
+    (a :class:`PatchworkNet`, or any stand-in, such as an identity block in the tests).
+    """
+    opts.check(scheme.depth)
+    dev = torch.device(device)
+    shape = tuple(image.shape[1:])
+    geom = Geometry.of(shape, affine, scheme.system)
+    widths = level_widths(scheme, geom)
+    sources = crop.level_sources(image, scheme, undersampling(scheme, geom, widths))
+    out_shape, grid = output_grid(shape, opts.sampling_factor)
+    to_out = np.linalg.inv(grid)
+    levels_out = range(scheme.depth) if opts.level == "mix" else [_scatter_level(opts.level, scheme.depth)]
+    stitchers = {
+        k: Stitcher(out_shape, net.num_outputs, opts.window, opts.alpha, scheme.scatter, dev)
+        for k in levels_out
+    }
+    rng = np.random.default_rng(opts.seed)
+    stats: dict[str, Any] = {"patches": [0] * scheme.depth, "evaluated_voxels": 0}
+    start = time.perf_counter()
+    for _ in range(opts.num_chunks):
+        parents: generate.Level | None = None
+        outputs: torch.Tensor | None = None
+        for k in range(scheme.depth):
+            if k == 0:
+                level = generate.first_level(
+                    scheme, geom, widths, opts.generate, opts.num_patches, rng, opts.jitter
+                )
+            else:
+                keep = _keep(outputs, opts.lazy, categorical, net.num_outputs)
+                level = generate.next_level(
+                    scheme, geom, widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
+                )
+            outputs = _run_level(
+                net, k, level, parents if k else None, outputs, sources[k], scheme, opts, dev
+            )
+            stats["patches"][k] += len(level)
+            stats["evaluated_voxels"] += len(level) * int(np.prod(scheme.matrix[k]))
+            if k in stitchers:
+                probs = activation(outputs[:, : net.num_outputs])
+                for s in range(0, len(level), opts.batch_size):
+                    stitchers[k].add(
+                        probs[s : s + opts.batch_size], to_out @ level.affine[s : s + opts.batch_size]
+                    )
+            parents = level
+    stats["seconds"] = time.perf_counter() - start
+    if opts.level == "mix":
+        values = mix_levels(
+            [stitchers[k].result() for k in levels_out], [stitchers[k].coverage() for k in levels_out]
+        )
+    else:
+        values = next(iter(stitchers.values())).result()
+    return Applied(values, grid, stats)
+
+
+def _scatter_level(level: str | int, depth: int) -> int:
+    return depth - 1 if level == "last" else int(level)
+
+
+def _keep(outputs: torch.Tensor, lazy: float | None, categorical: bool, num_outputs: int) -> np.ndarray:
+    """Indices of the patches that get children (all, or the lazy top fraction by attention)."""
+    n = len(outputs)
+    if lazy is None:
+        return np.arange(n)
+    score = attention(outputs[:, :num_outputs], categorical).cpu()
+    order = torch.argsort(score, descending=True, stable=True)
+    return np.sort(order[: keep_count(n, lazy)].numpy())
+
+
+@torch.no_grad()
+def _run_level(
+    net: Any,
+    k: int,
+    level: generate.Level,
+    parents: generate.Level | None,
+    parent_out: torch.Tensor | None,
+    source: torch.Tensor,
+    scheme: Scheme,
+    opts: ApplyOptions,
+    dev: torch.device,
+) -> torch.Tensor:
+    """All patches of a level in batches; returns their logits ``(N, C, *m_k)`` (kept for the children)."""
+    out = []
+    m = scheme.matrix[k]
+    for s in range(0, len(level), opts.batch_size):
+        sl = slice(s, s + opts.batch_size)
+        x = crop.crop_image(source, level.affine[sl], m, scheme).to(dev)
+        if parents is None or parent_out is None:
+            out.append(net.forward_level(k, x))
+            continue
+        pidx = level.parent[sl]
+        rel = (
+            torch.from_numpy(generate.relative_affines(parents.affine[pidx], level.affine[sl]))
+            .float()
+            .to(dev)
+        )
+        out.append(net.forward_level(k, x, parent_out[torch.as_tensor(pidx, device=parent_out.device)], rel))
+    return torch.cat(out)
+
+
+@dataclass
+class LoadedPatchwork:
+    """A trained patchwork: network, scheme, labels and (for many labels) the label embedding."""
+
+    net: PatchworkNet
+    scheme: Scheme
+    meta: dict[str, Any]
+    embedding: LabelEmbedding | None
+    device: torch.device
+
+    @property
+    def categorical(self) -> bool:
+        return bool(self.meta["config"]["categorical"])
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.embedding is not None:
+            return logits  # responses are stitched; classes are decoded after stitching
+        return torch.softmax(logits, 1) if self.categorical else torch.sigmoid(logits)
+
+
+def load_patchwork(model_dir: str | Path, device: str = "auto") -> LoadedPatchwork:
+    meta = load_meta(model_dir)
+    dev = resolve_device(device)
+    net = PatchworkNet.from_config(meta["net"])
+    state = load_checkpoint(Path(model_dir) / WEIGHTS, map_location="cpu")
+    net.load_state_dict(state["net"])
+    embedding = None
+    if state.get("embedding") is not None:
+        cfg = meta["config"]
+        embedding = LabelEmbedding(len(meta["label_values"]) + 1, cfg["embedding_dim"])
+        embedding.load_state_dict(state["embedding"])
+        embedding.to(dev).eval()
+    scheme = Scheme.from_json(meta["scheme"])
+    return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev)
+
+
+def segment_volume(
+    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The output array (see :func:`to_output`), its world affine, and statistics."""
+    if volume.data.shape[0] != model.meta["in_channels"]:
+        expected = model.meta["in_channels"]
+        raise FlexPatchError(f"{volume.path}: {volume.data.shape[0]} channels, patchwork wants {expected}")
+    applied = apply_image(
+        model.net,
+        volume.data,
+        volume.affine,
+        model.scheme,
+        opts,
+        model.activation,
+        model.categorical,
+        model.device,
+    )
+    values = model.meta["label_values"]
+    if model.embedding is not None:
+        if parse_out_type(out_type)[0] != "atlas":
+            raise FlexPatchError(
+                "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
+            )
+        idx = model.embedding.decode(applied.values).cpu().numpy()
+        table = np.array([0, *values])
+        array = table[idx].astype(np.int16)
+    else:
+        array = to_output(applied.values.cpu(), out_type, model.categorical, values)
+    n = model.scheme.ndim
+    world = np.eye(4)
+    world[:n, :n] = volume.affine[:n, :n] @ applied.grid[:n, :n]
+    world[:n, 3] = volume.affine[:n, :n] @ applied.grid[:n, n] + volume.affine[:n, 3]
+    if n == 2:
+        world[2, 2], world[2, 3] = volume.affine[2, 2], volume.affine[2, 3]
+    return array, world, applied.stats
+
+
+def predict_patchwork_files(
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    opts: ApplyOptions | None = None,
+    out_type: str = "atlas",
+    device: str = "auto",
+    progress: bool = True,
+) -> list[Path]:
+    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes)."""
+    from flexpatch.infer.predictor import _read_case, group_inputs
+    from flexpatch.runtime import progress_bar
+
+    opts = opts or ApplyOptions()
+    parse_out_type(out_type)
+    model = load_patchwork(model_dir, device)
+    opts.check(model.scheme.depth)
+    cases = group_inputs(inputs, model.meta["in_channels"])
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    names = {int(k): v for k, v in model.meta["label_names"].items()}
+    written = []
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("patchwork", total=len(cases), info="")
+        for case, files in cases.items():
+            volume = _read_case(files, model.scheme.ndim)
+            array, affine, stats = segment_volume(model, volume, opts, out_type)
+            path = write_output(out_dir / f"{case}.nii.gz", array, affine, names, ndim=model.scheme.ndim)
+            opts.stats[case] = stats
+            written.append(path)
+            bar.update(task, advance=1, info=f"{case}: {sum(stats['patches'])} patches")
+    return written

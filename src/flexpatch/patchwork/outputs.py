@@ -1,0 +1,218 @@
+"""Turning stitched probabilities into the files DNP writes (its ``out_typ``).
+
+- ``float32`` / ``uint8`` / ``int16``: foreground probabilities, one channel per label,
+  channels last (the NIfTI 4th dimension); integers scale ``[0, 1]`` to the type's range.
+- ``mask[:t1,t2..]``: one uint8 0/1 mask per label, thresholded at ``t`` (0.5 by default).
+- ``atlas[:t1,t2..]`` (DNP spells it ``atls``): one map of the original label values.
+
+Label names travel as an XML label table in a NIfTI header extension.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from xml.sax.saxutils import escape
+
+import numpy as np
+import torch
+
+from flexpatch.data.io import NIFTI_SUFFIXES, suffix_of, write_image
+from flexpatch.errors import FlexPatchError
+
+if TYPE_CHECKING:
+    from nibabel.nifti1 import Nifti1Extension
+
+# probability types: numpy type and the integer that stands for probability 1
+PROBABILITY_TYPES: dict[str, tuple[type, int]] = {
+    "float32": (np.float32, 1),
+    "uint8": (np.uint8, 255),
+    "int16": (np.int16, 32767),
+}
+THRESHOLD_TYPES: tuple[str, ...] = ("mask", "atlas")
+ALIASES = {"atls": "atlas"}
+COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
+DEFAULT_THRESHOLD = 0.5
+_USAGE = "use float32, uint8, int16, mask[:t1,t2,..] or atlas[:t1,t2,..]"
+
+
+def parse_out_type(spec: str) -> tuple[str, list[float] | None]:
+    """Split an output spec such as ``mask:0.4,0.5`` into its kind and thresholds.
+
+    Returns:
+        ``(kind, thresholds)``; kind is one of float32, uint8, int16, mask, atlas
+        (``atls`` is read as atlas) and thresholds is None when none were given.
+    """
+    head, sep, tail = str(spec).strip().partition(":")
+    kind = ALIASES.get(head.strip().lower(), head.strip().lower())
+    if kind not in PROBABILITY_TYPES and kind not in THRESHOLD_TYPES:
+        raise FlexPatchError(f"unknown output type {spec!r}; {_USAGE}")
+    if not sep:
+        return kind, None
+    if kind in PROBABILITY_TYPES:
+        raise FlexPatchError(f"output type {kind} takes no thresholds, got {spec!r}")
+    thresholds = []
+    for item in tail.split(","):
+        try:
+            t = float(item)
+        except ValueError:
+            raise FlexPatchError(f"output type {spec!r}: {item.strip()!r} is not a number") from None
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise FlexPatchError(f"output type {spec!r}: threshold {t} is outside [0, 1]")
+        thresholds.append(t)
+    return kind, thresholds
+
+
+def _thresholds(given: list[float] | None, count: int, default: float | None) -> np.ndarray | None:
+    """One threshold per label: a single value broadcasts, None falls back to ``default``."""
+    if given is None:
+        return None if default is None else np.full(count, default)
+    if len(given) not in (1, count):
+        raise FlexPatchError(f"got {len(given)} thresholds for {count} labels; give 1 or {count}")
+    return np.broadcast_to(np.asarray(given, dtype=np.float64), (count,))
+
+
+def _label_dtype(values: Sequence[int]) -> type:
+    top = max(values)
+    if top > np.iinfo(np.int16).max:
+        raise FlexPatchError(f"label value {top} does not fit an int16 label map")
+    return np.uint8 if top <= np.iinfo(np.uint8).max else np.int16
+
+
+def to_output(
+    probs: torch.Tensor | np.ndarray, spec: str, categorical: bool, label_values: Sequence[int]
+) -> np.ndarray:
+    """Convert probabilities ``(C, *s)`` into the array that ``spec`` asks for.
+
+    Args:
+        probs: softmax output (channel 0 is background) when ``categorical``, else
+            one sigmoid channel per label (labels may overlap).
+        spec: an output type, see :func:`parse_out_type`.
+        categorical: whether ``probs`` is a softmax over background and the labels.
+        label_values: the integer value of each foreground channel, in order.
+
+    Returns:
+        ``(*s, L)`` probabilities or masks (channels last), or a ``(*s)`` label map for atlas.
+    """
+    kind, given = parse_out_type(spec)
+    values = [int(v) for v in label_values]
+    if not values or min(values) <= 0 or len(set(values)) != len(values):
+        raise FlexPatchError(f"label values must be distinct positive integers, got {values}")
+    if isinstance(probs, torch.Tensor):
+        probs = probs.detach().cpu().numpy()
+    p = np.asarray(probs, dtype=np.float32)
+    want = len(values) + int(categorical)
+    if p.ndim < 2 or p.shape[0] != want:
+        kindword = "background + labels" if categorical else "labels"
+        raise FlexPatchError(f"probabilities have shape {p.shape}, expected {want} channels ({kindword})")
+    fg = p[1:] if categorical else p
+    if kind in PROBABILITY_TYPES:
+        dtype, scale = PROBABILITY_TYPES[kind]
+        out = fg if scale == 1 else np.round(np.clip(fg, 0.0, 1.0) * np.float32(scale))
+        return np.moveaxis(out, 0, -1).astype(dtype)
+    expand = (slice(None),) + (None,) * (p.ndim - 1)  # thresholds broadcast over space
+    if kind == "mask":
+        thr = _thresholds(given, len(values), DEFAULT_THRESHOLD)
+        return np.moveaxis(fg >= thr[expand], 0, -1).astype(np.uint8)
+    lut = np.asarray([0, *values], dtype=_label_dtype(values))
+    if categorical:
+        win = np.argmax(p, axis=0)
+        thr = _thresholds(given, len(values), None)
+        if thr is not None:
+            # DNP's ce_threshold: a foreground winner needs at least its threshold, else background
+            need = np.concatenate([[0.0], thr])[win]
+            win = np.where(np.take_along_axis(p, win[None], axis=0)[0] < need, 0, win)
+        return lut[win]
+    # multi-label: among the labels that pass their threshold, the most probable wins (as DNP)
+    thr = _thresholds(given, len(values), DEFAULT_THRESHOLD)
+    passing = fg >= thr[expand]
+    win = np.argmax(np.where(passing, fg, -1.0), axis=0) + 1
+    return lut[np.where(passing.any(axis=0), win, 0)]
+
+
+def label_names_extension(names: Mapping[int, str]) -> Nifti1Extension:
+    """An XML label table (``<LabelTable><Label Key="1">liver</Label>..``) as a NIfTI comment extension."""
+    import nibabel as nib
+
+    rows = []
+    for key in sorted(names):
+        name = str(names[key])
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in name):
+            raise FlexPatchError(f"label name for {key} has control characters, which XML cannot hold")
+        rows.append(f'<Label Key="{int(key)}">{escape(name)}</Label>')
+    xml = "<LabelTable>" + "".join(rows) + "</LabelTable>"
+    return nib.nifti1.Nifti1Extension(COMMENT_CODE, xml.encode("utf-8"))
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """The label table written by :func:`write_output`, or ``{}`` when the file has none."""
+    import nibabel as nib
+
+    path = Path(path)
+    if suffix_of(path) not in NIFTI_SUFFIXES:
+        raise FlexPatchError(f"{path}: label names live in NIfTI files only")
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: file not found")
+    try:
+        extensions = nib.load(str(path)).header.extensions
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise FlexPatchError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
+    for ext in extensions:
+        if ext.get_code() != COMMENT_CODE:
+            continue
+        # NIfTI pads extensions to 16 bytes with NULs
+        text = ext.get_content().decode("utf-8", errors="replace").strip("\x00 \t\r\n")
+        if not text.startswith("<LabelTable"):
+            continue  # some other comment
+        try:
+            table = ET.fromstring(text)
+        except ET.ParseError:
+            continue
+        return {int(el.get("Key", "0")): el.text or "" for el in table.iter("Label")}
+    return {}
+
+
+def _affine_4x4(affine: np.ndarray) -> np.ndarray:
+    """NIfTI wants a 4x4 affine; a 2D ``3x3`` one gains an identity z axis."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape == (3, 3):
+        full = np.eye(4)
+        full[:2, :2], full[:2, 3] = a[:2, :2], a[:2, 2]
+        return full
+    if a.shape != (4, 4):
+        raise FlexPatchError(f"output affine has shape {a.shape}, expected (4, 4)")
+    return a
+
+
+def write_output(
+    path: str | Path,
+    array: np.ndarray,
+    affine: np.ndarray,
+    label_names: Mapping[int, str] | None = None,
+    *,
+    ndim: int | None = None,
+) -> Path:
+    """Write a :func:`to_output` array atomically; channels-last arrays become 4D NIfTI.
+
+    Args:
+        array: ``(*s)`` label map or ``(*s, L)`` channels-last data.
+        affine: the output grid's voxel -> world affine (4x4, or 3x3 for 2D).
+        label_names: label value -> name, stored as an XML label table in the header.
+        ndim: spatial axes of ``array`` (2 or 3); by default 3 when it has 3 or more axes,
+            so pass ``ndim=2`` for 2D channels-last data.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    nd = min(arr.ndim, 3) if ndim is None else int(ndim)
+    if nd not in (2, 3) or arr.ndim not in (nd, nd + 1):
+        raise FlexPatchError(f"output array has shape {arr.shape}, expected {nd} spatial axes (+ channels)")
+    if arr.dtype == np.int64:  # nibabel refuses int64 without an explicit header type
+        arr = arr.astype(np.int32)
+    channels = arr.ndim == nd + 1
+    extensions = [label_names_extension(label_names)] if label_names else []
+    data = np.moveaxis(arr, -1, 0) if channels else arr
+    write_image(path, data, _affine_4x4(affine), channels=channels, extensions=extensions)
+    return path

@@ -1,0 +1,422 @@
+"""Training a deep neural patchwork: rounds of patch sets, gradient passes over them, hard mining.
+
+The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per training image;
+the inner loop (``epochs``) runs gradient steps over that set in batches. Drawing round r+1
+runs in worker processes while round r trains (``workers`` > 0), and is a pure function of
+(seed, round, case), so a run replays exactly with or without workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset
+from flexpatch.data.io import save_json
+from flexpatch.errors import FlexPatchError
+from flexpatch.patchwork import crop, generate
+from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
+from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, select_hard
+from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
+from flexpatch.train.checkpoint import save_checkpoint
+
+CONFIG = "patchwork.json"
+WEIGHTS = "patchwork.pt"
+IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
+
+
+@dataclass
+class PatchworkConfig:
+    """Everything a patchwork run needs besides the data (written to ``patchwork.json``).
+
+    ``scheme`` holds the :class:`Scheme` options; the rest mirrors DNP's PatchWorkModel and
+    training options (seed 04, section "Application interface").
+    """
+
+    scheme: dict[str, Any] = field(default_factory=dict)
+    block: str = "unet"
+    block_options: dict[str, Any] = field(default_factory=dict)
+    identical_blocks: bool = False
+    intermediate_out: int = 0
+    intermediate_loss: bool = True
+    forward_type: str = "concat"
+    final_block: bool = False
+    categorical: bool = True
+    labels: list[int] | None = None
+    dontcare: int | None = None
+    embedding_dim: int = 0
+    num_sampled: int = 16
+    rounds: int = 20
+    epochs: int = 1
+    num_patches: int = 16
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    ratio: float = 0.5
+    label_weight: list[float] | None = None
+    autoweight: float | None = None
+    hard_mining: float = 0.0
+    hard_mining_order: str = "loss"
+    hard_mining_maxage: int = 50
+    dphi: float = 0.0
+    flip: list[int] = field(default_factory=list)
+    dscale: float = 0.0
+    independent_augmentation: bool = True
+    workers: int = 1
+    seed: int = 0
+
+    def scheme_obj(self, ndim: int) -> Scheme:
+        return Scheme.from_json({**self.scheme, "ndim": ndim})
+
+    def augment(self) -> generate.Augment:
+        return generate.Augment(self.dphi, tuple(self.flip), self.dscale, self.independent_augmentation)
+
+    def check(self) -> None:
+        if self.rounds < 1 or self.epochs < 1 or self.num_patches < 1 or self.batch_size < 1:
+            raise FlexPatchError("rounds, epochs, num_patches and batch_size must be >= 1")
+        if self.hard_mining_order not in ("loss", "f1", "balance"):
+            raise FlexPatchError(
+                f"hard_mining_order must be loss, f1 or balance, got {self.hard_mining_order!r}"
+            )
+        if self.embedding_dim and not self.categorical:
+            raise FlexPatchError("label embedding (candidate sampling) needs categorical labels")
+
+
+@dataclass
+class CaseState:
+    """One training image ready for cropping: per-level sources, labels, sampler."""
+
+    geom: Geometry
+    widths: list[np.ndarray]
+    sources: list[torch.Tensor]
+    label: torch.Tensor
+    sampler: generate.CentreSampler
+
+
+def label_table(ds: DatasetInfo, config: PatchworkConfig) -> tuple[list[int], int | None]:
+    """The label values learnt (channel order) and the "don't care" value, if any.
+
+    Default: every declared label but background; a label named ``ignore`` (nnU-Net's
+    convention) is the don't-care value unless ``config.dontcare`` names another.
+    """
+    ignore = config.dontcare if config.dontcare is not None else ds.labels.get("ignore")
+    values = config.labels or sorted(v for k, v in ds.labels.items() if v != 0 and k != "ignore")
+    if not values:
+        raise FlexPatchError(f"{ds.root / 'dataset.json'}: no foreground labels to learn")
+    return [int(v) for v in values], ignore
+
+
+def remap_labels(label: np.ndarray, values: Sequence[int], ignore: int | None) -> np.ndarray:
+    """Label values -> channel indices 1..K (others 0); the don't-care value -> -1."""
+    out = np.zeros(label.shape, dtype=np.int64)
+    for i, v in enumerate(values, start=1):
+        out[label == v] = i
+    if ignore is not None:
+        out[label == ignore] = IGNORE
+    return out
+
+
+def load_state(
+    case: Any, ndim: int, scheme: Scheme, config: PatchworkConfig, values: list[int], ignore: int | None
+) -> CaseState:
+    image, label = load_case(case, ndim)
+    assert label is not None
+    geom = Geometry.of(image.spatial_shape, image.affine, scheme.system)
+    widths = level_widths(scheme, geom)
+    sources = crop.level_sources(image.data, scheme, undersampling(scheme, geom, widths))
+    lab = remap_labels(label.data, values, ignore)
+    sampler = generate.CentreSampler(
+        geom, np.clip(lab, 0, None), config.ratio, config.label_weight, config.autoweight
+    )
+    return CaseState(geom, widths, sources, torch.from_numpy(lab), sampler)
+
+
+def draw_case(
+    state: CaseState, scheme: Scheme, config: PatchworkConfig, round_idx: int, case_idx: int
+) -> dict[str, torch.Tensor]:
+    """One image's patch set for a round: crops, labels and parent affines per level."""
+    rng = np.random.default_rng((config.seed, round_idx, case_idx))
+    levels = generate.draw_chains(
+        scheme, state.geom, state.widths, config.num_patches, rng, state.sampler, config.augment()
+    )
+    out: dict[str, torch.Tensor] = {}
+    for k, level in enumerate(levels):
+        m = scheme.matrix[k]
+        out[f"x{k}"] = crop.crop_image(state.sources[k], level.affine, m, scheme)
+        out[f"y{k}"] = crop.crop_label(state.label, level.affine, m)
+        if k:
+            rel = generate.relative_affines(levels[k - 1].affine[level.parent], level.affine)
+            out[f"rel{k}"] = torch.from_numpy(rel).float()
+    return out
+
+
+# Worker processes get the case states by fork (copy-on-write), not by pickling 256^3 volumes.
+_STATES: list[CaseState] = []
+_SCHEME: Scheme | None = None
+_CONFIG: PatchworkConfig | None = None
+
+
+def _draw_round(round_idx: int) -> dict[str, torch.Tensor]:
+    assert _SCHEME is not None and _CONFIG is not None
+    parts = [draw_case(s, _SCHEME, _CONFIG, round_idx, i) for i, s in enumerate(_STATES)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+class RoundSource:
+    """Patch sets per round, drawn ahead in worker processes (``workers`` > 0) or inline."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = (
+            ProcessPoolExecutor(max_workers=1, mp_context=get_context("fork")) if workers > 0 else None
+        )
+        self.pending: dict[int, Future] = {}
+
+    def prefetch(self, round_idx: int) -> None:
+        if self.pool is not None and round_idx not in self.pending:
+            self.pending[round_idx] = self.pool.submit(_draw_round, round_idx)
+
+    def get(self, round_idx: int) -> dict[str, torch.Tensor]:
+        if self.pool is None:
+            return _draw_round(round_idx)
+        self.prefetch(round_idx)
+        return self.pending.pop(round_idx).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_labels: int) -> PatchworkNet:
+    outputs = config.embedding_dim or (num_labels + 1 if config.categorical else num_labels)
+    net = PatchworkNet(
+        scheme.ndim,
+        in_channels * scheme.smooth_channels,
+        outputs,
+        scheme.depth,
+        block=config.block,
+        block_options=config.block_options,
+        identical_blocks=config.identical_blocks,
+        intermediate_out=config.intermediate_out,
+        forward_type=config.forward_type,
+        final_block=config.final_block,
+        interp=scheme.interp,
+    )
+    net.check_matrix(list(scheme.matrix))
+    return net
+
+
+def targets(label: torch.Tensor, num_labels: int, categorical: bool) -> torch.Tensor:
+    """Categorical: the index map as is; multi-label: one channel per label, -1 where don't care."""
+    if categorical:
+        return label
+    onehot = torch.stack([(label == i).float() for i in range(1, num_labels + 1)], dim=1)
+    return torch.where((label == IGNORE)[:, None], torch.full_like(onehot, IGNORE), onehot)
+
+
+class Trainer:
+    """Loss over a patchwork's levels, per-sample scores for hard mining."""
+
+    def __init__(self, net: PatchworkNet, config: PatchworkConfig, num_labels: int, device: torch.device):
+        self.net, self.config, self.num_labels, self.device = net, config, num_labels, device
+        self.embedding = (
+            LabelEmbedding(num_labels + 1, config.embedding_dim, seed=config.seed).to(device)
+            if config.embedding_dim
+            else None
+        )
+        params = list(net.parameters()) + (list(self.embedding.parameters()) if self.embedding else [])
+        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.gen = torch.Generator().manual_seed(config.seed)
+
+    def level_loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = logits[:, : self.net.num_outputs]
+        if self.embedding is not None:
+            loss = self.embedding.sampled_loss(out, label, self.config.num_sampled, self.gen)
+            return loss, loss.detach().expand(len(out))
+        return patch_loss(
+            out, targets(label, self.num_labels, self.config.categorical), self.config.categorical
+        )
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, torch.Tensor]:
+        depth = self.net.depth
+        crops = [batch[f"x{k}"].to(self.device) for k in range(depth)]
+        rels = [None] + [batch[f"rel{k}"].to(self.device) for k in range(1, depth)]
+        outs = self.net(crops, rels)
+        levels = range(depth) if self.config.intermediate_loss else [depth - 1]
+        total = torch.zeros((), device=self.device)
+        for k in levels:
+            loss, per_sample = self.level_loss(outs[k], batch[f"y{k}"].to(self.device))
+            total = total + loss
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12.0)
+        self.opt.step()
+        final = outs[-1][:, : self.net.num_outputs].detach()
+        if self.embedding is not None:
+            final = self.embedding.logits(final)
+        label = batch[f"y{depth - 1}"].to(self.device)
+        f1 = f1_per_sample(
+            final, targets(label, self.num_labels, self.config.categorical), self.config.categorical
+        )
+        return float(total.detach()), per_sample.detach().cpu(), f1.detach().cpu()
+
+
+def mining_scores(
+    pool: PatchPool, losses: torch.Tensor, f1: torch.Tensor, order: str, depth: int, num_labels: int
+) -> np.ndarray:
+    if order == "loss":
+        return losses.numpy()
+    if order == "f1":
+        return f1.numpy()
+    label = pool.data[f"y{depth - 1}"].clamp(min=0).reshape(len(pool), -1)
+    counts = torch.stack([(label == i).sum(1) for i in range(num_labels + 1)], dim=1)
+    return balance_scores(counts.numpy())
+
+
+def check_training_inputs(dataset_dir: Path, out_dir: Path, config: PatchworkConfig) -> DatasetInfo:
+    """Fail in seconds: dataset layout, labels, scheme, blocks and matrices, output folder."""
+    config.check()
+    ds = load_dataset(dataset_dir)
+    values, _ = label_table(ds, config)
+    scheme = config.scheme_obj(ds.ndim)
+    build_net(config, scheme, len(ds.channel_names), len(values))
+    check_writable(out_dir, "model folder")
+    if not ds.training:
+        raise FlexPatchError(f"{dataset_dir}: no training cases")
+    return ds
+
+
+def train_patchwork(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    config: PatchworkConfig,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a patchwork on every training case of a dataset; write ``patchwork.json`` and weights."""
+    global _STATES, _SCHEME, _CONFIG
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    ds = check_training_inputs(dataset_dir, out_dir, config)
+    dev = resolve_device(device)
+    values, ignore = label_table(ds, config)
+    scheme = config.scheme_obj(ds.ndim)
+    seed_everything(config.seed)
+    net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
+    trainer = Trainer(net, config, len(values), dev)
+    _STATES = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in ds.training]
+    _SCHEME, _CONFIG = scheme, config
+    source = RoundSource(config.workers)
+    start, log = time.perf_counter(), []
+    pool: PatchPool | None = None
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    try:
+        with progress_bar(disable=not progress) as bar:
+            task = bar.add_task("patchwork", total=config.rounds, info="")
+            for r in range(config.rounds):
+                source.prefetch(r + 1) if r + 1 < config.rounds else None
+                pool = next_pool(pool, scores, source.get(r), config, scheme.depth, len(values))
+                loss, scores = run_round(pool, trainer, config)
+                log.append(
+                    {"round": r, "loss": loss, "patches": len(pool), "seconds": time.perf_counter() - start}
+                )
+                bar.update(task, advance=1, info=f"loss {loss:.3f} patches {len(pool)}")
+    finally:
+        source.close()
+        _STATES = []
+    return save_model(out_dir, net, trainer, config, ds, values, ignore, log)
+
+
+def next_pool(
+    pool: PatchPool | None,
+    scores: tuple[torch.Tensor, torch.Tensor] | None,
+    new: dict[str, torch.Tensor],
+    config: PatchworkConfig,
+    depth: int,
+    num_labels: int,
+) -> PatchPool:
+    """Hard mining: keep part of the last round's patches (by loss, f1 or rarity) beside the new ones."""
+    kept = None
+    if pool is not None and scores is not None and config.hard_mining > 0:
+        values = mining_scores(pool, *scores, config.hard_mining_order, depth, num_labels)
+        idx = select_hard(
+            values, pool.ages, config.hard_mining, config.hard_mining_order, config.hard_mining_maxage
+        )
+        kept = pool.subset(idx)
+    return PatchPool.merge(kept, new)
+
+
+def run_round(
+    pool: PatchPool, trainer: Trainer, config: PatchworkConfig
+) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+    """``epochs`` passes over the patch set; records each patch's last loss and F1 for mining."""
+    trainer.net.train()
+    losses = torch.zeros(len(pool))
+    f1 = torch.zeros(len(pool))
+    values = []
+    for _ in range(config.epochs):
+        for batch in pool.batches(config.batch_size, trainer.gen):
+            idx = batch.pop(INDEX_KEY)
+            loss, per_sample, f1_b = trainer.step(batch)
+            losses[idx], f1[idx] = per_sample, f1_b
+            values.append(loss)
+    return float(np.mean(values)), (losses, f1)
+
+
+def save_model(
+    out_dir: Path,
+    net: PatchworkNet,
+    trainer: Trainer,
+    config: PatchworkConfig,
+    ds: DatasetInfo,
+    values: list[int],
+    ignore: int | None,
+    log: list[dict],
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {v: k for k, v in ds.labels.items()}
+    meta = {
+        "kind": "patchwork",
+        "config": asdict(config),
+        "scheme": config.scheme_obj(ds.ndim).to_json(),
+        "net": net.config(),
+        "label_values": values,
+        "label_names": {str(v): names.get(v, str(v)) for v in values},
+        "dontcare": ignore,
+        "in_channels": len(ds.channel_names),
+        "ndim": ds.ndim,
+    }
+    state = {
+        "net": net.state_dict(),
+        "embedding": trainer.embedding.state_dict() if trainer.embedding else None,
+    }
+    save_checkpoint(out_dir / WEIGHTS, state)
+    save_json(out_dir / "log.json", log)
+    save_json(out_dir / CONFIG, meta)  # last: its presence means the model folder is complete
+    return {
+        "out_dir": str(out_dir),
+        "rounds": len(log),
+        "last_loss": log[-1]["loss"] if log else None,
+        "seconds": log[-1]["seconds"] if log else 0.0,
+    }
+
+
+def is_patchwork(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / CONFIG).is_file()
+
+
+def load_meta(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise FlexPatchError(f"{path}: unreadable patchwork config ({err})") from None
