@@ -170,3 +170,23 @@ def test_crops_and_normalisation():
     label[3, 4] = 2
     lc = crop.crop_label(label, a[None], (4, 4))
     assert lc.dtype == torch.long and int(lc[0, 1, 1]) == 2
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nearest_box_reads_the_same_voxels_as_nearest_sampling(ndim):
+    from flexpatch.geometry import extract, nearest_box
+
+    image = torch.randn(2, *(20,) * ndim)
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        a = np.eye(ndim + 1)
+        a[:ndim, ndim] = rng.uniform(-3, 15, ndim)
+        a[:ndim, ndim] += np.where(
+            np.abs(a[:ndim, ndim] % 1 - 0.5) < 0.05, 0.2, 0.0
+        )  # keep off rounding ties
+        p = Patch(a, (7,) * ndim)
+        box = nearest_box(p)
+        assert box.is_box
+        torch.testing.assert_close(extract(image, [box]), extract(image, [p], mode="nearest"))
+    scaled = Patch.scaled((5.0,) * ndim, (8.0,) * ndim, (5,) * ndim)
+    assert nearest_box(scaled) is scaled

@@ -100,6 +100,19 @@ class Patch:
         return np.stack([lo, hi])
 
 
+def nearest_box(patch: Patch, tol: float = 1e-6) -> Patch:
+    """The box that nearest-neighbour sampling of ``patch`` reads, when its axes are the image's.
+
+    A patch whose linear part is the identity (within ``tol``) samples, with nearest
+    interpolation, exactly the voxels of the box at its rounded start; slicing that box is
+    far cheaper than building a sampling grid. Any other patch is returned as is.
+    """
+    n = patch.ndim
+    if patch.is_box or not np.allclose(patch.affine[:n, :n], np.eye(n), atol=tol, rtol=0):
+        return patch
+    return Patch.box(np.round(patch.affine[:n, n]).astype(int), patch.shape)
+
+
 def _check_same_shape(patches: Sequence[Patch]) -> Shape:
     if not patches:
         raise FlexPatchError("no patches given")

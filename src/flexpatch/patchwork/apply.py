@@ -157,17 +157,19 @@ def apply_image(
                 level = generate.next_level(
                     scheme, geom, widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
                 )
+            sink = None
+            if k in stitchers:
+                stitcher = stitchers[k]
+
+                def sink(y: torch.Tensor, affines: np.ndarray, stitcher: Stitcher = stitcher) -> None:
+                    stitcher.add(activation(y[:, : net.num_outputs]), to_out @ affines)
+
+            # the finest level's outputs go straight into the stitcher: only parents are kept
             outputs = _run_level(
-                net, k, level, parents if k else None, outputs, sources[k], scheme, opts, dev
+                net, k, level, parents, outputs, sources[k], scheme, opts, dev, sink, k < scheme.depth - 1
             )
             stats["patches"][k] += len(level)
             stats["evaluated_voxels"] += len(level) * int(np.prod(scheme.matrix[k]))
-            if k in stitchers:
-                probs = activation(outputs[:, : net.num_outputs])
-                for s in range(0, len(level), opts.batch_size):
-                    stitchers[k].add(
-                        probs[s : s + opts.batch_size], to_out @ level.affine[s : s + opts.batch_size]
-                    )
             parents = level
     stats["seconds"] = time.perf_counter() - start
     if opts.level == "mix":
@@ -204,24 +206,28 @@ def _run_level(
     scheme: Scheme,
     opts: ApplyOptions,
     dev: torch.device,
-) -> torch.Tensor:
-    """All patches of a level in batches; returns their logits ``(N, C, *m_k)`` (kept for the children)."""
+    sink: Callable[[torch.Tensor, np.ndarray], None] | None = None,
+    keep: bool = True,
+) -> torch.Tensor | None:
+    """All patches of a level in batches: each batch's logits go to ``sink`` (the stitcher) and,
+    when ``keep``, are returned as ``(N, C, *m_k)`` for the children."""
     out = []
     m = scheme.matrix[k]
     for s in range(0, len(level), opts.batch_size):
         sl = slice(s, s + opts.batch_size)
         x = crop.crop_image(source, level.affine[sl], m, scheme).to(dev)
         if parents is None or parent_out is None:
-            out.append(net.forward_level(k, x))
-            continue
-        pidx = level.parent[sl]
-        rel = (
-            torch.from_numpy(generate.relative_affines(parents.affine[pidx], level.affine[sl]))
-            .float()
-            .to(dev)
-        )
-        out.append(net.forward_level(k, x, parent_out[torch.as_tensor(pidx, device=parent_out.device)], rel))
-    return torch.cat(out)
+            y = net.forward_level(k, x)
+        else:
+            pidx = level.parent[sl]
+            rel = generate.relative_affines(parents.affine[pidx], level.affine[sl])
+            parent = parent_out[torch.as_tensor(pidx, device=parent_out.device)]
+            y = net.forward_level(k, x, parent, torch.from_numpy(rel).float().to(dev))
+        if sink is not None:
+            sink(y, level.affine[sl])
+        if keep:
+            out.append(y)
+    return torch.cat(out) if keep else None
 
 
 @dataclass

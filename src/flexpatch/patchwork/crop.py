@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from flexpatch.geometry import Patch, extract
+from flexpatch.geometry import Patch, extract, nearest_box
 from flexpatch.patchwork.scheme import Scheme
 
 
@@ -73,6 +73,8 @@ def crop_image(
 ) -> torch.Tensor:
     """``(N, C, *matrix)`` crops of a level's source (zeros outside the image)."""
     patches = [Patch(a, tuple(matrix)) for a in affines]
+    if scheme.interp == "nearest":
+        patches = [nearest_box(p) for p in patches]
     crops = extract(source, patches, mode=scheme.interp, padding="zeros")
     if scheme.normalize == "patch_m0s1":
         dims = tuple(range(2, crops.ndim))
@@ -84,5 +86,5 @@ def crop_image(
 
 def crop_label(label: torch.Tensor, affines: np.ndarray, matrix: Sequence[int]) -> torch.Tensor:
     """``(N, *matrix)`` nearest-neighbour label crops; outside the image is background (0)."""
-    patches = [Patch(a, tuple(matrix)) for a in affines]
+    patches = [nearest_box(Patch(a, tuple(matrix))) for a in affines]
     return extract(label[None].float(), patches, mode="nearest", padding="zeros")[:, 0].round().long()

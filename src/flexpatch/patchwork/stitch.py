@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import Patch, accumulate, window_weights
+from flexpatch.geometry import Patch, accumulate, nearest_box, window_weights
 
 SCATTER_KINDS: tuple[str, ...] = ("nearest", "linear")
 EPS = 1e-5  # DNP's guard against dividing by zero coverage
@@ -85,7 +85,7 @@ class Stitcher:
         matrix = tuple(int(s) for s in outputs.shape[2:])
         window = self._window(matrix)
         if self.scatter == "nearest":
-            patches = [Patch(a, matrix) for a in mats]
+            patches = [nearest_box(Patch(a, matrix)) for a in mats]
             accumulate(self._sum, self._count, outputs, patches, window)
         else:
             scatter_linear(self._sum, self._count, outputs, mats, window)
