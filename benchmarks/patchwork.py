@@ -414,7 +414,8 @@ def describe(mode: Mode) -> str:
         f"8 chains per image and round, batch {mode.batch_pw}.",
         f"Sliding-window U-Nets (the same network) at {mode.matrix}^3 and {mode.large}^3,",
         "batch 2, overlap 0.5, gaussian blending.",
-        f"Each method trains for about {mode.budget:.0f} s (steps or rounds calibrated from a short timed run).",
+        f"Each method trains for about {mode.budget:.0f} s",
+        "(steps or rounds calibrated from a short timed run).",
         "Dice per class is the mean over test cases; inference seconds per case after a warm-up case;",
         "peak memory of inference in a fresh process.",
     ]
