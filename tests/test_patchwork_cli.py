@@ -85,7 +85,7 @@ def test_rounds_are_the_same_with_and_without_a_worker_process(tiny_abdomen):
     pw_train._STATES = [load_state(c, 3, scheme, config, values, ignore) for c in ds.training[:2]]
     pw_train._SCHEME, pw_train._CONFIG = scheme, config
     try:
-        inline, forked = RoundSource(0), RoundSource(1)
+        inline, forked = RoundSource(0), RoundSource(2)
         a, b = inline.get(3), forked.get(3)
         forked.close()
     finally:

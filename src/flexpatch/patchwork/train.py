@@ -167,30 +167,37 @@ _SCHEME: Scheme | None = None
 _CONFIG: PatchworkConfig | None = None
 
 
-def _draw_round(round_idx: int) -> dict[str, torch.Tensor]:
+def _draw_one(round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
     assert _SCHEME is not None and _CONFIG is not None
-    parts = [draw_case(s, _SCHEME, _CONFIG, round_idx, i) for i, s in enumerate(_STATES)]
+    return draw_case(_STATES[case_idx], _SCHEME, _CONFIG, round_idx, case_idx)
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class RoundSource:
-    """Patch sets per round, drawn ahead in worker processes (``workers`` > 0) or inline."""
+    """Patch sets per round, drawn ahead by ``workers`` processes (one task per image), or inline.
+
+    The next round is cropped while the current one trains; images are concatenated in case
+    order, so the set is the same whatever the number of workers.
+    """
 
     def __init__(self, workers: int) -> None:
         self.pool = (
-            ProcessPoolExecutor(max_workers=1, mp_context=get_context("fork")) if workers > 0 else None
+            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) if workers > 0 else None
         )
-        self.pending: dict[int, Future] = {}
+        self.pending: dict[int, list[Future]] = {}
 
     def prefetch(self, round_idx: int) -> None:
         if self.pool is not None and round_idx not in self.pending:
-            self.pending[round_idx] = self.pool.submit(_draw_round, round_idx)
+            self.pending[round_idx] = [self.pool.submit(_draw_one, round_idx, i) for i in range(len(_STATES))]
 
     def get(self, round_idx: int) -> dict[str, torch.Tensor]:
         if self.pool is None:
-            return _draw_round(round_idx)
+            return _concat([_draw_one(round_idx, i) for i in range(len(_STATES))])
         self.prefetch(round_idx)
-        return self.pending.pop(round_idx).result()
+        return _concat([f.result() for f in self.pending.pop(round_idx)])
 
     def close(self) -> None:
         if self.pool is not None:
