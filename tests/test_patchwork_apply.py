@@ -113,3 +113,27 @@ def test_options_are_checked():
     with pytest.raises(FlexPatchError, match="generate"):
         apply.ApplyOptions(generate="grid").check(3)
     assert apply.ApplyOptions(lazy=0.25).branches() == 4
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_level_mix_fills_what_the_finest_level_left_out(ndim):
+    """Lazy evaluation leaves regions without fine patches; level='mix' takes the coarse level there."""
+    shape = (32,) * ndim
+    image = np.random.default_rng(2).random((1, *shape)).astype(np.float32) + 1.0  # never 0
+    scheme = Scheme(ndim=ndim, depth=2, matrix=(8,) * ndim, fov_rel=0.5, destvox_rel=1.0)
+    base = dict(generate="tree", window="constant", lazy=0.25, batch_size=256)
+    last = apply.apply_image(IdentityBlock(2), image, _affine(ndim, (1.0,) * ndim), scheme,
+                             apply.ApplyOptions(**base), lambda x: x)  # fmt: skip
+    mix = apply.apply_image(IdentityBlock(2), image, _affine(ndim, (1.0,) * ndim), scheme,
+                            apply.ApplyOptions(**base, level="mix"), lambda x: x)  # fmt: skip
+    fine = last.values != 0
+    assert 0 < float(fine.float().mean()) < 0.9
+    torch.testing.assert_close(mix.values[fine], last.values[fine])
+    assert float((mix.values != 0).float().mean()) > float(fine.float().mean())
+
+
+def test_public_api_names():
+    import flexpatch
+
+    assert flexpatch.train_patchwork.__module__ == "flexpatch.patchwork.train"
+    assert flexpatch.ApplyOptions().generate == "tree"

@@ -32,6 +32,11 @@ _LAZY = {
     "make_phantom": "flexpatch.data.phantom",
     "evaluate_folders": "flexpatch.evaluate.metrics",
     "segmentation_metrics": "flexpatch.evaluate.metrics",
+    "PatchworkConfig": "flexpatch.patchwork.train",
+    "train_patchwork": "flexpatch.patchwork.train",
+    "ApplyOptions": "flexpatch.patchwork.apply",
+    "load_patchwork": "flexpatch.patchwork.apply",
+    "predict_patchwork_files": "flexpatch.patchwork.apply",
 }
 
 __all__ = ["FlexPatchError", "__version__", *_LAZY]
