@@ -207,7 +207,7 @@ def train(
             destvox_rel=parse_floats(destvox_rel, "destvox_rel") if destvox_rel else None,
             destvox_mm=parse_floats(destvox_mm, "destvox_mm") if destvox_mm else None,
             rounds=rounds, num_patches=num_patches, hard_mining=hard_mining, batch_size=batch,
-            lr=lr if lr != 1e-3 else None, seed=seed if seed else None,
+            lr=lr if lr != 1e-3 else None, seed=seed if seed else None, workers=workers,
         )  # fmt: skip
         return
     model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
