@@ -195,3 +195,22 @@ def test_oblique_anisotropic_image_keeps_its_world_grid(tmp_path):
     v = out.values[0].numpy()
     inside = v != 0
     assert np.all((v[inside] >= lo[inside]) & (v[inside] <= hi[inside]))
+
+
+def test_worker_processes_do_not_hang_after_the_parent_used_openmp(tmp_path, tiny_abdomen):
+    """Regression: a forked cropping worker entering the parent's OpenMP pool hung in libgomp."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch\n"
+        "from flexpatch.patchwork.train import PatchworkConfig, train_patchwork\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(48, 48, 48, 48)\n"
+        "(x @ x).sum()  # the parent's OpenMP pool is running before the workers fork\n"
+        f"cfg = PatchworkConfig(scheme={{'depth': 2, 'matrix': [[8, 8, 8]]}}, block_options={TINY!r},\n"
+        "                     rounds=3, num_patches=2, batch_size=4, workers=2)\n"
+        f"train_patchwork({str(tiny_abdomen)!r}, {str(tmp_path / 'm')!r}, cfg, device='cpu',\n"
+        "                progress=False)\n"
+        "print('done')\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]

@@ -172,6 +172,12 @@ def _draw_one(round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
     return draw_case(_STATES[case_idx], _SCHEME, _CONFIG, round_idx, case_idx)
 
 
+def _worker_init() -> None:
+    # A forked child must not enter the OpenMP pool its parent already started (it would hang in
+    # libgomp); one thread per worker is also what torch's DataLoader workers use.
+    torch.set_num_threads(1)
+
+
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -185,7 +191,9 @@ class RoundSource:
 
     def __init__(self, workers: int) -> None:
         self.pool = (
-            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) if workers > 0 else None
+            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"), initializer=_worker_init)
+            if workers > 0
+            else None
         )
         self.pending: dict[int, list[Future]] = {}
 
@@ -258,12 +266,14 @@ class Trainer:
         depth = self.net.depth
         crops = [batch[f"x{k}"].to(self.device) for k in range(depth)]
         rels = [None] + [batch[f"rel{k}"].to(self.device) for k in range(1, depth)]
-        outs = self.net(crops, rels)
         levels = range(depth) if self.config.intermediate_loss else [depth - 1]
         total = torch.zeros((), device=self.device)
-        for k in levels:
-            loss, per_sample = self.level_loss(outs[k], batch[f"y{k}"].to(self.device))
-            total = total + loss
+        # bfloat16 autocast on CUDA, as the sliding-window trainer; the losses cast logits to float32
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            outs = self.net(crops, rels)
+            for k in levels:
+                loss, per_sample = self.level_loss(outs[k], batch[f"y{k}"].to(self.device))
+                total = total + loss
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12.0)
