@@ -107,6 +107,8 @@ def test_bad_patchwork_input_is_one_line_and_exit_2(tiny_abdomen, tmp_path):
         cmd[:-4] + ["--patchwork-options", str(bad)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2 and "no_such_option" in r.stderr
+    r = subprocess.run(cmd[:-4] + ["--matrix", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bottleneck" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_many_labels_train_with_candidate_sampling_and_decode_an_atlas(tiny_abdomen, tmp_path):

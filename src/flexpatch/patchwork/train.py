@@ -228,6 +228,14 @@ def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_lab
         interp=scheme.interp,
     )
     net.check_matrix(list(scheme.matrix))
+    for k, m in enumerate(scheme.matrix):
+        div = net.block(k).divisor
+        if all(s <= d for s, d in zip(m, div)):
+            # one voxel at the bottleneck: instance normalisation cannot train there
+            raise FlexPatchError(
+                f"matrix {m} of level {k} leaves one voxel at the bottleneck of {config.block} "
+                f"(divisor {tuple(div)}); use at least {tuple(2 * d for d in div)}"
+            )
     return net
 
 
