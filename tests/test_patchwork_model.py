@@ -173,3 +173,17 @@ def test_bad_arguments() -> None:
         net.forward_level(1, torch.randn(1, 1, 16, 16))
     with pytest.raises(FlexPatchError, match="depth 2"):
         net([torch.randn(1, 1, 16, 16)], [None])
+
+
+def test_extract_each_samples_half_precision_sources_on_a_float32_grid():
+    """Under bfloat16 autocast the parent output is bfloat16; its crop must land on the same voxels."""
+    from flexpatch.geometry import extract_each
+
+    src = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32)
+    aff = torch.eye(3).repeat(2, 1, 1)
+    aff[:, :2, :2] *= 31 / 15  # a coarse 16^2 grid over the 32^2 source: bf16 coordinates would round off
+    aff[:, :2, 2] = 0.0
+    full = extract_each(src, aff, (16, 16), mode="nearest")
+    half = extract_each(src.bfloat16(), aff, (16, 16), mode="nearest")
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, full.bfloat16())

@@ -233,9 +233,13 @@ def extract_each(
     pos = torch.einsum("pj,bij->bpi", idx, a[:, :n, :n]) + a[:, None, :n, n]
     scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
     grid = (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
-    src = sources if sources.dtype.is_floating_point else sources.float()
+    # half-precision grids (bfloat16 autocast) would misplace voxels by up to a tenth: sample in float32
+    low = sources.dtype in (torch.float16, torch.bfloat16)
+    src = sources if sources.dtype.is_floating_point and not low else sources.float()
     gmode = "bilinear" if mode == "linear" else "nearest"
     out = F.grid_sample(src, grid.to(src.dtype), mode=gmode, padding_mode=padding, align_corners=True)
+    if low:
+        return out.to(sources.dtype)
     return out if sources.dtype.is_floating_point else out.round().to(sources.dtype)
 
 
