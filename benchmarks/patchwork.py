@@ -14,6 +14,10 @@ memory; lazy evaluation >= 3x faster at a Dice loss <= 0.01.
     python benchmarks/patchwork.py --mode full    # one GPU: 256^3, 32^3 matrices vs 32^3 and 128^3
     python benchmarks/patchwork.py --smoke        # a minute; writes under .bench/ only
 
+Finished trainings and inferences are kept under --work (result.json, info.json), so the full
+mode can be run in several calls of a time-limited machine: each call goes on where the last stopped
+(--fresh starts over).
+
 Peak memory is measured in a fresh process per inference: on CUDA ``max_memory_allocated``
 above what the loaded model and image hold; on the CPU the rise of the peak RSS (VmHWM reset
 through /proc/self/clear_refs).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,7 +130,22 @@ def pw_config(mode: Mode, rounds: int) -> Any:
     )
 
 
+def resumable(out: Path, method: str, fn: Any) -> Result:
+    """Train once: a finished method's result.json is reused, so a long run can go on in several calls."""
+    done = out / "result.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        return Result(method, saved["train_seconds"], saved["steps"])
+    result = fn()
+    done.write_text(json.dumps({"train_seconds": result.train_seconds, "steps": result.steps}))
+    return result
+
+
 def train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
+    return resumable(out, "patchwork", lambda: _train_patchwork(ds, out, mode, device))
+
+
+def _train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     from flexpatch.patchwork.train import train_patchwork as run
 
     # rounds 2 and 3 time the steady state (round 1 also forks the workers and crops inline)
@@ -138,6 +158,10 @@ def train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
 
 
 def train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Result:
+    return resumable(out, f"U-Net {patch}^3", lambda: _train_unet(ds, out, mode, patch, device))
+
+
+def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Result:
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train
 
@@ -228,28 +252,18 @@ def _status(name: str) -> int:
 def infer(
     result: Result, kind: str, model: Path, ds: Path, pred: Path, device: str, batch: int, lazy: float = 0.0
 ) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--infer-child",
-        kind,
-        "--model",
-        str(model),
-        "--dataset",
-        str(ds),
-        "--pred",
-        str(pred),
-        "--device",
-        device,
-        "--batch",
-        str(batch),
-        "--lazy",
-        str(lazy),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"inference subprocess failed: {done.stderr.strip()[-3000:]}")
-    info = json.loads(done.stdout.strip().splitlines()[-1])
+    """Time one method in a fresh process (reusing pred/info.json of an earlier call), then score it."""
+    saved = pred / "info.json"
+    if saved.is_file():
+        info = json.loads(saved.read_text())
+    else:
+        cmd = [sys.executable, __file__, "--infer-child", kind, "--model", str(model), "--dataset", str(ds)]
+        cmd += ["--pred", str(pred), "--device", device, "--batch", str(batch), "--lazy", str(lazy)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"inference subprocess failed: {done.stderr.strip()[-3000:]}")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        saved.write_text(json.dumps(info))
     result.infer_seconds, result.peak_mib = info["seconds"], info["peak_mib"]
     result.dice = score(ds, pred)
     return info
@@ -337,6 +351,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", type=Path, default=ROOT / ".bench" / "patchwork")
     p.add_argument("--budget", type=float, help="training seconds per method (default: the mode's)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results under --work first")
     p.add_argument("--infer-child", choices=("patchwork", "unet"))
     p.add_argument("--model", type=Path)
     p.add_argument("--dataset", type=Path)
@@ -353,6 +368,8 @@ def main() -> None:
         mode = Mode(**{**asdict(mode), "budget": args.budget})
     device = str(resolve_device(args.device))
     work = args.work / name
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
     ds = phantom(work, mode)
     load_dataset(ds)
     results = [train_patchwork(ds, work / "patchwork", mode, device)]
