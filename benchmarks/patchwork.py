@@ -125,6 +125,7 @@ def pw_config(mode: Mode, rounds: int) -> Any:
         batch_size=mode.batch_pw,
         lr=2e-3,
         ratio=0.5,
+        autoweight=1.0,
         workers=1,
         seed=0,
     )
@@ -177,6 +178,7 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
             workers=1,
             seed=0,
             foreground_ratio=0.33,
+            sampling="per_class",
         )
 
     # the difference of two short runs times the steady state (no start-up, no validation)
@@ -431,10 +433,12 @@ def describe(mode: Mode) -> str:
         f"{mode.cases} training and {mode.test} test cases.",
         f"Patchwork: depth {mode.depth}, {mode.matrix}^3 matrices at every level, fov_rel {FOV_REL},",
         "finest voxel = the image's, tree generation, cos window,",
-        "one U-Net (seed 01's, 3.33 M parameters) per level, intermediate losses,",
+        "one U-Net (seed 01's, 3.33 M parameters) per level, intermediate losses, batch Dice + CE,",
+        "centres on labels half the time with every label equally likely (DNP's ratio 0.5, autoweight 1),",
         f"8 chains per image and round, batch {mode.batch_pw}.",
         f"Sliding-window U-Nets (the same network) at {mode.matrix}^3 and {mode.large}^3,",
-        "batch 2, overlap 0.5, gaussian blending.",
+        "batch 2, centres on foreground a third of the time, every class equally likely (nnU-Net's",
+        "per-class sampling), overlap 0.5, gaussian blending.",
         f"Each method trains for about {mode.budget:.0f} s",
         "(steps or rounds calibrated from a short timed run).",
         "Dice per class is the mean over test cases; inference seconds per case after a warm-up case;",

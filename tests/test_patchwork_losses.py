@@ -186,3 +186,15 @@ def test_embedding_learns_many_classes_and_decodes() -> None:
         decoded = emb.decode(net(test_image)[0])
     assert decoded.dtype == torch.int64 and decoded.shape == (side, side)
     assert (decoded == test_labels[0]).float().mean().item() > 0.9
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_batch_dice_matches_monai_batch_dice(ndim: int) -> None:
+    """batch_dice: one Dice over the whole batch (nnU-Net), equal to monai's DiceLoss(batch=True)."""
+    logits, target = _case(ndim)
+    dice, per = patch_loss(logits, target, ce_weight=0.0, batch_dice=True)
+    ref = DiceLoss(include_background=False, softmax=True, to_onehot_y=True, batch=True,
+                   smooth_nr=1e-5, smooth_dr=1e-5)(logits, target[:, None])  # fmt: skip
+    torch.testing.assert_close(dice, ref)
+    _, per_sample = patch_loss(logits, target, ce_weight=0.0)
+    torch.testing.assert_close(per, per_sample)  # mining scores stay per sample

@@ -69,6 +69,7 @@ def patch_loss(
     categorical: bool = True,
     dice_weight: float = 1.0,
     ce_weight: float = 1.0,
+    batch_dice: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Cross entropy + soft Dice with don't-care voxels; returns (mean loss, detached per-sample loss).
 
@@ -85,6 +86,11 @@ def patch_loss(
     and samples (equals monai ``DiceLoss(include_background=False, softmax=True, to_onehot_y=True,
     batch=False, smooth_nr=1e-5, smooth_dr=1e-5)``). Non-categorical: BCE with logits averaged over valid
     elements plus soft Dice over every channel on the sigmoid.
+
+    ``batch_dice`` computes the Dice term of the mean loss over the whole batch (nnU-Net's choice):
+    a class absent from one small patch then no longer costs that patch a Dice loss near 1 for any
+    predicted mass, which otherwise teaches a network to never predict rare classes. The per-sample
+    loss keeps per-sample Dice either way.
 
     The batch CE averages over all valid voxels of the batch, while the per-sample CE averages over a
     sample's own valid voxels, so the mean loss equals the mean of the per-sample losses only when
@@ -106,7 +112,11 @@ def patch_loss(
         prob = torch.sigmoid(logits) * valid
     dice_bc = _soft_dice_loss(prob, truth)
     dice_b = dice_bc.mean(1)
-    total = ce_weight * ce + dice_weight * dice_b.mean()
+    if batch_dice:  # the batch as one sample: (1, C, *m, B)
+        dice = _soft_dice_loss(prob.movedim(0, -1)[None], truth.movedim(0, -1)[None]).mean()
+    else:
+        dice = dice_b.mean()
+    total = ce_weight * ce + dice_weight * dice
     per_sample = ce_weight * ce_b + dice_weight * dice_b
     return total, per_sample.detach()
 

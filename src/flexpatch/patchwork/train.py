@@ -50,6 +50,7 @@ class PatchworkConfig:
     identical_blocks: bool = False
     intermediate_out: int = 0
     intermediate_loss: bool = True
+    batch_dice: bool = True
     forward_type: str = "concat"
     final_block: bool = False
     categorical: bool = True
@@ -266,9 +267,8 @@ class Trainer:
         if self.embedding is not None:
             loss = self.embedding.sampled_loss(out, label, self.config.num_sampled, self.gen)
             return loss, loss.detach().expand(len(out))
-        return patch_loss(
-            out, targets(label, self.num_labels, self.config.categorical), self.config.categorical
-        )
+        target = targets(label, self.num_labels, self.config.categorical)
+        return patch_loss(out, target, self.config.categorical, batch_dice=self.config.batch_dice)
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, torch.Tensor]:
         depth = self.net.depth
