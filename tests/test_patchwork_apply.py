@@ -137,3 +137,13 @@ def test_public_api_names():
 
     assert flexpatch.train_patchwork.__module__ == "flexpatch.patchwork.train"
     assert flexpatch.ApplyOptions().generate == "tree"
+
+
+def test_attention_is_sigmoid_for_labels_and_foreground_probability_for_softmax():
+    logits = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).reshape(2, 2, 1, 1).expand(2, 2, 3, 3)
+    multi = apply.attention(logits, categorical=False)
+    torch.testing.assert_close(multi, torch.sigmoid(torch.tensor([[1.0, 0.0], [0.0, 2.0]])).mean(1))
+    soft = apply.attention(logits, categorical=True)
+    torch.testing.assert_close(soft, 1 - torch.softmax(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), 1)[:, 0])
+    # softmax logits shifted by a constant are the same prediction: the same attention
+    torch.testing.assert_close(apply.attention(logits + 7, categorical=True), soft)

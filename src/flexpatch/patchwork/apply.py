@@ -89,9 +89,15 @@ def keep_count(n: int, fraction: float | None) -> int:
 
 
 def attention(logits: torch.Tensor, categorical: bool) -> torch.Tensor:
-    """Evidence of a patch: mean sigmoid of its label logits over space and labels (background excluded)."""
-    labels = logits[:, 1:] if categorical and logits.shape[1] > 1 else logits
-    return torch.sigmoid(labels.float()).flatten(1).mean(1)
+    """Evidence of a patch for lazy evaluation: how much of it looks like a label.
+
+    Multi-label (sigmoid) outputs: the mean sigmoid of the label logits over space and labels, as
+    DNP. Softmax outputs: the mean foreground probability 1 - p(background), since softmax logits
+    are only defined up to a shift and their sigmoid is no probability.
+    """
+    if categorical and logits.shape[1] > 1:
+        return (1 - torch.softmax(logits.float(), 1)[:, 0]).flatten(1).mean(1)
+    return torch.sigmoid(logits.float()).flatten(1).mean(1)
 
 
 def output_grid(shape: Sequence[int], factor: float) -> tuple[tuple[int, ...], np.ndarray]:
@@ -122,6 +128,7 @@ def apply_image(
     activation: Callable[[torch.Tensor], torch.Tensor],
     categorical: bool = True,
     device: torch.device | str = "cpu",
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Applied:
     """Run a patchwork over one image ``(C, *spatial)`` with world ``affine``.
 
@@ -153,7 +160,7 @@ def apply_image(
                     scheme, geom, widths, opts.generate, opts.num_patches, rng, opts.jitter
                 )
             else:
-                keep = _keep(outputs, opts.lazy, categorical, net.num_outputs)
+                keep = _keep(outputs, opts.lazy, categorical, net.num_outputs, to_logits)
                 level = generate.next_level(
                     scheme, geom, widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
                 )
@@ -185,12 +192,19 @@ def _scatter_level(level: str | int, depth: int) -> int:
     return depth - 1 if level == "last" else int(level)
 
 
-def _keep(outputs: torch.Tensor, lazy: float | None, categorical: bool, num_outputs: int) -> np.ndarray:
+def _keep(
+    outputs: torch.Tensor,
+    lazy: float | None,
+    categorical: bool,
+    num_outputs: int,
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> np.ndarray:
     """Indices of the patches that get children (all, or the lazy top fraction by attention)."""
     n = len(outputs)
     if lazy is None:
         return np.arange(n)
-    score = attention(outputs[:, :num_outputs], categorical).cpu()
+    logits = outputs[:, :num_outputs]
+    score = attention(logits if to_logits is None else to_logits(logits), categorical).cpu()
     order = torch.argsort(score, descending=True, stable=True)
     return np.sort(order[: keep_count(n, lazy)].numpy())
 
@@ -282,6 +296,8 @@ def segment_volume(
         model.activation,
         model.categorical,
         model.device,
+        # with a label embedding the block outputs are features: rank patches by their class logits
+        None if model.embedding is None else model.embedding.logits,
     )
     values = model.meta["label_values"]
     if model.embedding is not None:
