@@ -16,7 +16,8 @@ memory; lazy evaluation >= 3x faster at a Dice loss <= 0.01.
 
 Finished trainings and inferences are kept under --work (result.json, info.json), so the full
 mode can be run in several calls of a time-limited machine: each call goes on where the last stopped
-(--fresh starts over).
+(--fresh starts over; --one-step exits after each new training, e.g. four 10-minute calls:
+phantom + patchwork, U-Net small, U-Net large, inference and report).
 
 Peak memory is measured in a fresh process per inference: on CUDA ``max_memory_allocated``
 above what the loaded model and image hold; on the CPU the rise of the peak RSS (VmHWM reset
@@ -72,7 +73,7 @@ class Mode:
 
 MODES = {
     "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), 8, 2),
-    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 420.0, (0.5, 0.25), 16, 2),
+    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 360.0, (0.5, 0.25), 16, 2),
     "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), 4, 2),
 }
 UNET = {}  # the registry's unet (seed 01's U-Net, 3.33 M parameters) as is
@@ -131,6 +132,9 @@ def pw_config(mode: Mode, rounds: int) -> Any:
     )
 
 
+ONE_STEP = {"on": False}  # --one-step: stop after each new training (one unit of work per call)
+
+
 def resumable(out: Path, method: str, fn: Any) -> Result:
     """Train once: a finished method's result.json is reused, so a long run can go on in several calls."""
     done = out / "result.json"
@@ -139,6 +143,9 @@ def resumable(out: Path, method: str, fn: Any) -> Result:
         return Result(method, saved["train_seconds"], saved["steps"])
     result = fn()
     done.write_text(json.dumps({"train_seconds": result.train_seconds, "steps": result.steps}))
+    if ONE_STEP["on"]:
+        print(f"--one-step: trained {method}; run the same command again to go on")
+        raise SystemExit(0)
     return result
 
 
@@ -354,6 +361,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / ".bench" / "patchwork")
     p.add_argument("--budget", type=float, help="training seconds per method (default: the mode's)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results under --work first")
+    p.add_argument(
+        "--one-step", action="store_true", help="exit after each new training (time-limited calls)"
+    )
     p.add_argument("--infer-child", choices=("patchwork", "unet"))
     p.add_argument("--model", type=Path)
     p.add_argument("--dataset", type=Path)
@@ -369,6 +379,7 @@ def main() -> None:
     if args.budget:
         mode = Mode(**{**asdict(mode), "budget": args.budget})
     device = str(resolve_device(args.device))
+    ONE_STEP["on"] = args.one_step
     work = args.work / name
     if args.fresh and work.exists():
         shutil.rmtree(work)
