@@ -216,3 +216,13 @@ def test_worker_processes_do_not_hang_after_the_parent_used_openmp(tmp_path, tin
     )
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("patch", ["8,8,8", "uniform:8-32"])
+def test_core_training_refuses_a_one_voxel_bottleneck(tiny_abdomen, tmp_path, patch):
+    """unet (divisor 8) at 8^3 has one voxel at the bottleneck: a one-line error, exit 2, no traceback."""
+    cmd = [sys.executable, "-m", "flexpatch", "train", str(tiny_abdomen), "--out", str(tmp_path / "m"),
+           "--patch", patch, "--steps", "2", "--device", "cpu"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "bottleneck" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -234,6 +234,19 @@ def check_patch_size(
     return size
 
 
+def check_trainable(
+    size: Sequence[int], divisor: Sequence[int], what: str = "patch size", model: str = ""
+) -> None:
+    """Refuse a training size equal to the divisor on every axis: one voxel at the bottleneck,
+    where instance normalisation cannot train (a one-line error, not torch's traceback)."""
+    if all(int(s) <= int(d) for s, d in zip(size, divisor, strict=True)):
+        doubled = tuple(2 * int(d) for d in divisor)
+        raise FlexPatchError(
+            f"{what} {tuple(size)} leaves one voxel at the bottleneck of {model or 'the model'} "
+            f"(divisor {tuple(divisor)}): training needs a larger size on one axis, e.g. {doubled}"
+        )
+
+
 def _either(below: int, above: int) -> str:
     return str(above) if below == above else f"{below} or {above}"
 

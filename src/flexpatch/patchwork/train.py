@@ -23,6 +23,7 @@ import torch
 from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
+from flexpatch.models.registry import check_trainable
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
 from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, select_hard
@@ -230,13 +231,7 @@ def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_lab
     )
     net.check_matrix(list(scheme.matrix))
     for k, m in enumerate(scheme.matrix):
-        div = net.block(k).divisor
-        if all(s <= d for s, d in zip(m, div)):
-            # one voxel at the bottleneck: instance normalisation cannot train there
-            raise FlexPatchError(
-                f"matrix {m} of level {k} leaves one voxel at the bottleneck of {config.block} "
-                f"(divisor {tuple(div)}); use at least {tuple(2 * d for d in div)}"
-            )
+        check_trainable(m, net.block(k).divisor, f"matrix of level {k}", config.block)
     return net
 
 

@@ -330,3 +330,16 @@ def parse_patch_spec(
     if entry.needs_run:
         return entry.parser(body, ndim, divs, batch=batch, steps=steps)
     return entry.parser(body, ndim, divs)
+
+
+def smallest_sizes(sampler: SizeSampler) -> list[Shape]:
+    """The smallest sizes a sampler can draw (per-axis minima), for checks before training."""
+    if isinstance(sampler, FixedSize):
+        return [sampler.size]
+    if isinstance(sampler, ChoiceSize):
+        return list(sampler.sizes)
+    if isinstance(sampler, UniformSize):
+        cands = sampler.candidates()
+        first = [c[0] for c in cands]
+        return [tuple(first * len(sampler.low)) if sampler.isotropic else tuple(first)]
+    return []

@@ -25,6 +25,7 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.models import check_patch_size, create_model
+from flexpatch.models.registry import check_trainable
 from flexpatch.runtime import (
     check_writable,
     console,
@@ -36,6 +37,7 @@ from flexpatch.runtime import (
 )
 from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_loader, parse_patch_spec
 from flexpatch.sampling.progressive import ProgressiveSchedule
+from flexpatch.sampling.sizes import smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.transfer import initialise, param_groups
@@ -75,7 +77,9 @@ def check_inputs(
         out_channels=ds.num_classes,
         **config.model_kwargs,
     )
-    parse_patch_spec(config.patch, ds.ndim, net.divisor, batch=config.batch, steps=config.steps)
+    sizes = parse_patch_spec(config.patch, ds.ndim, net.divisor, batch=config.batch, steps=config.steps)
+    for size in smallest_sizes(sizes):
+        check_trainable(size, net.divisor, f"size drawn by patch {config.patch!r}", config.model)
     if config.val_patch is not None:
         check_patch_size(
             config.validation_patch(ds.ndim), net.divisor, "validation patch", model=config.model
