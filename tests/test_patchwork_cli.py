@@ -226,3 +226,20 @@ def test_core_training_refuses_a_one_voxel_bottleneck(tiny_abdomen, tmp_path, pa
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "bottleneck" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_patchwork_trains_with_bf16_autocast_and_predicts_on_cuda(tiny_abdomen, tmp_path):
+    """The CUDA path: bf16 autocast in training, parent crops on the GPU, the same atlas as the CPU."""
+    from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+    from flexpatch.patchwork.train import train_patchwork
+
+    config = PatchworkConfig(scheme={"depth": 2, "matrix": [[8, 8, 8]]}, block_options=TINY, rounds=2,
+                             num_patches=2, batch_size=4, workers=1)  # fmt: skip
+    train_patchwork(tiny_abdomen, tmp_path / "m", config, device="cuda", progress=False)
+    image = read_image(next((tiny_abdomen / "imagesTs").iterdir()), 3)
+    gpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cuda"), image, ApplyOptions(lazy=0.5))
+    cpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cpu"), image, ApplyOptions(lazy=0.5))
+    assert gpu.shape == image.spatial_shape
+    assert (gpu == cpu).mean() > 0.99  # TF32 / cuDNN may flip a few voxels at class boundaries
