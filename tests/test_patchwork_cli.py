@@ -239,7 +239,7 @@ def test_patchwork_trains_with_bf16_autocast_and_predicts_on_cuda(tiny_abdomen, 
                              num_patches=2, batch_size=4, workers=1)  # fmt: skip
     train_patchwork(tiny_abdomen, tmp_path / "m", config, device="cuda", progress=False)
     image = read_image(next((tiny_abdomen / "imagesTs").iterdir()), 3)
-    gpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cuda"), image, ApplyOptions(lazy=0.5))
-    cpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cpu"), image, ApplyOptions(lazy=0.5))
+    gpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cuda"), image, ApplyOptions())
+    cpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cpu"), image, ApplyOptions())
     assert gpu.shape == image.spatial_shape
     assert (gpu == cpu).mean() > 0.99  # TF32 / cuDNN may flip a few voxels at class boundaries
