@@ -145,21 +145,27 @@ def _pad_box(image: torch.Tensor, patch: Patch, padding: str) -> torch.Tensor:
     return F.pad(inner[None].float(), pads, mode="replicate")[0].to(image.dtype)
 
 
-def _sampling_grid(patches: Sequence[Patch], spatial: Shape, device: torch.device) -> torch.Tensor:
-    """grid_sample grids (align_corners=True) for general affines: ``(B, *shape, ndim)``."""
-    n = len(spatial)
-    shape = patches[0].shape
-    axes = [torch.arange(s, dtype=torch.float64, device=device) for s in shape]
+def _affine_grid(affines: torch.Tensor, shape: Shape, spatial: Shape) -> torch.Tensor:
+    """grid_sample grids (align_corners=True) of patches ``shape`` at ``affines`` ``(B, n+1, n+1)``.
+
+    Computed in float64 (float32 on MPS, which has none) so that nearest rounding agrees with
+    the nearest-voxel scatter of :func:`accumulate`; returns ``(B, *shape, n)`` in that dtype.
+    """
+    n, device = len(spatial), affines.device
+    gdtype = torch.float32 if device.type == "mps" else torch.float64
+    a = affines.to(gdtype)
+    axes = [torch.arange(s, dtype=gdtype, device=device) for s in shape]
     idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
-    grids = []
-    for p in patches:
-        a = torch.as_tensor(p.affine, dtype=torch.float64, device=device)
-        pos = idx @ a[:n, :n].T + a[:n, n]
-        norm = (
-            2 * pos / torch.tensor([max(s - 1, 1) for s in spatial], dtype=torch.float64, device=device) - 1
-        )
-        grids.append(norm.flip(-1).reshape(*shape, n))  # grid_sample wants (x, y, z) = reversed axes
-    return torch.stack(grids).float()
+    pos = torch.einsum("pj,bij->bpi", idx, a[:, :n, :n]) + a[:, None, :n, n]
+    scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
+    return (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
+
+
+def _sampling_grid(patches: Sequence[Patch], spatial: Shape, device: torch.device) -> torch.Tensor:
+    """float32 grid_sample grids for general affines: ``(B, *shape, ndim)``."""
+    gdtype = torch.float32 if device.type == "mps" else torch.float64
+    affines = torch.as_tensor(np.stack([p.affine for p in patches]), dtype=gdtype, device=device)
+    return _affine_grid(affines, patches[0].shape, spatial).float()
 
 
 def extract(
@@ -224,15 +230,7 @@ def extract_each(
             f"affines {tuple(affines.shape)} do not match sources {tuple(sources.shape)}: "
             f"expected {(sources.shape[0], n + 1, n + 1)}"
         )
-    device = sources.device
-    # float64 grids as _sampling_grid (so nearest rounding agrees); MPS has no float64.
-    gdtype = torch.float32 if device.type == "mps" else torch.float64
-    a = torch.as_tensor(affines, device=device).to(gdtype)
-    axes = [torch.arange(s, dtype=gdtype, device=device) for s in shape]
-    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
-    pos = torch.einsum("pj,bij->bpi", idx, a[:, :n, :n]) + a[:, None, :n, n]
-    scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
-    grid = (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
+    grid = _affine_grid(torch.as_tensor(affines, device=sources.device), shape, spatial)
     # half-precision grids (bfloat16 autocast) would misplace voxels by up to a tenth: sample in float32
     low = sources.dtype in (torch.float16, torch.bfloat16)
     src = sources if sources.dtype.is_floating_point and not low else sources.float()
