@@ -15,9 +15,8 @@ from typer.testing import CliRunner
 
 from flexpatch.cli import app
 from flexpatch.data.io import read_image
-from flexpatch.patchwork import train as pw_train
 from flexpatch.patchwork.outputs import read_label_names
-from flexpatch.patchwork.train import CONFIG, PatchworkConfig, RoundSource, label_table, load_state
+from flexpatch.patchwork.train import CONFIG, PatchworkConfig, RoundJob, RoundSource, label_table, load_state
 
 torch.set_num_threads(1)
 
@@ -82,14 +81,14 @@ def test_rounds_are_the_same_with_and_without_a_worker_process(tiny_abdomen):
                              ratio=0.5, dphi=0.1)  # fmt: skip
     values, ignore = label_table(ds, config)
     scheme = config.scheme_obj(3)
-    pw_train._STATES = [load_state(c, 3, scheme, config, values, ignore) for c in ds.training[:2]]
-    pw_train._SCHEME, pw_train._CONFIG = scheme, config
-    try:
-        inline, forked = RoundSource(0), RoundSource(2)
-        a, b = inline.get(3), forked.get(3)
-        forked.close()
-    finally:
-        pw_train._STATES = []
+    states = [load_state(c, 3, scheme, config, values, ignore) for c in ds.training[:2]]
+    job = RoundJob(states, scheme, config)
+    inline = RoundSource(job, 0)
+    a = inline.get(3)
+    inline.close()
+    forked = RoundSource(job, 2)
+    b = forked.get(3)
+    forked.close()
     assert set(a) == {"x0", "y0", "x1", "y1", "rel1"}
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -83,7 +83,7 @@ class ApplyOptions:
         return max(1, round(1 / self.lazy)) if self.lazy else 1
 
 
-def keep_count(n: int, fraction: float | None) -> int:
+def lazy_count(n: int, fraction: float | None) -> int:
     """Patches of a level that get children: max(1, floor(n * fraction)), or all."""
     return n if fraction is None else max(1, math.floor(n * fraction))
 
@@ -206,7 +206,7 @@ def _keep(
     logits = outputs[:, :num_outputs]
     score = attention(logits if to_logits is None else to_logits(logits), categorical).cpu()
     order = torch.argsort(score, descending=True, stable=True)
-    return np.sort(order[: keep_count(n, lazy)].numpy())
+    return np.sort(order[: lazy_count(n, lazy)].numpy())
 
 
 @torch.no_grad()

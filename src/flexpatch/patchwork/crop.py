@@ -38,8 +38,10 @@ def smooth_level(image: np.ndarray, how: float | str, under: Sequence[float]) ->
     under = np.asarray(under, dtype=np.float64)
     size = tuple(int(v) for v in np.maximum(np.round(under), 1))
     gaussian = not isinstance(how, str)
-    if (gaussian and (how == 0 or not (under > 1).any())) or (not gaussian and max(size) <= 1):
+    if gaussian and (how == 0 or not (under > 1).any()):
         return image
+    if not gaussian and max(size) <= 1:  # mixture keeps its three channels, all the image itself
+        return np.concatenate([image] * 3).astype(np.float32) if how == "mixture" else image
     out = []
     for channel in image:
         if gaussian:
@@ -57,15 +59,8 @@ def smooth_level(image: np.ndarray, how: float | str, under: Sequence[float]) ->
 def level_sources(image: np.ndarray, scheme: Scheme, unders: list[np.ndarray]) -> list[torch.Tensor]:
     """The image each level crops from: normalised once, smoothed per level."""
     base = normalize_image(image, scheme.normalize)
-    if scheme.smooth == "mixture":
-        identity = [np.concatenate([base] * 3) for _ in unders]
-    else:
-        identity = [base for _ in unders]
-    out = []
-    for u, plain in zip(unders, identity):
-        smoothed = smooth_level(base, scheme.smooth, u)
-        out.append(torch.from_numpy(np.ascontiguousarray(smoothed if smoothed is not base else plain)))
-    return out
+    # unsmoothed levels share one array (from_numpy keeps it a view)
+    return [torch.from_numpy(np.ascontiguousarray(smooth_level(base, scheme.smooth, u))) for u in unders]
 
 
 def crop_image(

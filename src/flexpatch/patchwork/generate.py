@@ -155,13 +155,6 @@ class CentreSampler:
         if b is not None:
             self.weights = (wmap + b).astype(np.float32)
 
-    def _lookup(self, index_points: np.ndarray) -> np.ndarray:
-        assert self.weights is not None
-        idx = np.round(index_points).astype(np.int64)
-        inside = np.all((idx >= 0) & (idx < np.asarray(self.geom.shape)), axis=-1)
-        idx = np.clip(idx, 0, np.asarray(self.geom.shape) - 1)
-        return np.where(inside, self.weights[tuple(np.moveaxis(idx, -1, 0))], 0.0)
-
     def in_boxes(self, rng: np.random.Generator, centre: np.ndarray, axes: np.ndarray) -> np.ndarray:
         """One centre per box: ``centre (N, n)``, ``axes (N, n, n)`` maps [-0.5, 0.5]^n into the box."""
         n = centre.shape[1]
@@ -171,7 +164,7 @@ class CentreSampler:
         u = rng.random((len(centre), CANDIDATES, n)) - 0.5
         pts = centre[:, None] + np.einsum("nij,nkj->nki", axes, u)
         inv = np.linalg.inv(self.geom.to_frame)
-        w = self._lookup(pts @ inv[:n, :n].T + inv[:n, n]) + 1e-12
+        w = _weights_at(self.weights, pts @ inv[:n, :n].T + inv[:n, n]) + 1e-12
         cum = np.cumsum(w, axis=1)
         pick = (cum < rng.random((len(centre), 1)) * cum[:, -1:]).sum(axis=1)
         return pts[np.arange(len(centre)), np.minimum(pick, CANDIDATES - 1)]
@@ -186,6 +179,15 @@ class CentreSampler:
         flat = rng.choice(p.size, size=count, p=p / p.sum())
         idx = np.stack(np.unravel_index(flat, self.geom.shape), axis=1) + rng.random((count, n)) - 0.5
         return idx @ self.geom.to_frame[:n, :n].T + self.geom.to_frame[:n, n]
+
+
+def _weights_at(weights: np.ndarray, index_points: np.ndarray) -> np.ndarray:
+    """Nearest-voxel values of ``weights`` at image index points ``(..., n)``; 0 outside the image."""
+    shape = np.asarray(weights.shape)
+    idx = np.round(index_points).astype(np.int64)
+    inside = np.all((idx >= 0) & (idx < shape), axis=-1)
+    idx = np.clip(idx, 0, shape - 1)
+    return np.where(inside, weights[tuple(np.moveaxis(idx, -1, 0))], 0.0)
 
 
 def snap(
@@ -282,6 +284,28 @@ def grid_offsets(ratio: np.ndarray, overlap: float) -> np.ndarray:
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
+def tree_children(
+    p_centre: np.ndarray,
+    p_axes: np.ndarray,
+    ratio: np.ndarray,
+    overlap: float,
+    jitter: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tree generation's children of each parent (:func:`grid_offsets`), jittered by ``jitter`` grid steps.
+
+    Returns the children's centres and the index (into ``p_centre``) of each one's parent.
+    """
+    offsets = grid_offsets(ratio, overlap)
+    parent = np.repeat(np.arange(len(p_centre)), len(offsets))
+    step = max(1, round(len(offsets) ** (1 / p_centre.shape[1])))
+    u = (
+        np.tile(offsets, (len(p_centre), 1))
+        + jitter * rng.standard_normal((len(parent), p_centre.shape[1])) / step
+    )
+    return p_centre[parent] + np.einsum("nij,nj->ni", p_axes[parent], u), parent
+
+
 def first_level(
     scheme: Scheme,
     geom: Geometry,
@@ -295,11 +319,10 @@ def first_level(
     n = geom.ndim
     if generate == "tree":
         box_centre, box_width = geom.box()
-        offsets = grid_offsets(widths[0] / box_width, scheme.overlap)
-        offsets = offsets + jitter * rng.standard_normal(offsets.shape) / np.maximum(
-            1, len(offsets) ** (1 / n)
+        ratio = widths[0] / box_width
+        centre, _ = tree_children(
+            box_centre[None], np.diag(box_width)[None], ratio, scheme.overlap, jitter, rng
         )
-        centre = box_centre + offsets * box_width
     elif generate == "random":
         centre = CentreSampler(geom).in_image(rng, num_patches)
     else:
@@ -323,14 +346,13 @@ def next_level(
     jitter: float = 0.0,
 ) -> Level:
     """Application's level ``k``: children of the kept parents (tree grid or ``branch_factor`` random)."""
-    n = geom.ndim
     p_axes_all = parent_axes(parents, widths[k - 1])
     if generate == "tree":
-        offsets = grid_offsets(widths[k] / widths[k - 1], scheme.overlap)
-        parent = np.repeat(keep, len(offsets))
-        u = np.tile(offsets, (len(keep), 1))
-        u = u + jitter * rng.standard_normal(u.shape) / max(1, round(len(offsets) ** (1 / n)))
-        centre = parents.centre[parent] + np.einsum("nij,nj->ni", p_axes_all[parent], u)
+        ratio = widths[k] / widths[k - 1]
+        centre, which = tree_children(
+            parents.centre[keep], p_axes_all[keep], ratio, scheme.overlap, jitter, rng
+        )
+        parent = keep[which]
     else:
         parent = np.repeat(keep, branch_factor)
         centre = CentreSampler(geom).in_boxes(rng, parents.centre[parent], p_axes_all[parent])

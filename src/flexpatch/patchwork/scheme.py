@@ -17,7 +17,7 @@ finest voxel size, exactly as the authors' code (REFERENCE.md section 4).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,6 @@ class Scheme:
     smooth: float | str = 0.0
     normalize: str = "none"
     overlap: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, d = self.ndim, self.depth

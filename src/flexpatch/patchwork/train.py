@@ -26,7 +26,7 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.models.registry import check_trainable
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
-from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, select_hard
+from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, count_labels
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
@@ -133,7 +133,8 @@ def load_state(
     case: Any, ndim: int, scheme: Scheme, config: PatchworkConfig, values: list[int], ignore: int | None
 ) -> CaseState:
     image, label = load_case(case, ndim)
-    assert label is not None
+    if label is None:
+        raise FlexPatchError(f"{case.images[0]}: a training case without a label map")
     geom = Geometry.of(image.spatial_shape, image.affine, scheme.system)
     widths = level_widths(scheme, geom)
     sources = crop.level_sources(image.data, scheme, undersampling(scheme, geom, widths))
@@ -163,15 +164,26 @@ def draw_case(
     return out
 
 
-# Worker processes get the case states by fork (copy-on-write), not by pickling 256^3 volumes.
-_STATES: list[CaseState] = []
-_SCHEME: Scheme | None = None
-_CONFIG: PatchworkConfig | None = None
+@dataclass
+class RoundJob:
+    """What drawing a round needs: every image's state, the scheme and the config."""
+
+    states: list[CaseState]
+    scheme: Scheme
+    config: PatchworkConfig
+
+    def draw(self, round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
+        return draw_case(self.states[case_idx], self.scheme, self.config, round_idx, case_idx)
 
 
-def _draw_one(round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
-    assert _SCHEME is not None and _CONFIG is not None
-    return draw_case(_STATES[case_idx], _SCHEME, _CONFIG, round_idx, case_idx)
+# Worker processes get the job by fork (copy-on-write), not by pickling 256^3 volumes.
+_JOB: RoundJob | None = None
+
+
+def _draw_in_worker(round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
+    if _JOB is None:
+        raise RuntimeError("patchwork worker started without a round job")
+    return _JOB.draw(round_idx, case_idx)
 
 
 def _worker_init() -> None:
@@ -191,7 +203,10 @@ class RoundSource:
     order, so the set is the same whatever the number of workers.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, job: RoundJob, workers: int) -> None:
+        global _JOB
+        _JOB = job  # set before the pool forks its workers (lazily, at the first submit)
+        self.job = job
         self.pool = (
             ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"), initializer=_worker_init)
             if workers > 0
@@ -201,17 +216,20 @@ class RoundSource:
 
     def prefetch(self, round_idx: int) -> None:
         if self.pool is not None and round_idx not in self.pending:
-            self.pending[round_idx] = [self.pool.submit(_draw_one, round_idx, i) for i in range(len(_STATES))]
+            cases = range(len(self.job.states))
+            self.pending[round_idx] = [self.pool.submit(_draw_in_worker, round_idx, i) for i in cases]
 
     def get(self, round_idx: int) -> dict[str, torch.Tensor]:
         if self.pool is None:
-            return _concat([_draw_one(round_idx, i) for i in range(len(_STATES))])
+            return _concat([self.job.draw(round_idx, i) for i in range(len(self.job.states))])
         self.prefetch(round_idx)
         return _concat([f.result() for f in self.pending.pop(round_idx)])
 
     def close(self) -> None:
+        global _JOB
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
+        _JOB = None
 
 
 def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_labels: int) -> PatchworkNet:
@@ -298,9 +316,7 @@ def mining_scores(
         return losses.numpy()
     if order == "f1":
         return f1.numpy()
-    label = pool.data[f"y{depth - 1}"].clamp(min=0).reshape(len(pool), -1)
-    counts = torch.stack([(label == i).sum(1) for i in range(num_labels + 1)], dim=1)
-    return balance_scores(counts.numpy())
+    return balance_scores(count_labels(pool.data[f"y{depth - 1}"], num_labels + 1))
 
 
 def check_training_inputs(dataset_dir: Path, out_dir: Path, config: PatchworkConfig) -> DatasetInfo:
@@ -324,7 +340,6 @@ def train_patchwork(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a patchwork on every training case of a dataset; write ``patchwork.json`` and weights."""
-    global _STATES, _SCHEME, _CONFIG
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     ds = check_training_inputs(dataset_dir, out_dir, config)
     dev = resolve_device(device)
@@ -333,9 +348,8 @@ def train_patchwork(
     seed_everything(config.seed)
     net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
     trainer = Trainer(net, config, len(values), dev)
-    _STATES = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in ds.training]
-    _SCHEME, _CONFIG = scheme, config
-    source = RoundSource(config.workers)
+    states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in ds.training]
+    source = RoundSource(RoundJob(states, scheme, config), config.workers)
     start, log = time.perf_counter(), []
     pool: PatchPool | None = None
     scores: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -352,7 +366,6 @@ def train_patchwork(
                 bar.update(task, advance=1, info=f"loss {loss:.3f} patches {len(pool)}")
     finally:
         source.close()
-        _STATES = []
     return save_model(out_dir, net, trainer, config, ds, values, ignore, log)
 
 
@@ -367,11 +380,9 @@ def next_pool(
     """Hard mining: keep part of the last round's patches (by loss, f1 or rarity) beside the new ones."""
     kept = None
     if pool is not None and scores is not None and config.hard_mining > 0:
-        values = mining_scores(pool, *scores, config.hard_mining_order, depth, num_labels)
-        idx = select_hard(
-            values, pool.ages, config.hard_mining, config.hard_mining_order, config.hard_mining_maxage
-        )
-        kept = pool.subset(idx)
+        order = config.hard_mining_order
+        values = mining_scores(pool, *scores, order, depth, num_labels)
+        kept = pool.hard(values, config.hard_mining, order, config.hard_mining_maxage)
     return PatchPool.merge(kept, new)
 
 
