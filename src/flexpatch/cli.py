@@ -199,16 +199,13 @@ def train(
     from flexpatch.train.loop import train as run
 
     if patchwork:
-        _train_patchwork(
-            dataset_dir, out, device, as_json, patchwork_options,
-            block=model, depth=depth, matrix=parse_ints(matrix, "matrix") if matrix else None,
-            fov_rel=parse_floats(fov_rel, "fov_rel") if fov_rel else None,
-            fov_mm=parse_floats(fov_mm, "fov_mm") if fov_mm else None,
-            destvox_rel=parse_floats(destvox_rel, "destvox_rel") if destvox_rel else None,
-            destvox_mm=parse_floats(destvox_mm, "destvox_mm") if destvox_mm else None,
-            rounds=rounds, num_patches=num_patches, hard_mining=hard_mining, batch_size=batch,
-            lr=lr if lr != 1e-3 else None, seed=seed if seed else None, workers=workers,
-        )  # fmt: skip
+        from flexpatch.cli_patchwork import train_cli
+
+        scheme = dict(depth=depth, matrix=matrix, fov_rel=fov_rel, fov_mm=fov_mm, destvox_rel=destvox_rel,
+                      destvox_mm=destvox_mm)  # fmt: skip
+        train_cli(dataset_dir, out, scheme, patchwork_options, device, as_json, block=model, rounds=rounds,
+                  num_patches=num_patches, hard_mining=hard_mining, batch_size=batch,
+                  lr=lr if lr != 1e-3 else None, seed=seed or None, workers=workers)  # fmt: skip
         return
     model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
     if hyper:
@@ -261,19 +258,6 @@ def train(
             f"trained {result.steps} steps in {result.seconds:.0f} s; "
             f"best validation Dice {result.best_dice:.3f}"
         )
-
-
-def _train_patchwork(
-    dataset_dir: Path, out: Path, device: str, as_json: bool, options: Path | None, **flags: object
-) -> None:
-    from flexpatch.cli_patchwork import train_cli
-
-    result = train_cli(dataset_dir, out, dict(flags), options, device, as_json)
-    if as_json:
-        _emit_json(result)
-    else:
-        typer.echo(f"trained patchwork: {result['rounds']} rounds in {result['seconds']:.0f} s, "
-                   f"last loss {result['last_loss']:.3f}")
 
 
 def _from_plan(
@@ -393,11 +377,7 @@ def predict(
             num_chunks=num_chunks, jitter=jitter, alpha=alpha, level=level, window=blend or "cos",
             sampling_factor=sampling_factor, batch_size=batch,
         )  # fmt: skip
-        written, stats = predict_cli(model_dir, inputs, out, flags, out_type, device, as_json)
-        if as_json:
-            _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": stats})
-        else:
-            typer.echo(f"wrote {len(written)} patchwork outputs to {out}")
+        predict_cli(model_dir, inputs, out, flags, out_type, device, as_json)
         return
     blend = blend or "gaussian"
     if is_cascade(model_dir):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from flexpatch.errors import FlexPatchError
 
 SCHEME_KEYS = (
@@ -42,20 +44,48 @@ def make_config(flags: dict[str, Any], options: dict[str, Any]) -> Any:
     return PatchworkConfig(scheme=scheme, **merged)
 
 
-def train_cli(dataset_dir: Path, out: Path, flags: dict[str, Any], options_file: Path | None, device: str,
-              as_json: bool) -> dict[str, Any]:
+def train_cli(
+    dataset_dir: Path,
+    out: Path,
+    scheme: dict[str, str | int | None],
+    options_file: Path | None,
+    device: str,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """``train --patchwork``: scheme flags as typed (``"32"``, ``"0.9,0.9,0.8"``), the rest as values."""
+    from flexpatch.cli import _emit_json, parse_floats, parse_ints
     from flexpatch.patchwork.train import train_patchwork
 
+    for key, text in scheme.items():
+        if isinstance(text, str):
+            flags[key] = parse_ints(text, key) if key == "matrix" else parse_floats(text, key)
+        elif text is not None:
+            flags[key] = text
     config = make_config(flags, read_options(options_file))
-    return train_patchwork(dataset_dir, out, config, device=device, progress=not as_json)
+    result = train_patchwork(dataset_dir, out, config, device=device, progress=not as_json)
+    if as_json:
+        _emit_json(result)
+    else:
+        typer.echo(
+            f"trained patchwork: {result['rounds']} rounds in {result['seconds']:.0f} s, "
+            f"last loss {result['last_loss']:.3f}"
+        )
 
 
-def predict_cli(model_dir: Path, inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str,
-                device: str, as_json: bool) -> tuple[list[Path], dict[str, Any]]:
+def predict_cli(
+    model_dir: Path, inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str, device: str,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
+    from flexpatch.cli import _emit_json
     from flexpatch.patchwork.apply import ApplyOptions, predict_patchwork_files
 
-    level = flags.pop("level", "last")
-    opts = ApplyOptions(level=int(level) if str(level).isdigit() else level,
-                        **{k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    level = given.pop("level", "last")
+    opts = ApplyOptions(level=int(level) if str(level).isdigit() else level, **given)
     written = predict_patchwork_files(model_dir, inputs, out, opts, out_type, device, progress=not as_json)
-    return written, opts.stats
+    if as_json:
+        _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": opts.stats})
+    else:
+        typer.echo(f"wrote {len(written)} patchwork outputs to {out}")
