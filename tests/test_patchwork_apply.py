@@ -103,6 +103,11 @@ def test_sampling_factor_grid(ndim):
     opts = apply.ApplyOptions(sampling_factor=2.0, window="constant")
     out = apply.apply_image(IdentityBlock(1), image, _affine(ndim, (1.0,) * ndim), scheme, opts, lambda x: x)
     assert out.values.shape[1:] == out_shape
+    # patch voxels (1.25 image voxels) are larger than the output's (0.5): each patch is pulled onto
+    # every output voxel it covers, so the grid has no holes; only the outer ring, whose nearest patch
+    # voxel lies outside the image (zero padding), differs from the image's 1
+    inner = (0, *(slice(1, -1) for _ in range(ndim)))
+    torch.testing.assert_close(out.values[inner], torch.ones_like(out.values[inner]), atol=1e-4, rtol=0)
 
 
 def test_options_are_checked():

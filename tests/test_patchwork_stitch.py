@@ -109,7 +109,7 @@ def test_linear_scatter_of_constant_field(ndim: int) -> None:
     for _ in range(5):
         q, _ = np.linalg.qr(rng.normal(size=(ndim, ndim)))  # a random rotation or reflection
         a = np.eye(ndim + 1)
-        a[:ndim, :ndim] = q * rng.uniform(0.7, 1.2)
+        a[:ndim, :ndim] = q * rng.uniform(0.7, 1.0)  # patch voxels no larger than the grid's: splatted
         # centred near the middle: even the corners of a rotated, stretched patch stay inside the grid
         a[:ndim, ndim] = rng.uniform(5, 6, ndim) - a[:ndim, :ndim] @ (np.array(m) - 1) / 2
         affines.append(a)
@@ -166,3 +166,39 @@ def test_linear_equals_nearest_on_integer_boxes(ndim: int) -> None:
         st.add(outputs, affines)
         res.append((st.result(), st.coverage()))
     torch.testing.assert_close(res[0], res[1])
+
+
+def _pull_reference(values: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], order: int):
+    """SciPy reference: each grid voxel inside the patch footprint samples the patch at inv(A) g."""
+    from scipy import ndimage
+
+    n = len(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, n)
+    inv = np.linalg.inv(affine)
+    pos = grid @ inv[:n, :n].T + inv[:n, n]
+    inside = np.all((pos >= -0.5) & (pos <= np.array(values.shape) - 0.5), axis=1)
+    sampled = ndimage.map_coordinates(values, pos.T, order=order, mode="nearest")
+    return np.where(inside, sampled, 0.0).reshape(shape), inside.reshape(shape)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("scatter,order", [("nearest", 0), ("linear", 1)])
+def test_coarse_patch_covers_its_whole_footprint(ndim, scatter, order):
+    """A patch with 3-voxel voxels (a coarse level) fills every grid voxel it covers, as SciPy samples it."""
+    m = (5, 6, 4)[:ndim]
+    shape = (20, 22, 16)[:ndim]
+    values = np.random.default_rng(3).random(m)
+    affine = np.eye(ndim + 1)
+    affine[:ndim, :ndim] = 3 * np.eye(ndim)
+    affine[:ndim, ndim] = 1.0  # patch voxel p sits at grid 3p + 1: no rounding ties
+    if ndim == 2:  # an oblique patch too: the axis-aligned box around it must be masked
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine[:2, :2] = 3 * np.array([[c, -s], [s, c]])
+        affine[:2, 2] = [4.0, 2.0]
+    st = Stitcher(shape, 1, window="constant", scatter=scatter)
+    st.add(torch.from_numpy(values)[None, None].float(), affine[None])
+    expected, inside = _pull_reference(values, affine, shape, order)
+    covered = st.coverage()[0].numpy() > 0
+    np.testing.assert_array_equal(covered, inside)
+    assert inside.sum() > 0.9 * np.prod(np.array(m) * 3)  # the whole footprint, not one voxel in 3^n
+    np.testing.assert_allclose(st.result()[0].numpy(), expected, atol=1e-4)

@@ -2,7 +2,10 @@
 
 Every patch output is weighted by a window (DNP's ``cos``/``cos2``) and scattered
 onto the grid, either to the nearest voxel or splatted multilinearly onto the
-``2^n`` neighbours. The result divides the weighted sum by the coverage, or, with
+``2^n`` neighbours. A patch whose voxels are larger than the grid's (a coarse level, or
+an output grid finer than the patches) is pulled instead: every grid voxel inside its
+footprint samples it (nearest or linear), so that it covers its whole area rather than
+one grid voxel per patch voxel. The result divides the weighted sum by the coverage, or, with
 DNP's sparse suppression ``alpha > 0``, by ``sqrt(count^2 + 3 alpha)`` so that
 voxels seen by a single patch cannot give a confident answer. N-dimensional.
 """
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import Patch, accumulate, nearest_box, window_weights
+from flexpatch.geometry import Patch, accumulate, extract, nearest_box, window_weights
 
 SCATTER_KINDS: tuple[str, ...] = ("nearest", "linear")
 EPS = 1e-5  # DNP's guard against dividing by zero coverage
@@ -84,7 +87,10 @@ class Stitcher:
         outputs = outputs.detach().to(device=self.device, dtype=self.dtype)
         matrix = tuple(int(s) for s in outputs.shape[2:])
         window = self._window(matrix)
-        if self.scatter == "nearest":
+        if np.any(voxel_scales(mats) > 1 + 1e-6):
+            for b in range(len(outputs)):
+                pull_patch(self._sum, self._count, outputs[b], mats[b], window, self.scatter)
+        elif self.scatter == "nearest":
             patches = [nearest_box(Patch(a, matrix)) for a in mats]
             accumulate(self._sum, self._count, outputs, patches, window)
         else:
@@ -109,6 +115,54 @@ def _as_affines(affines: torch.Tensor | np.ndarray, batch: int, n: int) -> np.nd
     if mats.shape != (batch, n + 1, n + 1):
         raise FlexPatchError(f"affines have shape {mats.shape}, expected {(batch, n + 1, n + 1)}")
     return mats
+
+
+def voxel_scales(affines: np.ndarray) -> np.ndarray:
+    """Size of a patch voxel along each patch axis, in grid voxels: ``(B, n)`` column norms."""
+    n = affines.shape[-1] - 1
+    return np.linalg.norm(affines[:, :n, :n], axis=1)
+
+
+def pull_patch(
+    out_sum: torch.Tensor,
+    weight_sum: torch.Tensor,
+    output: torch.Tensor,
+    affine: np.ndarray,
+    window: torch.Tensor,
+    mode: str,
+) -> None:
+    """Add one coarse patch ``output`` ``(C, *m)`` by sampling it at the grid voxels it covers.
+
+    The footprint is the patch's voxel extent, ``[-0.5, m - 0.5]`` per patch axis; the window is
+    sampled with the output (one grid_sample of ``[output * window, window]``), so overlapping
+    patches blend exactly as in the scatter. One patch at a time: a coarse patch's footprint can be
+    the whole grid, and a batch of them would multiply that memory.
+    """
+    n = len(window.shape)
+    spatial = out_sum.shape[1:]
+    m = np.array(window.shape, dtype=np.float64)
+    corners = np.array(list(itertools.product(*[(-0.5, s - 0.5) for s in m])))  # (2^n, n)
+    grid_pos = corners @ affine[:n, :n].T + affine[:n, n]
+    lo = np.maximum(np.ceil(grid_pos.min(0) - 1e-9), 0).astype(int)
+    hi = np.minimum(np.floor(grid_pos.max(0) + 1e-9), np.array(spatial) - 1).astype(int)
+    if np.any(hi < lo):
+        return
+    shape = tuple(int(s) for s in hi - lo + 1)
+    to_box = np.eye(n + 1)
+    to_box[:n, n] = lo
+    box_to_patch = np.linalg.inv(affine) @ to_box  # grid box index -> patch index
+    values = torch.cat([output * window, window[None].to(output.dtype)])
+    pulled = extract(values, [Patch(box_to_patch, shape)], mode=mode, padding="border")[0]
+    # grid voxels outside the footprint (the box is axis-aligned, an oblique patch is not)
+    axes = [torch.arange(s, dtype=torch.float64, device=out_sum.device) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    a = torch.as_tensor(box_to_patch, dtype=torch.float64, device=out_sum.device)
+    pos = idx @ a[:n, :n].T + a[:n, n]
+    limit = torch.as_tensor(m - 0.5, dtype=torch.float64, device=out_sum.device)
+    inside = torch.all((pos >= -0.5 - 1e-9) & (pos <= limit + 1e-9), dim=-1).to(pulled.dtype)
+    dst = tuple(slice(int(a0), int(a0) + s) for a0, s in zip(lo, shape))
+    out_sum[(slice(None), *dst)] += pulled[:-1] * inside
+    weight_sum[(slice(None), *dst)] += pulled[-1:] * inside
 
 
 def scatter_linear(
