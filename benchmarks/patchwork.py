@@ -67,14 +67,15 @@ class Mode:
     depth: int
     budget: float  # training seconds per method
     lazy: tuple[float, ...]
+    lazy_mix: tuple[float, ...]  # lazy fractions also run with level mix (coarse levels fill the rest)
     batch_pw: int
     sw_batch: int
 
 
 MODES = {
-    "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), 8, 2),
-    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 360.0, (0.5, 0.25), 16, 2),
-    "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), 4, 2),
+    "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), (0.25,), 8, 2),
+    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 360.0, (0.5, 0.25), (0.25,), 16, 2),
+    "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), (0.5,), 4, 2),
 }
 UNET = {}  # the registry's unet (seed 01's U-Net, 3.33 M parameters) as is
 
@@ -209,7 +210,7 @@ def infer_child(args: argparse.Namespace) -> None:
 
         model = load_patchwork(args.model, str(device))
         lazy = None if args.lazy <= 0 else args.lazy
-        opts = ApplyOptions(lazy=lazy, batch_size=args.batch)
+        opts = ApplyOptions(lazy=lazy, batch_size=args.batch, level=args.level)
 
         def run(v):  # noqa: ANN001, ANN202
             array, _, stats = segment_volume(model, v, opts)
@@ -259,7 +260,15 @@ def _status(name: str) -> int:
 
 
 def infer(
-    result: Result, kind: str, model: Path, ds: Path, pred: Path, device: str, batch: int, lazy: float = 0.0
+    result: Result,
+    kind: str,
+    model: Path,
+    ds: Path,
+    pred: Path,
+    device: str,
+    batch: int,
+    lazy: float = 0.0,
+    level: str = "last",
 ) -> dict:
     """Time one method in a fresh process (reusing pred/info.json of an earlier call), then score it."""
     saved = pred / "info.json"
@@ -268,6 +277,7 @@ def infer(
     else:
         cmd = [sys.executable, __file__, "--infer-child", kind, "--model", str(model), "--dataset", str(ds)]
         cmd += ["--pred", str(pred), "--device", device, "--batch", str(batch), "--lazy", str(lazy)]
+        cmd += ["--level", level]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"inference subprocess failed: {done.stderr.strip()[-3000:]}")
@@ -370,6 +380,7 @@ def main() -> None:
     p.add_argument("--pred", type=Path)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lazy", type=float, default=0.0)
+    p.add_argument("--level", choices=("last", "mix"), default="last")
     args = p.parse_args()
     if args.infer_child:
         infer_child(args)
@@ -394,17 +405,19 @@ def main() -> None:
     )
     full_count = float(np.mean([sum(c) for c in full["patches"]]))
     pw.patches_fraction = 1.0
-    for lazy in mode.lazy:
-        r = Result(f"patchwork lazy {lazy}", pw.train_seconds, pw.steps)
+    for lazy, level in [(f, "last") for f in mode.lazy] + [(f, "mix") for f in mode.lazy_mix]:
+        mix = level == "mix"
+        r = Result(f"patchwork lazy {lazy}" + (", level mix" if mix else ""), pw.train_seconds, pw.steps)
         info = infer(
             r,
             "patchwork",
             work / "patchwork" / "model",
             ds,
-            work / "pred" / f"pw_lazy{lazy}",
+            work / "pred" / (f"pw_lazy{lazy}" + ("_mix" if mix else "")),
             device,
             mode.batch_pw,
             lazy,
+            level,
         )
         r.patches_fraction = float(np.mean([sum(c) for c in info["patches"]])) / full_count
         results.append(r)
