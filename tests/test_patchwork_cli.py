@@ -242,3 +242,46 @@ def test_patchwork_trains_with_bf16_autocast_and_predicts_on_cuda(tiny_abdomen, 
     cpu, _, _ = segment_volume(load_patchwork(tmp_path / "m", "cpu"), image, ApplyOptions())
     assert gpu.shape == image.spatial_shape
     assert (gpu == cpu).mean() > 0.99  # TF32 / cuDNN may flip a few voxels at class boundaries
+
+
+def _weights(model: Path) -> dict[str, torch.Tensor]:
+    return torch.load(model / "patchwork.pt", map_location="cpu", weights_only=False)["net"]
+
+
+@pytest.mark.parametrize("fixture,mining", [("tiny_cells", 1.0), ("tiny_abdomen", 0.0)])
+def test_resume_continues_exactly_where_the_run_stopped(fixture, mining, request, tmp_path):
+    """2 rounds, then --resume --rounds 4: the weights and log of 4 rounds in one go (hard mining too)."""
+    ds = request.getfixturevalue(fixture)
+    opts = _options(tmp_path, hard_mining=mining, save_every=1, dphi=0.2)
+    common = ("--patchwork", "--depth", 2, "--matrix", 8, "--fov-rel", 0.8, "--num-patches", 3, "--batch", 4,
+              "--patchwork-options", opts, "--device", "cpu", "--json")  # fmt: skip
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    invoke("train", ds, "--out", whole, "--rounds", 4, *common)
+    invoke("train", ds, "--out", part, "--rounds", 2, *common)
+    summary = invoke("train", ds, "--out", part, "--resume", "--rounds", 4, "--device", "cpu", "--json")
+    assert summary["rounds"] == 4
+    a, b = _weights(whole), _weights(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads((m / "log.json").read_text()) for m in (whole, part)]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+    assert [r["patches"] for r in logs[0]] == [r["patches"] for r in logs[1]]
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_cells, tmp_path):
+    from flexpatch.errors import FlexPatchError
+    from flexpatch.patchwork.train import train_patchwork
+
+    model = tmp_path / "model"
+    config = PatchworkConfig(
+        scheme={"depth": 2, "matrix": [8, 8], "fov_rel": [0.8, 0.8]}, block_options=TINY, rounds=1,
+        num_patches=2, batch_size=2, workers=0,
+    )  # fmt: skip
+    with pytest.raises(FlexPatchError, match="resume.pt: nothing to resume from"):
+        train_patchwork(tiny_cells, model, config, device="cpu", progress=False, resume=True)
+    train_patchwork(tiny_cells, model, config, device="cpu", progress=False)
+    changed = PatchworkConfig(**{**config.__dict__, "lr": 0.01, "rounds": 2})
+    with pytest.raises(FlexPatchError, match=r"different lr \(saved lr=0.001\)"):
+        train_patchwork(tiny_cells, model, changed, device="cpu", progress=False, resume=True)
+    fewer = PatchworkConfig(**{**config.__dict__, "rounds": 0 + 1})
+    done = train_patchwork(tiny_cells, model, fewer, device="cpu", progress=False, resume=True)
+    assert done["rounds"] == 1  # nothing left to do: the saved model is written again, unchanged

@@ -179,7 +179,9 @@ def train(
     seed: int = 0,
     amp: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt (patchwork: resume.pt).")
+    ] = False,
     plan: Annotated[
         Path | None, typer.Option("--plan", help="A plan from flexpatch plan: its model, patch and batch.")
     ] = None,
@@ -198,9 +200,12 @@ def train(
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
-    if patchwork:
-        from flexpatch.cli_patchwork import train_cli
+    if patchwork or (resume and (out / "resume.pt").is_file()):
+        from flexpatch.cli_patchwork import resume_cli, train_cli
 
+        if resume:  # as the core trainer: the saved config, only longer (--rounds) or with other workers
+            resume_cli(dataset_dir, out, device, as_json, rounds=rounds, workers=workers)
+            return
         scheme = dict(depth=depth, matrix=matrix, fov_rel=fov_rel, fov_mm=fov_mm, destvox_rel=destvox_rel,
                       destvox_mm=destvox_mm)  # fmt: skip
         train_cli(dataset_dir, out, scheme, patchwork_options, device, as_json, block=model, rounds=rounds,

@@ -54,7 +54,7 @@ def train_cli(
     **flags: Any,
 ) -> None:
     """``train --patchwork``: scheme flags as typed (``"32"``, ``"0.9,0.9,0.8"``), the rest as values."""
-    from flexpatch.cli import _emit_json, parse_floats, parse_ints
+    from flexpatch.cli import parse_floats, parse_ints
     from flexpatch.patchwork.train import train_patchwork
 
     for key, text in scheme.items():
@@ -64,6 +64,22 @@ def train_cli(
             flags[key] = text
     config = make_config(flags, read_options(options_file))
     result = train_patchwork(dataset_dir, out, config, device=device, progress=not as_json)
+    _report(result, as_json)
+
+
+def resume_cli(dataset_dir: Path, out: Path, device: str, as_json: bool, **overrides: Any) -> None:
+    """``train --resume`` of a patchwork: its saved config, with ``rounds``/``workers`` when given."""
+    from flexpatch.patchwork.train import load_resume, train_patchwork
+
+    config = load_resume(out, None)["config"]
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    result = train_patchwork(dataset_dir, out, config, device=device, progress=not as_json, resume=True)
+    _report(result, as_json)
+
+
+def _report(result: dict[str, Any], as_json: bool) -> None:
+    from flexpatch.cli import _emit_json
+
     if as_json:
         _emit_json(result)
     else:

@@ -3,7 +3,8 @@
 The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per training image;
 the inner loop (``epochs``) runs gradient steps over that set in batches. Drawing round r+1
 runs in worker processes while round r trains (``workers`` > 0), and is a pure function of
-(seed, round, case), so a run replays exactly with or without workers.
+(seed, round, case), so a run replays exactly with or without workers. After every round the
+run's state goes to ``resume.pt``, from which ``resume`` continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, cou
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
-from flexpatch.train.checkpoint import save_checkpoint
+from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
 
 CONFIG = "patchwork.json"
 WEIGHTS = "patchwork.pt"
+RESUME = "resume.pt"
+# Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
+RESUME_FREE = ("rounds", "workers", "save_every")
 IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
 
 
@@ -76,6 +80,7 @@ class PatchworkConfig:
     dscale: float = 0.0
     independent_augmentation: bool = True
     workers: int = 1
+    save_every: int = 5  # rounds between resume checkpoints (and after the last round)
     seed: int = 0
 
     def scheme_obj(self, ndim: int) -> Scheme:
@@ -85,8 +90,8 @@ class PatchworkConfig:
         return generate.Augment(self.dphi, tuple(self.flip), self.dscale, self.independent_augmentation)
 
     def check(self) -> None:
-        if self.rounds < 1 or self.epochs < 1 or self.num_patches < 1 or self.batch_size < 1:
-            raise FlexPatchError("rounds, epochs, num_patches and batch_size must be >= 1")
+        if min(self.rounds, self.epochs, self.num_patches, self.batch_size, self.save_every) < 1:
+            raise FlexPatchError("rounds, epochs, num_patches, batch_size and save_every must be >= 1")
         if self.hard_mining_order not in ("loss", "f1", "balance"):
             raise FlexPatchError(
                 f"hard_mining_order must be loss, f1 or balance, got {self.hard_mining_order!r}"
@@ -335,12 +340,19 @@ def check_training_inputs(dataset_dir: Path, out_dir: Path, config: PatchworkCon
 def train_patchwork(
     dataset_dir: str | Path,
     out_dir: str | Path,
-    config: PatchworkConfig,
+    config: PatchworkConfig | None = None,
     device: str = "auto",
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train a patchwork on every training case of a dataset; write ``patchwork.json`` and weights."""
+    """Train a patchwork on every training case of a dataset; write ``patchwork.json`` and weights.
+
+    With ``resume``, continue from ``out_dir/resume.pt`` (written after every round) with its saved
+    config; a given ``config`` must equal it but for ``rounds`` (to train longer) and ``workers``.
+    """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    saved = load_resume(out_dir, config) if resume else None
+    config = saved["config"] if saved else (config or PatchworkConfig())
     ds = check_training_inputs(dataset_dir, out_dir, config)
     dev = resolve_device(device)
     values, ignore = label_table(ds, config)
@@ -348,25 +360,103 @@ def train_patchwork(
     seed_everything(config.seed)
     net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
     trainer = Trainer(net, config, len(values), dev)
+    run = RunState()
+    if saved:
+        run = restore(saved, trainer, out_dir / RESUME)
     states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in ds.training]
     source = RoundSource(RoundJob(states, scheme, config), config.workers)
-    start, log = time.perf_counter(), []
-    pool: PatchPool | None = None
-    scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    start = time.perf_counter() - run.seconds()
     try:
         with progress_bar(disable=not progress) as bar:
-            task = bar.add_task("patchwork", total=config.rounds, info="")
-            for r in range(config.rounds):
+            task = bar.add_task("patchwork", total=config.rounds, completed=run.next_round, info="")
+            for r in range(run.next_round, config.rounds):
                 source.prefetch(r + 1) if r + 1 < config.rounds else None
-                pool = next_pool(pool, scores, source.get(r), config, scheme.depth, len(values))
-                loss, scores = run_round(pool, trainer, config)
-                log.append(
-                    {"round": r, "loss": loss, "patches": len(pool), "seconds": time.perf_counter() - start}
-                )
-                bar.update(task, advance=1, info=f"loss {loss:.3f} patches {len(pool)}")
+                run.pool = next_pool(run.pool, run.scores, source.get(r), config, scheme.depth, len(values))
+                loss, run.scores = run_round(run.pool, trainer, config)
+                seconds = time.perf_counter() - start
+                run.log.append({"round": r, "loss": loss, "patches": len(run.pool), "seconds": seconds})
+                run.next_round = r + 1
+                if run.next_round % config.save_every == 0 or run.next_round == config.rounds:
+                    save_resume(out_dir, trainer, config, run)
+                bar.update(task, advance=1, info=f"loss {loss:.3f} patches {len(run.pool)}")
     finally:
         source.close()
-    return save_model(out_dir, net, trainer, config, ds, values, ignore, log)
+    return save_model(out_dir, net, trainer, config, ds, values, ignore, run.log)
+
+
+@dataclass
+class RunState:
+    """Where a run stands between rounds: what ``resume.pt`` holds besides the weights."""
+
+    next_round: int = 0
+    log: list[dict] = field(default_factory=list)
+    pool: PatchPool | None = None
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def seconds(self) -> float:
+        return self.log[-1]["seconds"] if self.log else 0.0
+
+
+def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: RunState) -> None:
+    """Everything an exact resume needs; the patch pool only when hard mining keeps part of it."""
+    state: dict[str, Any] = {
+        "config": asdict(config),
+        "net": trainer.net.state_dict(),
+        "optimizer": trainer.opt.state_dict(),
+        "embedding": trainer.embedding.state_dict() if trainer.embedding else None,
+        "generator": trainer.gen.get_state(),
+        "next_round": run.next_round,
+        "log": run.log,
+    }
+    # without hard mining the next round's pool is all new patches: a pure function of the round
+    if config.hard_mining > 0 and run.pool is not None:
+        state["pool"] = {"data": run.pool.data, "ages": run.pool.ages, "scores": run.scores}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir / RESUME, state)
+
+
+def load_resume(out_dir: Path, config: PatchworkConfig | None) -> dict[str, Any]:
+    """The saved run state, with its config checked against a given one (``RESUME_FREE`` may differ)."""
+    path = out_dir / RESUME
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: nothing to resume from")
+    saved = load_checkpoint(path)
+    try:
+        theirs = PatchworkConfig(**saved["config"])
+    except (KeyError, TypeError) as err:
+        raise FlexPatchError(f"{path}: not a patchwork resume checkpoint ({err})") from None
+    if config is None:
+        saved["config"] = theirs
+        return saved
+    ours, old = (json.loads(json.dumps(asdict(c))) for c in (config, theirs))
+    changed = [k for k in ours if k not in RESUME_FREE and ours[k] != old[k]]
+    if changed:
+        raise FlexPatchError(
+            f"{path}: cannot resume with a different {', '.join(changed)} "
+            f"(saved {', '.join(f'{k}={old[k]!r}' for k in changed)})"
+        )
+    if config.rounds < saved["next_round"]:
+        raise FlexPatchError(f"{path}: {saved['next_round']} rounds are done already, rounds={config.rounds}")
+    saved["config"] = config
+    return saved
+
+
+def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
+    """Load the saved weights, optimiser and generator into ``trainer``; return the run's state."""
+    try:
+        trainer.net.load_state_dict(saved["net"])
+        trainer.opt.load_state_dict(saved["optimizer"])
+        if trainer.embedding is not None:
+            trainer.embedding.load_state_dict(saved["embedding"])
+        trainer.gen.set_state(saved["generator"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FlexPatchError(f"{path}: does not fit this patchwork ({reason})") from None
+    run = RunState(int(saved["next_round"]), list(saved["log"]))
+    if "pool" in saved:
+        pool = saved["pool"]
+        run.pool, run.scores = PatchPool(pool["data"], pool["ages"]), pool["scores"]
+    return run
 
 
 def next_pool(
