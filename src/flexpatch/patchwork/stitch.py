@@ -153,16 +153,25 @@ def pull_patch(
     box_to_patch = np.linalg.inv(affine) @ to_box  # grid box index -> patch index
     values = torch.cat([output * window, window[None].to(output.dtype)])
     pulled = extract(values, [Patch(box_to_patch, shape)], mode=mode, padding="border")[0]
-    # grid voxels outside the footprint (the box is axis-aligned, an oblique patch is not)
-    axes = [torch.arange(s, dtype=torch.float64, device=out_sum.device) for s in shape]
-    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    a = torch.as_tensor(box_to_patch, dtype=torch.float64, device=out_sum.device)
-    pos = idx @ a[:n, :n].T + a[:n, n]
-    limit = torch.as_tensor(m - 0.5, dtype=torch.float64, device=out_sum.device)
-    inside = torch.all((pos >= -0.5 - 1e-9) & (pos <= limit + 1e-9), dim=-1).to(pulled.dtype)
+    off_diagonal = affine[:n, :n] - np.diag(np.diag(affine[:n, :n]))
+    if np.any(np.abs(off_diagonal) > 1e-9):  # an oblique patch fills only part of its bounding box
+        pulled = pulled * _footprint(box_to_patch, shape, m, out_sum.device).to(pulled.dtype)
     dst = tuple(slice(int(a0), int(a0) + s) for a0, s in zip(lo, shape))
-    out_sum[(slice(None), *dst)] += pulled[:-1] * inside
-    weight_sum[(slice(None), *dst)] += pulled[-1:] * inside
+    out_sum[(slice(None), *dst)] += pulled[:-1]
+    weight_sum[(slice(None), *dst)] += pulled[-1:]
+
+
+def _footprint(
+    box_to_patch: np.ndarray, shape: tuple[int, ...], m: np.ndarray, device: torch.device
+) -> torch.Tensor:
+    """Which voxels of a grid box lie inside the patch's voxel extent ``[-0.5, m - 0.5]``."""
+    n = len(shape)
+    axes = [torch.arange(s, dtype=torch.float64, device=device) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    a = torch.as_tensor(box_to_patch, dtype=torch.float64, device=device)
+    pos = idx @ a[:n, :n].T + a[:n, n]
+    limit = torch.as_tensor(m - 0.5, dtype=torch.float64, device=device)
+    return torch.all((pos >= -0.5 - 1e-9) & (pos <= limit + 1e-9), dim=-1)
 
 
 def scatter_linear(
