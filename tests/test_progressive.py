@@ -273,3 +273,17 @@ def test_stream_follows_the_schedule_and_resumes_mid_stage(tmp_path: Path, ndim:
     middle = schedule.stages()[2].start + 1  # inside stage 2
     resumed = list(stream(start_step=middle, steps=20 - middle))
     assert all(_same(a, b) for a, b in zip(full[middle:], resumed, strict=True))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_every_stage_is_checked_before_training_and_none_leaves_a_one_voxel_bottleneck(ndim):
+    """smallest_sizes lists each stage; the authors' extra step on the first axis keeps the bottleneck > 1."""
+    from flexpatch.models.registry import check_trainable
+    from flexpatch.sampling.sizes import smallest_sizes
+
+    schedule = ProgressiveSchedule((32,) * ndim, (3,) * ndim, "performance", 2, 90)
+    sizes = smallest_sizes(schedule)
+    assert sizes == [stage.patch for stage in schedule.stages()]
+    assert sizes[0] == (16,) + (8,) * (ndim - 1)
+    for size in sizes:
+        check_trainable(size, (8,) * ndim, "stage", "unet")  # raises on a one-voxel bottleneck

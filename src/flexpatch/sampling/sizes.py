@@ -342,4 +342,7 @@ def smallest_sizes(sampler: SizeSampler) -> list[Shape]:
         cands = sampler.candidates()
         first = [c[0] for c in cands]
         return [tuple(first * len(sampler.low)) if sampler.isotropic else tuple(first)]
+    stages = getattr(sampler, "stages", None)  # a ProgressiveSchedule (which imports this module)
+    if callable(stages):
+        return [stage.patch for stage in stages()]
     return []
