@@ -285,3 +285,23 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_cells, tm
     fewer = PatchworkConfig(**{**config.__dict__, "rounds": 0 + 1})
     done = train_patchwork(tiny_cells, model, fewer, device="cpu", progress=False, resume=True)
     assert done["rounds"] == 1  # nothing left to do: the saved model is written again, unchanged
+
+
+def test_a_model_folder_this_version_cannot_read_is_one_line_and_exit_2(tiny_cells, tmp_path):
+    from flexpatch.patchwork.train import train_patchwork
+
+    model = tmp_path / "model"
+    config = PatchworkConfig(
+        scheme={"depth": 2, "matrix": [8, 8], "fov_rel": [0.8, 0.8]}, block_options=TINY, rounds=1,
+        num_patches=2, batch_size=2, workers=0,
+    )  # fmt: skip
+    train_patchwork(tiny_cells, model, config, device="cpu", progress=False)
+    meta = json.loads((model / CONFIG).read_text())
+    meta["scheme"]["from_a_later_version"] = 1
+    (model / CONFIG).write_text(json.dumps(meta))
+    cmd = [sys.executable, "-m", "flexpatch", "predict", str(model), str(tiny_cells / "imagesTs"), "--out",
+           str(tmp_path / "pred"), "--device", "cpu"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(model / CONFIG) in r.stderr and "from_a_later_version" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pred").exists()

@@ -28,7 +28,7 @@ from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
-from flexpatch.patchwork.train import WEIGHTS, load_meta
+from flexpatch.patchwork.train import CONFIG, WEIGHTS, load_meta
 from flexpatch.runtime import check_writable, resolve_device
 from flexpatch.train.checkpoint import load_checkpoint
 
@@ -267,16 +267,23 @@ class LoadedPatchwork:
 def load_patchwork(model_dir: str | Path, device: str = "auto") -> LoadedPatchwork:
     meta = load_meta(model_dir)
     dev = resolve_device(device)
-    net = PatchworkNet.from_config(meta["net"])
     state = load_checkpoint(Path(model_dir) / WEIGHTS, map_location="cpu")
-    net.load_state_dict(state["net"])
-    embedding = None
-    if state.get("embedding") is not None:
-        cfg = meta["config"]
-        embedding = LabelEmbedding(len(meta["label_values"]) + 1, cfg["embedding_dim"])
-        embedding.load_state_dict(state["embedding"])
-        embedding.to(dev).eval()
-    scheme = Scheme.from_json(meta["scheme"])
+    try:
+        scheme = Scheme.from_json(meta["scheme"])
+        net = PatchworkNet.from_config(meta["net"])
+        net.load_state_dict(state["net"])
+        embedding = None
+        if state.get("embedding") is not None:
+            cfg = meta["config"]
+            embedding = LabelEmbedding(len(meta["label_values"]) + 1, cfg["embedding_dim"])
+            embedding.load_state_dict(state["embedding"])
+            embedding.to(dev).eval()
+    except (FlexPatchError, KeyError, TypeError, RuntimeError) as err:
+        # a folder written by another flexpatch version, or edited by hand: one line, not a traceback
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FlexPatchError(
+            f"{Path(model_dir) / CONFIG}: not a patchwork this version can load ({reason})"
+        ) from None
     return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev)
 
 

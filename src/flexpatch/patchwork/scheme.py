@@ -17,7 +17,7 @@ finest voxel size, exactly as the authors' code (REFERENCE.md section 4).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -140,6 +140,9 @@ class Scheme:
         for key in ("fov_mm", "fov_rel", "destvox_mm", "destvox_rel", "snapper"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise FlexPatchError(f"unknown patching scheme option(s): {', '.join(unknown)}")
         return cls(**d)
 
 
