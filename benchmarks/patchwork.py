@@ -129,6 +129,7 @@ def pw_config(mode: Mode, rounds: int) -> Any:
         ratio=0.5,
         autoweight=1.0,
         workers=1,
+        val_fraction=0.0,  # every case trains, as the U-Nets' val_fraction 0: the same data for all
         seed=0,
     )
 

@@ -371,7 +371,7 @@ def predict(
     """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
     from flexpatch.infer.cascade import is_cascade, predict_cascade_files
     from flexpatch.infer.predictor import predict_files
-    from flexpatch.patchwork.train import is_patchwork
+    from flexpatch.patchwork.files import is_patchwork
 
     patch = parse_ints(patch_size, "patch size") if patch_size else None
     if is_patchwork(model_dir):

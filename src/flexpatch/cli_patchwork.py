@@ -83,9 +83,11 @@ def _report(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _emit_json(result)
     else:
+        best = result["best_val_dice"]
         typer.echo(
             f"trained patchwork: {result['rounds']} rounds in {result['seconds']:.0f} s, "
             f"last loss {result['last_loss']:.3f}"
+            + (f", best validation Dice {best:.3f}" if best is not None else ", no validation cases")
         )
 
 

@@ -23,12 +23,12 @@ import torch
 from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import crop, generate
+from flexpatch.patchwork.files import BEST, CONFIG, WEIGHTS, load_meta
 from flexpatch.patchwork.losses import LabelEmbedding
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
-from flexpatch.patchwork.train import CONFIG, WEIGHTS, load_meta
 from flexpatch.runtime import check_writable, resolve_device
 from flexpatch.train.checkpoint import load_checkpoint
 
@@ -264,10 +264,16 @@ class LoadedPatchwork:
         return torch.softmax(logits, 1) if self.categorical else torch.sigmoid(logits)
 
 
-def load_patchwork(model_dir: str | Path, device: str = "auto") -> LoadedPatchwork:
+def load_patchwork(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedPatchwork:
+    """A trained patchwork: the best validation round's weights (``best``, when the run validated;
+    else the last) or the last round's (``last``)."""
+    if checkpoint not in ("best", "last"):
+        raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose best or last")
     meta = load_meta(model_dir)
     dev = resolve_device(device)
-    state = load_checkpoint(Path(model_dir) / WEIGHTS, map_location="cpu")
+    best = Path(model_dir) / BEST
+    path = best if checkpoint == "best" and best.is_file() else Path(model_dir) / WEIGHTS
+    state = load_checkpoint(path, map_location="cpu")
     try:
         scheme = Scheme.from_json(meta["scheme"])
         net = PatchworkNet.from_config(meta["net"])

@@ -26,18 +26,19 @@ from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.models.registry import check_trainable
 from flexpatch.patchwork import crop, generate
+from flexpatch.patchwork.apply import LoadedPatchwork
+from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS, is_patchwork, load_meta  # noqa: F401
 from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
 from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, count_labels
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
+from flexpatch.train.loop import split_cases
 
-CONFIG = "patchwork.json"
-WEIGHTS = "patchwork.pt"
-RESUME = "resume.pt"
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
-RESUME_FREE = ("rounds", "workers", "save_every")
+RESUME_FREE = ("rounds", "workers", "save_every", "val_every")
 IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
 
 
@@ -81,6 +82,8 @@ class PatchworkConfig:
     independent_augmentation: bool = True
     workers: int = 1
     save_every: int = 5  # rounds between resume checkpoints (and after the last round)
+    val_fraction: float = 0.2  # cases held out for validation, as the core trainer (0: none)
+    val_every: int = 10  # rounds between validations (and after the last round)
     seed: int = 0
 
     def scheme_obj(self, ndim: int) -> Scheme:
@@ -90,8 +93,15 @@ class PatchworkConfig:
         return generate.Augment(self.dphi, tuple(self.flip), self.dscale, self.independent_augmentation)
 
     def check(self) -> None:
-        if min(self.rounds, self.epochs, self.num_patches, self.batch_size, self.save_every) < 1:
-            raise FlexPatchError("rounds, epochs, num_patches, batch_size and save_every must be >= 1")
+        if (
+            min(self.rounds, self.epochs, self.num_patches, self.batch_size, self.save_every, self.val_every)
+            < 1
+        ):
+            raise FlexPatchError(
+                "rounds, epochs, num_patches, batch_size, save_every and val_every must be >= 1"
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise FlexPatchError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.hard_mining_order not in ("loss", "f1", "balance"):
             raise FlexPatchError(
                 f"hard_mining_order must be loss, f1 or balance, got {self.hard_mining_order!r}"
@@ -363,7 +373,14 @@ def train_patchwork(
     run = RunState()
     if saved:
         run = restore(saved, trainer, out_dir / RESUME)
-    states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in ds.training]
+    else:
+        (out_dir / BEST).unlink(missing_ok=True)  # an old run's best must not outlive it
+    cases, val_cases = list(ds.training), []
+    if config.val_fraction > 0:
+        cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
+    validator = Validator.load(val_cases, ds.ndim, values, ignore, config.batch_size) if val_cases else None
+    view = loaded_view(net, scheme, asdict(config), values, len(ds.channel_names), trainer.embedding, dev)
+    states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in cases]
     source = RoundSource(RoundJob(states, scheme, config), config.workers)
     start = time.perf_counter() - run.seconds()
     try:
@@ -376,12 +393,40 @@ def train_patchwork(
                 seconds = time.perf_counter() - start
                 run.log.append({"round": r, "loss": loss, "patches": len(run.pool), "seconds": seconds})
                 run.next_round = r + 1
-                if run.next_round % config.save_every == 0 or run.next_round == config.rounds:
+                last = run.next_round == config.rounds
+                if validator is not None and (run.next_round % config.val_every == 0 or last):
+                    validate_round(validator, view, trainer, run, out_dir)
+                if run.next_round % config.save_every == 0 or last:
                     save_resume(out_dir, trainer, config, run)
-                bar.update(task, advance=1, info=f"loss {loss:.3f} patches {len(run.pool)}")
+                bar.update(task, advance=1, info=round_info(run.log[-1]))
     finally:
         source.close()
-    return save_model(out_dir, net, trainer, config, ds, values, ignore, run.log)
+    return save_model(out_dir, net, trainer, config, ds, values, ignore, run)
+
+
+def round_info(entry: dict[str, Any]) -> str:
+    val = f" val Dice {entry['val_mean']:.3f}" if "val_mean" in entry else ""
+    return f"loss {entry['loss']:.3f} patches {entry['patches']}{val}"
+
+
+def weights(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "net": trainer.net.state_dict(),
+        "embedding": trainer.embedding.state_dict() if trainer.embedding else None,
+    }
+
+
+def validate_round(
+    validator: Validator, view: LoadedPatchwork, trainer: Trainer, run: RunState, out_dir: Path
+) -> None:
+    """Score the held-out cases; log Dice per label; keep the weights when the mean is the best yet."""
+    dice = validator.dice(view)
+    mean = mean_dice(dice)
+    run.log[-1].update(val_dice=dice, val_mean=mean)
+    if mean > run.best:
+        run.best = mean
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out_dir / BEST, {**weights(trainer), "round": run.log[-1]["round"], "val_mean": mean})
 
 
 @dataclass
@@ -392,6 +437,7 @@ class RunState:
     log: list[dict] = field(default_factory=list)
     pool: PatchPool | None = None
     scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    best: float = -1.0  # the best validation mean Dice so far
 
     def seconds(self) -> float:
         return self.log[-1]["seconds"] if self.log else 0.0
@@ -407,6 +453,7 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
         "generator": trainer.gen.get_state(),
         "next_round": run.next_round,
         "log": run.log,
+        "best": run.best,
     }
     # without hard mining the next round's pool is all new patches: a pure function of the round
     if config.hard_mining > 0 and run.pool is not None:
@@ -452,7 +499,7 @@ def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
     except (KeyError, RuntimeError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FlexPatchError(f"{path}: does not fit this patchwork ({reason})") from None
-    run = RunState(int(saved["next_round"]), list(saved["log"]))
+    run = RunState(int(saved["next_round"]), list(saved["log"]), best=float(saved["best"]))
     if "pool" in saved:
         pool = saved["pool"]
         run.pool, run.scores = PatchPool(pool["data"], pool["ages"]), pool["scores"]
@@ -501,7 +548,7 @@ def save_model(
     ds: DatasetInfo,
     values: list[int],
     ignore: int | None,
-    log: list[dict],
+    run: RunState,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {v: k for k, v in ds.labels.items()}
@@ -516,28 +563,14 @@ def save_model(
         "in_channels": len(ds.channel_names),
         "ndim": ds.ndim,
     }
-    state = {
-        "net": net.state_dict(),
-        "embedding": trainer.embedding.state_dict() if trainer.embedding else None,
-    }
-    save_checkpoint(out_dir / WEIGHTS, state)
-    save_json(out_dir / "log.json", log)
+    save_checkpoint(out_dir / WEIGHTS, weights(trainer))
+    save_json(out_dir / "log.json", run.log)
     save_json(out_dir / CONFIG, meta)  # last: its presence means the model folder is complete
+    log = run.log
     return {
         "out_dir": str(out_dir),
         "rounds": len(log),
         "last_loss": log[-1]["loss"] if log else None,
+        "best_val_dice": run.best if run.best >= 0 else None,
         "seconds": log[-1]["seconds"] if log else 0.0,
     }
-
-
-def is_patchwork(model_dir: str | Path) -> bool:
-    return (Path(model_dir) / CONFIG).is_file()
-
-
-def load_meta(model_dir: str | Path) -> dict[str, Any]:
-    path = Path(model_dir) / CONFIG
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise FlexPatchError(f"{path}: unreadable patchwork config ({err})") from None

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,14 +107,16 @@ def prepare(
     return plan, cases
 
 
-def split_cases(cases: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """A seeded train/validation split; a single case is used for both."""
+T = TypeVar("T")
+
+
+def split_cases(cases: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded train/validation split, each part in the given order; a single case is used for both."""
     if len(cases) < 2:
-        return cases, cases
+        return list(cases), list(cases)
     order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = max(1, round(fraction * len(cases)))
-    val = sorted(cases[i] for i in order[:n_val])
-    return [c for c in cases if c not in val], val
+    val = set(order[: max(1, round(fraction * len(cases)))].tolist())
+    return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
 
 def make_optimizer(

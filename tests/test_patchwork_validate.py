@@ -1,0 +1,66 @@
+"""Validation while a patchwork trains: held-out cases, Dice per label, the best round's weights (2D and 3D)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flexpatch.data.dataset import load_case, load_dataset
+from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+from flexpatch.patchwork.files import BEST
+from flexpatch.patchwork.train import PatchworkConfig, train_patchwork
+from flexpatch.train.loop import split_cases
+
+torch.set_num_threads(1)
+
+TINY = {"channels": 4, "levels": 2, "convs_per_level": 2}
+
+
+def _config(ndim: int, **extra: object) -> PatchworkConfig:
+    scheme = {"depth": 2, "matrix": [[8] * ndim], "fov_rel": [0.8] * ndim}
+    return PatchworkConfig(
+        scheme=scheme, block_options=TINY, rounds=3, num_patches=3, batch_size=4, workers=0, lr=3e-3, **extra
+    )
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice by its definition, NaN where the label is in neither (the metric's convention)."""
+    total = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_cells", "tiny_abdomen"])
+def test_validation_logs_dice_per_label_and_keeps_the_best_round(fixture, request, tmp_path):
+    ds_dir = request.getfixturevalue(fixture)
+    ndim = 2 if fixture == "tiny_cells" else 3
+    model = tmp_path / "model"
+    summary = train_patchwork(ds_dir, model, _config(ndim, val_fraction=0.25, val_every=1), "cpu", False)
+    log = json.loads((model / "log.json").read_text())
+    assert all("val_dice" in r for r in log)  # every round (val_every 1)
+    means = [r["val_mean"] for r in log]
+    best_round = int(np.nanargmax(means))
+    assert summary["best_val_dice"] == pytest.approx(means[best_round])
+    saved = torch.load(model / BEST, map_location="cpu", weights_only=False)
+    assert saved["round"] == best_round and saved["val_mean"] == pytest.approx(means[best_round])
+    # the logged Dice is what predicting the held-out case with the best weights gives, by definition
+    ds = load_dataset(ds_dir)
+    _, val = split_cases(list(ds.training), 0.25, 0)
+    assert len(val) == 1
+    image, label = load_case(val[0], ndim)
+    seg, _, _ = segment_volume(load_patchwork(model, "cpu"), image, ApplyOptions(batch_size=4))
+    for value, logged in log[best_round]["val_dice"].items():
+        expected = _dice(seg == int(value), label.data == int(value))
+        assert logged == pytest.approx(expected, abs=1e-6, nan_ok=True)
+
+
+def test_without_validation_there_is_no_best_and_predict_takes_the_last_weights(tiny_cells, tmp_path):
+    model = tmp_path / "model"
+    summary = train_patchwork(tiny_cells, model, _config(2, val_fraction=0.0), "cpu", False)
+    assert summary["best_val_dice"] is None and not (model / BEST).exists()
+    assert all("val_dice" not in r for r in json.loads((model / "log.json").read_text()))
+    last = torch.load(model / "patchwork.pt", map_location="cpu", weights_only=False)["net"]
+    loaded = load_patchwork(model, "cpu").net.state_dict()
+    assert all(torch.equal(last[k], loaded[k].cpu()) for k in last)
