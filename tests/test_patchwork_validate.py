@@ -1,4 +1,4 @@
-"""Validation while a patchwork trains: held-out cases, Dice per label, the best round's weights (2D and 3D)."""
+"""Validation while a patchwork trains: held-out cases, Dice per label, the best round's weights (2D, 3D)."""
 
 from __future__ import annotations
 
