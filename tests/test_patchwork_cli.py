@@ -267,23 +267,27 @@ def test_resume_continues_exactly_where_the_run_stopped(fixture, mining, request
     assert [r["patches"] for r in logs[0]] == [r["patches"] for r in logs[1]]
 
 
+def _tiny_2d() -> PatchworkConfig:
+    """One round of a two-level 2D patchwork: seconds to train."""
+    scheme = {"depth": 2, "matrix": [8, 8], "fov_rel": [0.8, 0.8]}
+    return PatchworkConfig(
+        scheme=scheme, block_options=TINY, rounds=1, num_patches=2, batch_size=2, workers=0
+    )
+
+
 def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_cells, tmp_path):
     from flexpatch.errors import FlexPatchError
     from flexpatch.patchwork.train import train_patchwork
 
     model = tmp_path / "model"
-    config = PatchworkConfig(
-        scheme={"depth": 2, "matrix": [8, 8], "fov_rel": [0.8, 0.8]}, block_options=TINY, rounds=1,
-        num_patches=2, batch_size=2, workers=0,
-    )  # fmt: skip
+    config = _tiny_2d()
     with pytest.raises(FlexPatchError, match="resume.pt: nothing to resume from"):
         train_patchwork(tiny_cells, model, config, device="cpu", progress=False, resume=True)
     train_patchwork(tiny_cells, model, config, device="cpu", progress=False)
     changed = PatchworkConfig(**{**config.__dict__, "lr": 0.01, "rounds": 2})
     with pytest.raises(FlexPatchError, match=r"different lr \(saved lr=0.001\)"):
         train_patchwork(tiny_cells, model, changed, device="cpu", progress=False, resume=True)
-    fewer = PatchworkConfig(**{**config.__dict__, "rounds": 0 + 1})
-    done = train_patchwork(tiny_cells, model, fewer, device="cpu", progress=False, resume=True)
+    done = train_patchwork(tiny_cells, model, config, device="cpu", progress=False, resume=True)
     assert done["rounds"] == 1  # nothing left to do: the saved model is written again, unchanged
 
 
@@ -291,10 +295,7 @@ def test_a_model_folder_this_version_cannot_read_is_one_line_and_exit_2(tiny_cel
     from flexpatch.patchwork.train import train_patchwork
 
     model = tmp_path / "model"
-    config = PatchworkConfig(
-        scheme={"depth": 2, "matrix": [8, 8], "fov_rel": [0.8, 0.8]}, block_options=TINY, rounds=1,
-        num_patches=2, batch_size=2, workers=0,
-    )  # fmt: skip
+    config = _tiny_2d()
     train_patchwork(tiny_cells, model, config, device="cpu", progress=False)
     meta = json.loads((model / CONFIG).read_text())
     meta["scheme"]["from_a_later_version"] = 1
