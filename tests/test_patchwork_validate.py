@@ -64,3 +64,55 @@ def test_without_validation_there_is_no_best_and_predict_takes_the_last_weights(
     last = torch.load(model / "patchwork.pt", map_location="cpu", weights_only=False)["net"]
     loaded = load_patchwork(model, "cpu").net.state_dict()
     assert all(torch.equal(last[k], loaded[k].cpu()) for k in last)
+
+
+def test_threshold_counts_match_a_comparison_per_threshold():
+    from flexpatch.patchwork.validate import THRESHOLDS, threshold_counts
+
+    rng = np.random.default_rng(0)
+    fg = rng.random((2, 30, 20)).astype(np.float32)
+    fg[0, 0, :5] = THRESHOLDS[:5]  # values exactly at a threshold count as >= it
+    label = rng.integers(0, 4, (30, 20))
+    care = label != 3  # 3 = don't care
+    got = threshold_counts(fg, label, [1, 2], care)
+    for i, v in enumerate([1, 2]):
+        truth = (label == v) & care
+        for j, t in enumerate(THRESHOLDS):
+            expected = [((fg[i] >= t) & truth).sum(), ((fg[i] >= t) & care).sum(), truth.sum()]
+            np.testing.assert_array_equal(got[i, j], expected)
+
+
+def test_best_threshold_is_where_the_dice_peaks():
+    from flexpatch.patchwork.validate import best_thresholds, threshold_counts
+
+    # label 1 is where the probability is 0.3 or 0.35; background voxels sit at 0.2: any threshold in
+    # (0.2, 0.3] separates them perfectly, and the first such candidate is 0.25
+    fg = np.array([[0.2, 0.2, 0.3, 0.35, 0.2, 0.3]])
+    label = np.array([0, 0, 1, 1, 0, 1])
+    counts = threshold_counts(fg, label, [1], np.ones(6, bool))
+    assert best_thresholds(counts) == [0.25]
+    # a label nobody holds or predicts keeps the default 0.5
+    assert best_thresholds(np.zeros((1, counts.shape[1], 3))) == [0.5]
+
+
+def test_mask_output_uses_the_validation_thresholds(tiny_cells, tmp_path):
+    model = tmp_path / "model"
+    train_patchwork(tiny_cells, model, _config(2, val_fraction=0.25, val_every=1), "cpu", False)
+    loaded = load_patchwork(model, "cpu")
+    saved = torch.load(model / BEST, map_location="cpu", weights_only=False)
+    assert loaded.thresholds == saved["thresholds"] and len(loaded.thresholds) == len(
+        loaded.meta["label_values"]
+    )
+    image, _ = load_case(load_dataset(tiny_cells).test[0], 2)
+    opts = ApplyOptions(batch_size=4)
+    probs, _, _ = segment_volume(loaded, image, opts, "float32")
+    mask, _, _ = segment_volume(loaded, image, opts, "mask")
+    np.testing.assert_array_equal(mask, (probs >= np.asarray(loaded.thresholds)).astype(np.uint8))
+    loaded.thresholds = [0.3]  # whatever validation found (this run's best round happened to pick 0.5)
+    mask, _, _ = segment_volume(loaded, image, opts, "mask")
+    np.testing.assert_array_equal(mask, (probs >= 0.3).astype(np.uint8))
+    mask, _, _ = segment_volume(loaded, image, opts, "mask:0.7")  # given thresholds win
+    np.testing.assert_array_equal(mask, (probs >= 0.7).astype(np.uint8))
+    loaded.thresholds = None  # no validation: 0.5, as DNP
+    mask, _, _ = segment_volume(loaded, image, opts, "mask")
+    np.testing.assert_array_equal(mask, (probs >= 0.5).astype(np.uint8))

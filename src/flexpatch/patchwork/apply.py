@@ -253,6 +253,7 @@ class LoadedPatchwork:
     meta: dict[str, Any]
     embedding: LabelEmbedding | None
     device: torch.device
+    thresholds: list[float] | None = None  # per label, tuned on the validation cases (DNP's mask default)
 
     @property
     def categorical(self) -> bool:
@@ -290,17 +291,15 @@ def load_patchwork(model_dir: str | Path, device: str = "auto", checkpoint: str 
         raise FlexPatchError(
             f"{Path(model_dir) / CONFIG}: not a patchwork this version can load ({reason})"
         ) from None
-    return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev)
+    return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev, state.get("thresholds"))
 
 
-def segment_volume(
-    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The output array (see :func:`to_output`), its world affine, and statistics."""
+def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Applied:
+    """The stitched probabilities (or embedding responses) of one volume on the output grid."""
     if volume.data.shape[0] != model.meta["in_channels"]:
         expected = model.meta["in_channels"]
         raise FlexPatchError(f"{volume.path}: {volume.data.shape[0]} channels, patchwork wants {expected}")
-    applied = apply_image(
+    return apply_image(
         model.net,
         volume.data,
         volume.affine,
@@ -312,15 +311,35 @@ def segment_volume(
         # with a label embedding the block outputs are features: rank patches by their class logits
         None if model.embedding is None else model.embedding.logits,
     )
+
+
+def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
+    """The atlas predict writes: the decoded label embedding, or the most probable label."""
+    values = model.meta["label_values"]
+    if model.embedding is not None:
+        idx = model.embedding.decode(values_out).cpu().numpy()
+        return np.array([0, *values])[idx].astype(np.int16)
+    return to_output(values_out.cpu(), "atlas", model.categorical, values)
+
+
+def segment_volume(
+    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The output array (see :func:`to_output`), its world affine, and statistics.
+
+    A plain ``mask`` uses the thresholds tuned on the validation cases when the model has them
+    (DNP's default), else 0.5; ``mask:0.4,0.5`` sets them.
+    """
+    if parse_out_type(out_type) == ("mask", None) and model.thresholds:
+        out_type = "mask:" + ",".join(f"{t:g}" for t in model.thresholds)
+    applied = stitched(model, volume, opts)
     values = model.meta["label_values"]
     if model.embedding is not None:
         if parse_out_type(out_type)[0] != "atlas":
             raise FlexPatchError(
                 "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
             )
-        idx = model.embedding.decode(applied.values).cpu().numpy()
-        table = np.array([0, *values])
-        array = table[idx].astype(np.int16)
+        array = label_map(model, applied.values)
     else:
         array = to_output(applied.values.cpu(), out_type, model.categorical, values)
     n = model.scheme.ndim

@@ -409,10 +409,12 @@ def round_info(entry: dict[str, Any]) -> str:
     return f"loss {entry['loss']:.3f} patches {entry['patches']}{val}"
 
 
-def weights(trainer: Trainer) -> dict[str, Any]:
+def weights(trainer: Trainer, run: RunState) -> dict[str, Any]:
+    """What predict loads: the weights, and the mask thresholds of the last validation, if any."""
     return {
         "net": trainer.net.state_dict(),
         "embedding": trainer.embedding.state_dict() if trainer.embedding else None,
+        "thresholds": run.thresholds,
     }
 
 
@@ -420,13 +422,14 @@ def validate_round(
     validator: Validator, view: LoadedPatchwork, trainer: Trainer, run: RunState, out_dir: Path
 ) -> None:
     """Score the held-out cases; log Dice per label; keep the weights when the mean is the best yet."""
-    dice = validator.dice(view)
+    dice, run.thresholds = validator.score(view)
     mean = mean_dice(dice)
-    run.log[-1].update(val_dice=dice, val_mean=mean)
+    run.log[-1].update(val_dice=dice, val_mean=mean, thresholds=run.thresholds)
     if mean > run.best:
         run.best = mean
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out_dir / BEST, {**weights(trainer), "round": run.log[-1]["round"], "val_mean": mean})
+        best = {**weights(trainer, run), "round": run.log[-1]["round"], "val_mean": mean}
+        save_checkpoint(out_dir / BEST, best)
 
 
 @dataclass
@@ -438,6 +441,7 @@ class RunState:
     pool: PatchPool | None = None
     scores: tuple[torch.Tensor, torch.Tensor] | None = None
     best: float = -1.0  # the best validation mean Dice so far
+    thresholds: list[float] | None = None  # the mask thresholds tuned by the last validation
 
     def seconds(self) -> float:
         return self.log[-1]["seconds"] if self.log else 0.0
@@ -454,6 +458,7 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
         "next_round": run.next_round,
         "log": run.log,
         "best": run.best,
+        "thresholds": run.thresholds,
     }
     # without hard mining the next round's pool is all new patches: a pure function of the round
     if config.hard_mining > 0 and run.pool is not None:
@@ -500,6 +505,7 @@ def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FlexPatchError(f"{path}: does not fit this patchwork ({reason})") from None
     run = RunState(int(saved["next_round"]), list(saved["log"]), best=float(saved["best"]))
+    run.thresholds = saved["thresholds"]
     if "pool" in saved:
         pool = saved["pool"]
         run.pool, run.scores = PatchPool(pool["data"], pool["ages"]), pool["scores"]
@@ -563,7 +569,7 @@ def save_model(
         "in_channels": len(ds.channel_names),
         "ndim": ds.ndim,
     }
-    save_checkpoint(out_dir / WEIGHTS, weights(trainer))
+    save_checkpoint(out_dir / WEIGHTS, weights(trainer, run))
     save_json(out_dir / "log.json", run.log)
     save_json(out_dir / CONFIG, meta)  # last: its presence means the model folder is complete
     log = run.log

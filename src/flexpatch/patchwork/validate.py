@@ -4,7 +4,8 @@ The held-out share follows the core trainer (``val_fraction``, the same seeded s
 ``val_every`` rounds and after the last one the whole cases are segmented with the default
 application options (tree generation, no lazy evaluation) and scored with the same metric as
 ``flexpatch evaluate``. The best round's weights are kept beside the last ones, as nnU-Net and
-the core trainer keep ``model_best.pt``.
+the core trainer keep ``model_best.pt``; with them, each label's mask threshold that maximises the
+validation Dice (DNP: ``mask`` outputs use "the optimal threshold on the validation set").
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import Volume
 from flexpatch.evaluate.metrics import segmentation_metrics
-from flexpatch.patchwork.apply import ApplyOptions, LoadedPatchwork, segment_volume
+from flexpatch.patchwork.apply import ApplyOptions, LoadedPatchwork, label_map, stitched
+from flexpatch.patchwork.losses import LabelEmbedding
+from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.scheme import Scheme
 
 
 @dataclass
@@ -38,19 +43,61 @@ class Validator:
             [(img, lab.data) for img, lab in loaded], values, ignore, ApplyOptions(batch_size=batch_size)
         )
 
-    def dice(self, model: LoadedPatchwork) -> dict[str, float]:
+    def score(self, model: LoadedPatchwork) -> tuple[dict[str, float], list[float] | None]:
         """Mean Dice per label value over the cases (a label absent from a case and its prediction is
-        skipped there); the network is left in eval mode."""
+        skipped there), and the mask threshold per label that maximises the Dice over all cases
+        (None for a label embedding, whose outputs are no probabilities). Leaves the net in eval mode."""
         model.net.eval()
         scores: dict[int, list[float]] = {v: [] for v in self.values}
+        counts = np.zeros((len(self.values), len(THRESHOLDS), 3))  # hits, predicted, labelled
         for image, label in self.cases:
-            seg, _, _ = segment_volume(model, image, self.opts)
-            if self.ignore is not None:
-                seg = np.where(label == self.ignore, self.ignore, seg)
-            metrics = segmentation_metrics(seg, label, self.values, hd95=False)
+            applied = stitched(model, image, self.opts)
+            seg = label_map(model, applied.values)
+            care = np.ones(label.shape, bool) if self.ignore is None else label != self.ignore
+            metrics = segmentation_metrics(np.where(care, seg, -1), label, self.values, hd95=False)
             for v in self.values:
                 scores[v].append(metrics[v]["dice"])
-        return {str(v): _nanmean(d) for v, d in scores.items()}
+            if model.embedding is None:
+                fg = applied.values.cpu().numpy()[int(model.categorical) :]
+                counts += threshold_counts(fg, label, self.values, care)
+        dice = {str(v): _nanmean(d) for v, d in scores.items()}
+        return dice, None if model.embedding is not None else best_thresholds(counts)
+
+
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # the candidates for each label's mask threshold
+
+
+def threshold_counts(fg: np.ndarray, label: np.ndarray, values: list[int], care: np.ndarray) -> np.ndarray:
+    """``(labels, thresholds, 3)``: voxels in mask and label, in the mask, in the label, per threshold."""
+    out = np.zeros((len(values), len(THRESHOLDS), 3))
+    for i, v in enumerate(values):
+        truth = (label == v) & care
+        out[i, :, 0] = _at_least(fg[i][truth])
+        out[i, :, 1] = _at_least(fg[i][care])
+        out[i, :, 2] = truth.sum()
+    return out
+
+
+def _at_least(p: np.ndarray) -> np.ndarray:
+    """How many of ``p`` are >= each threshold, in one pass (not one comparison per threshold)."""
+    below_or_at = np.searchsorted(THRESHOLDS, p, side="right")  # thresholds <= each value
+    hist = np.bincount(below_or_at.ravel(), minlength=len(THRESHOLDS) + 1)
+    return hist[::-1].cumsum()[::-1][1:]
+
+
+def best_thresholds(counts: np.ndarray) -> list[float]:
+    """Per label, the threshold of the highest Dice 2 hits / (predicted + labelled) over all cases;
+    0.5 for a label no case holds or predicts (its Dice says nothing)."""
+    out = []
+    for label_counts in counts:
+        hits, predicted, labelled = label_counts.T
+        total = predicted + labelled
+        if not total.any():
+            out.append(0.5)
+            continue
+        dice = np.where(total > 0, 2 * hits / np.maximum(total, 1), 0.0)
+        out.append(float(THRESHOLDS[int(np.argmax(dice))]))
+    return out
 
 
 def _nanmean(values: list[float]) -> float:
@@ -62,8 +109,15 @@ def mean_dice(dice: dict[str, float]) -> float:
     return _nanmean(list(dice.values()))
 
 
-def loaded_view(net: Any, scheme: Any, config: dict[str, Any], values: list[int], channels: int,
-                embedding: Any, device: Any) -> LoadedPatchwork:  # fmt: skip
-    """The training network seen as a loaded model, so validation applies it exactly as predict."""
+def loaded_view(
+    net: PatchworkNet,
+    scheme: Scheme,
+    config: dict[str, Any],
+    values: list[int],
+    channels: int,
+    embedding: LabelEmbedding | None,
+    device: torch.device,
+) -> LoadedPatchwork:
+    """The training network seen as a loaded model (the same object), so validation applies it as predict."""
     meta = {"config": config, "label_values": values, "in_channels": channels}
     return LoadedPatchwork(net, scheme, meta, embedding, device)
