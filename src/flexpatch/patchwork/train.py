@@ -3,8 +3,9 @@
 The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per training image;
 the inner loop (``epochs``) runs gradient steps over that set in batches. Drawing round r+1
 runs in worker processes while round r trains (``workers`` > 0), and is a pure function of
-(seed, round, case), so a run replays exactly with or without workers. After every round the
-run's state goes to ``resume.pt``, from which ``resume`` continues exactly where it stopped.
+(seed, round, case), so a run replays exactly with or without workers. Every ``save_every``
+rounds the run's state goes to ``resume.pt``, from which ``resume`` continues exactly where it
+stopped.
 """
 
 from __future__ import annotations
@@ -355,10 +356,12 @@ def train_patchwork(
     progress: bool = True,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Train a patchwork on every training case of a dataset; write ``patchwork.json`` and weights.
+    """Train a patchwork on a dataset's training cases; write ``patchwork.json`` and the weights.
 
-    With ``resume``, continue from ``out_dir/resume.pt`` (written after every round) with its saved
-    config; a given ``config`` must equal it but for ``rounds`` (to train longer) and ``workers``.
+    ``config.val_fraction`` of the cases are held out and scored every ``val_every`` rounds (see
+    :mod:`flexpatch.patchwork.validate`). With ``resume``, continue from ``out_dir/resume.pt``
+    (written every ``save_every`` rounds) with its saved config; a given ``config`` must equal it
+    but for :data:`RESUME_FREE` (``rounds`` to train longer, ``workers``, ``save_every``, ``val_every``).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     saved = load_resume(out_dir, config) if resume else None
