@@ -197,10 +197,11 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork."""
+    from flexpatch.patchwork.files import RESUME
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
-    if patchwork or (resume and (out / "resume.pt").is_file()):
+    if patchwork or (resume and (out / RESUME).is_file()):
         from flexpatch.cli_patchwork import resume_cli, train_cli
 
         if resume:  # as the core trainer: the saved config, only longer (--rounds) or with other workers
