@@ -111,7 +111,7 @@ def phantom(work: Path, mode: Mode) -> Path:
 
 
 def pw_config(mode: Mode, rounds: int) -> Any:
-    from flexpatch.patchwork.train import PatchworkConfig
+    from flexpatch.patchwork.config import PatchworkConfig
 
     return PatchworkConfig(
         scheme={

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 from flexpatch.cli import app
 from flexpatch.data.io import read_image
+from flexpatch.patchwork.config import PatchworkConfig
+from flexpatch.patchwork.files import CONFIG
 from flexpatch.patchwork.outputs import read_label_names
-from flexpatch.patchwork.train import CONFIG, PatchworkConfig, RoundJob, RoundSource, label_table, load_state
+from flexpatch.patchwork.rounds import RoundJob, RoundSource, label_table, load_state
 
 torch.set_num_threads(1)
 

@@ -10,8 +10,9 @@ import torch
 
 from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import BEST
-from flexpatch.patchwork.train import PatchworkConfig, train_patchwork
+from flexpatch.patchwork.train import train_patchwork
 from flexpatch.train.loop import split_cases
 
 torch.set_num_threads(1)

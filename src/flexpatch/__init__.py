@@ -32,7 +32,7 @@ _LAZY = {
     "make_phantom": "flexpatch.data.phantom",
     "evaluate_folders": "flexpatch.evaluate.metrics",
     "segmentation_metrics": "flexpatch.evaluate.metrics",
-    "PatchworkConfig": "flexpatch.patchwork.train",
+    "PatchworkConfig": "flexpatch.patchwork.config",
     "train_patchwork": "flexpatch.patchwork.train",
     "ApplyOptions": "flexpatch.patchwork.apply",
     "load_patchwork": "flexpatch.patchwork.apply",

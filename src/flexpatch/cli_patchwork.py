@@ -32,7 +32,7 @@ def read_options(path: Path | None) -> dict[str, Any]:
 
 def make_config(flags: dict[str, Any], options: dict[str, Any]) -> Any:
     """A PatchworkConfig from the command-line flags (None = not given) over the options file."""
-    from flexpatch.patchwork.train import PatchworkConfig
+    from flexpatch.patchwork.config import PatchworkConfig
 
     known = {f.name for f in dataclasses.fields(PatchworkConfig)}
     merged = {**options, **{k: v for k, v in flags.items() if v is not None}}

@@ -1,9 +1,8 @@
 """Training a deep neural patchwork: rounds of patch sets, gradient passes over them, hard mining.
 
-The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per training image;
-the inner loop (``epochs``) runs gradient steps over that set in batches. Drawing round r+1
-runs in worker processes while round r trains (``workers`` > 0), and is a pure function of
-(seed, round, case), so a run replays exactly with or without workers. Every ``save_every``
+The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per training image
+(:mod:`flexpatch.patchwork.rounds`, in worker processes while the previous round trains); the
+inner loop (``epochs``) runs gradient steps over that set in batches. Every ``save_every``
 rounds the run's state goes to ``resume.pt``, from which ``resume`` continues exactly where it
 stopped.
 """
@@ -12,27 +11,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset
+from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.models.registry import check_trainable
-from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.apply import LoadedPatchwork
-from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS, is_patchwork, load_meta  # noqa: F401
+from flexpatch.patchwork.config import PatchworkConfig
+from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS
 from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
 from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, count_labels
 from flexpatch.patchwork.model import PatchworkNet
-from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_table, load_state
+from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
@@ -40,212 +37,6 @@ from flexpatch.train.loop import split_cases
 
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
 RESUME_FREE = ("rounds", "workers", "save_every", "val_every")
-IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
-
-
-@dataclass
-class PatchworkConfig:
-    """Everything a patchwork run needs besides the data (written to ``patchwork.json``).
-
-    ``scheme`` holds the :class:`Scheme` options; the rest mirrors DNP's PatchWorkModel and
-    training options (seed 04, section "Application interface").
-    """
-
-    scheme: dict[str, Any] = field(default_factory=dict)
-    block: str = "unet"
-    block_options: dict[str, Any] = field(default_factory=dict)
-    identical_blocks: bool = False
-    intermediate_out: int = 0
-    intermediate_loss: bool = True
-    batch_dice: bool = True
-    forward_type: str = "concat"
-    final_block: bool = False
-    categorical: bool = True
-    labels: list[int] | None = None
-    dontcare: int | None = None
-    embedding_dim: int = 0
-    num_sampled: int = 16
-    rounds: int = 20
-    epochs: int = 1
-    num_patches: int = 16
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    ratio: float = 0.5
-    label_weight: list[float] | None = None
-    autoweight: float | None = None
-    hard_mining: float = 0.0
-    hard_mining_order: str = "loss"
-    hard_mining_maxage: int = 50
-    dphi: float = 0.0
-    flip: list[int] = field(default_factory=list)
-    dscale: float = 0.0
-    independent_augmentation: bool = True
-    workers: int = 1
-    save_every: int = 5  # rounds between resume checkpoints (and after the last round)
-    val_fraction: float = 0.2  # cases held out for validation, as the core trainer (0: none)
-    val_every: int = 10  # rounds between validations (and after the last round)
-    seed: int = 0
-
-    def scheme_obj(self, ndim: int) -> Scheme:
-        return Scheme.from_json({**self.scheme, "ndim": ndim})
-
-    def augment(self) -> generate.Augment:
-        return generate.Augment(self.dphi, tuple(self.flip), self.dscale, self.independent_augmentation)
-
-    def check(self) -> None:
-        if (
-            min(self.rounds, self.epochs, self.num_patches, self.batch_size, self.save_every, self.val_every)
-            < 1
-        ):
-            raise FlexPatchError(
-                "rounds, epochs, num_patches, batch_size, save_every and val_every must be >= 1"
-            )
-        if not 0 <= self.val_fraction < 1:
-            raise FlexPatchError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.hard_mining_order not in ("loss", "f1", "balance"):
-            raise FlexPatchError(
-                f"hard_mining_order must be loss, f1 or balance, got {self.hard_mining_order!r}"
-            )
-        if self.embedding_dim and not self.categorical:
-            raise FlexPatchError("label embedding (candidate sampling) needs categorical labels")
-
-
-@dataclass
-class CaseState:
-    """One training image ready for cropping: per-level sources, labels, sampler."""
-
-    geom: Geometry
-    widths: list[np.ndarray]
-    sources: list[torch.Tensor]
-    label: torch.Tensor
-    sampler: generate.CentreSampler
-
-
-def label_table(ds: DatasetInfo, config: PatchworkConfig) -> tuple[list[int], int | None]:
-    """The label values learnt (channel order) and the "don't care" value, if any.
-
-    Default: every declared label but background; a label named ``ignore`` (nnU-Net's
-    convention) is the don't-care value unless ``config.dontcare`` names another.
-    """
-    ignore = config.dontcare if config.dontcare is not None else ds.labels.get("ignore")
-    values = config.labels or sorted(v for k, v in ds.labels.items() if v != 0 and k != "ignore")
-    if not values:
-        raise FlexPatchError(f"{ds.root / 'dataset.json'}: no foreground labels to learn")
-    return [int(v) for v in values], ignore
-
-
-def remap_labels(label: np.ndarray, values: Sequence[int], ignore: int | None) -> np.ndarray:
-    """Label values -> channel indices 1..K (others 0); the don't-care value -> -1."""
-    out = np.zeros(label.shape, dtype=np.int64)
-    for i, v in enumerate(values, start=1):
-        out[label == v] = i
-    if ignore is not None:
-        out[label == ignore] = IGNORE
-    return out
-
-
-def load_state(
-    case: Any, ndim: int, scheme: Scheme, config: PatchworkConfig, values: list[int], ignore: int | None
-) -> CaseState:
-    image, label = load_case(case, ndim)
-    if label is None:
-        raise FlexPatchError(f"{case.images[0]}: a training case without a label map")
-    geom = Geometry.of(image.spatial_shape, image.affine, scheme.system)
-    widths = level_widths(scheme, geom)
-    sources = crop.level_sources(image.data, scheme, undersampling(scheme, geom, widths))
-    lab = remap_labels(label.data, values, ignore)
-    sampler = generate.CentreSampler(
-        geom, np.clip(lab, 0, None), config.ratio, config.label_weight, config.autoweight
-    )
-    return CaseState(geom, widths, sources, torch.from_numpy(lab), sampler)
-
-
-def draw_case(
-    state: CaseState, scheme: Scheme, config: PatchworkConfig, round_idx: int, case_idx: int
-) -> dict[str, torch.Tensor]:
-    """One image's patch set for a round: crops, labels and parent affines per level."""
-    rng = np.random.default_rng((config.seed, round_idx, case_idx))
-    levels = generate.draw_chains(
-        scheme, state.geom, state.widths, config.num_patches, rng, state.sampler, config.augment()
-    )
-    out: dict[str, torch.Tensor] = {}
-    for k, level in enumerate(levels):
-        m = scheme.matrix[k]
-        out[f"x{k}"] = crop.crop_image(state.sources[k], level.affine, m, scheme)
-        out[f"y{k}"] = crop.crop_label(state.label, level.affine, m)
-        if k:
-            rel = generate.relative_affines(levels[k - 1].affine[level.parent], level.affine)
-            out[f"rel{k}"] = torch.from_numpy(rel).float()
-    return out
-
-
-@dataclass
-class RoundJob:
-    """What drawing a round needs: every image's state, the scheme and the config."""
-
-    states: list[CaseState]
-    scheme: Scheme
-    config: PatchworkConfig
-
-    def draw(self, round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
-        return draw_case(self.states[case_idx], self.scheme, self.config, round_idx, case_idx)
-
-
-# Worker processes get the job by fork (copy-on-write), not by pickling 256^3 volumes.
-_JOB: RoundJob | None = None
-
-
-def _draw_in_worker(round_idx: int, case_idx: int) -> dict[str, torch.Tensor]:
-    if _JOB is None:
-        raise RuntimeError("patchwork worker started without a round job")
-    return _JOB.draw(round_idx, case_idx)
-
-
-def _worker_init() -> None:
-    # A forked child must not enter the OpenMP pool its parent already started (it would hang in
-    # libgomp); one thread per worker is also what torch's DataLoader workers use.
-    torch.set_num_threads(1)
-
-
-def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-class RoundSource:
-    """Patch sets per round, drawn ahead by ``workers`` processes (one task per image), or inline.
-
-    The next round is cropped while the current one trains; images are concatenated in case
-    order, so the set is the same whatever the number of workers.
-    """
-
-    def __init__(self, job: RoundJob, workers: int) -> None:
-        global _JOB
-        _JOB = job  # set before the pool forks its workers (lazily, at the first submit)
-        self.job = job
-        self.pool = (
-            ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"), initializer=_worker_init)
-            if workers > 0
-            else None
-        )
-        self.pending: dict[int, list[Future]] = {}
-
-    def prefetch(self, round_idx: int) -> None:
-        if self.pool is not None and round_idx not in self.pending:
-            cases = range(len(self.job.states))
-            self.pending[round_idx] = [self.pool.submit(_draw_in_worker, round_idx, i) for i in cases]
-
-    def get(self, round_idx: int) -> dict[str, torch.Tensor]:
-        if self.pool is None:
-            return _concat([self.job.draw(round_idx, i) for i in range(len(self.job.states))])
-        self.prefetch(round_idx)
-        return _concat([f.result() for f in self.pending.pop(round_idx)])
-
-    def close(self) -> None:
-        global _JOB
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-        _JOB = None
 
 
 def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_labels: int) -> PatchworkNet:
