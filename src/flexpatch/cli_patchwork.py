@@ -69,11 +69,12 @@ def train_cli(
 
 def resume_cli(dataset_dir: Path, out: Path, device: str, as_json: bool, **overrides: Any) -> None:
     """``train --resume`` of a patchwork: its saved config, with ``rounds``/``workers`` when given."""
-    from flexpatch.patchwork.train import load_resume, train_patchwork
+    from flexpatch.patchwork.train import train_patchwork
 
-    config = load_resume(out, None)["config"]
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    result = train_patchwork(dataset_dir, out, config, device=device, progress=not as_json, resume=True)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    result = train_patchwork(
+        dataset_dir, out, None, device=device, progress=not as_json, resume=True, changes=changes
+    )
     _report(result, as_json)
 
 

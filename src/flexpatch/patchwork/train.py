@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,16 +146,18 @@ def train_patchwork(
     device: str = "auto",
     progress: bool = True,
     resume: bool = False,
+    changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a patchwork on a dataset's training cases; write ``patchwork.json`` and the weights.
 
     ``config.val_fraction`` of the cases are held out and scored every ``val_every`` rounds (see
     :mod:`flexpatch.patchwork.validate`). With ``resume``, continue from ``out_dir/resume.pt``
     (written every ``save_every`` rounds) with its saved config; a given ``config`` must equal it
-    but for :data:`RESUME_FREE` (``rounds`` to train longer, ``workers``, ``save_every``, ``val_every``).
+    but for :data:`RESUME_FREE` (``rounds`` to train longer, ``workers``, ``save_every``, ``val_every``);
+    without one, ``changes`` may set those on the saved config (the checkpoint is read once).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    saved = load_resume(out_dir, config) if resume else None
+    saved = load_resume(out_dir, config, changes) if resume else None
     config = saved["config"] if saved else (config or PatchworkConfig())
     ds = check_training_inputs(dataset_dir, out_dir, config)
     dev = resolve_device(device)
@@ -261,8 +263,11 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
     save_checkpoint(out_dir / RESUME, state)
 
 
-def load_resume(out_dir: Path, config: PatchworkConfig | None) -> dict[str, Any]:
-    """The saved run state, with its config checked against a given one (``RESUME_FREE`` may differ)."""
+def load_resume(
+    out_dir: Path, config: PatchworkConfig | None, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The saved run state, with its config checked against a given one (``RESUME_FREE`` may differ);
+    without one, the saved config with ``changes`` (``RESUME_FREE`` settings only) is the run's."""
     path = out_dir / RESUME
     if not path.is_file():
         raise FlexPatchError(f"{path}: nothing to resume from")
@@ -272,8 +277,10 @@ def load_resume(out_dir: Path, config: PatchworkConfig | None) -> dict[str, Any]
     except (KeyError, TypeError) as err:
         raise FlexPatchError(f"{path}: not a patchwork resume checkpoint ({err})") from None
     if config is None:
-        saved["config"] = theirs
-        return saved
+        not_free = sorted(set(changes or {}) - set(RESUME_FREE))
+        if not_free:
+            raise FlexPatchError(f"{path}: a resumed run cannot change {', '.join(not_free)}")
+        config = replace(theirs, **(changes or {}))
     ours, old = (json.loads(json.dumps(asdict(c))) for c in (config, theirs))
     changed = [k for k in ours if k not in RESUME_FREE and ours[k] != old[k]]
     if changed:
