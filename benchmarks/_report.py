@@ -29,6 +29,10 @@ def render_section(key: str, title: str, body_markdown: str, command: str, devic
     start, end = _markers(key)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = f"- Date: {date}\n- Device: {device}\n- Command: `{command}`"
+    # how the run shared its machine (e.g. concurrent benchmarks on one GPU) changes its timings,
+    # so whoever launches the run can state it here: FLEXPATCH_BENCH_NOTE="..."
+    if note := os.environ.get("FLEXPATCH_BENCH_NOTE", "").strip():
+        meta += f"\n- Note: {note}"
     return f"{start}\n## {title}\n\n{meta}\n\n{body_markdown.strip()}\n{end}"
 
 
