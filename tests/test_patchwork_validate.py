@@ -117,3 +117,13 @@ def test_mask_output_uses_the_validation_thresholds(tiny_cells, tmp_path):
     loaded.thresholds = None  # no validation: 0.5, as DNP
     mask, _, _ = segment_volume(loaded, image, opts, "mask")
     np.testing.assert_array_equal(mask, (probs >= 0.5).astype(np.uint8))
+
+
+def test_ignored_voxels_of_a_uint8_atlas_become_minus_one_not_a_label() -> None:
+    from flexpatch.patchwork.validate import outside_as
+
+    seg = np.array([[0, 255], [3, 255]], np.uint8)  # an atlas as label_map writes it
+    care = np.array([[True, False], [True, True]])
+    out = outside_as(seg, care)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, [[0, -1], [3, 255]])

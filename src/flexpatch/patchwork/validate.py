@@ -54,7 +54,7 @@ class Validator:
             applied = stitched(model, image, self.opts)
             seg = label_map(model, applied.values)
             care = np.ones(label.shape, bool) if self.ignore is None else label != self.ignore
-            metrics = segmentation_metrics(np.where(care, seg, -1), label, self.values, hd95=False)
+            metrics = segmentation_metrics(outside_as(seg, care), label, self.values, hd95=False)
             for v in self.values:
                 scores[v].append(metrics[v]["dice"])
             if model.embedding is None:
@@ -62,6 +62,12 @@ class Validator:
                 counts += threshold_counts(fg, label, self.values, care)
         dice = {str(v): _nanmean(d) for v, d in scores.items()}
         return dice, None if model.embedding is not None else best_thresholds(counts)
+
+
+def outside_as(seg: np.ndarray, care: np.ndarray, fill: int = -1) -> np.ndarray:
+    """``seg`` with ``fill`` where ``care`` is False, as int32: atlases are uint8, which cannot hold -1
+    (NumPy 2.4 wraps it to 255, a valid label value; 2.5 raises OverflowError)."""
+    return np.where(care, seg.astype(np.int32, copy=False), np.int32(fill))
 
 
 THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)  # the candidates for each label's mask threshold
