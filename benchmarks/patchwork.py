@@ -134,6 +134,8 @@ def pw_config(mode: Mode, rounds: int) -> Any:
     )
 
 
+CALIBRATION_ROUNDS = 5  # patchwork rounds of the timing run
+CALIBRATION_SHARE = 0.04  # U-Nets: the second timing run's share of the training budget
 ONE_STEP = {"on": False}  # --one-step: stop after each new training (one unit of work per call)
 
 
@@ -158,10 +160,10 @@ def train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
 def _train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     from flexpatch.patchwork.train import train_patchwork as run
 
-    # rounds 2 and 3 time the steady state (round 1 also forks the workers and crops inline)
-    run(ds, out / "calibrate", pw_config(mode, 3), device=device, progress=False)
+    # rounds 2 to 5 time the steady state (round 1 also forks the workers and crops inline)
+    run(ds, out / "calibrate", pw_config(mode, CALIBRATION_ROUNDS), device=device, progress=False)
     log = json.loads((out / "calibrate" / "log.json").read_text())
-    per_round = (log[2]["seconds"] - log[0]["seconds"]) / 2
+    per_round = (log[-1]["seconds"] - log[0]["seconds"]) / (CALIBRATION_ROUNDS - 1)
     rounds = max(2, int(mode.budget / per_round))
     done = run(ds, out / "model", pw_config(mode, rounds), device=device, progress=True)
     return Result("patchwork", done["seconds"], rounds)
@@ -190,10 +192,17 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
             sampling="per_class",
         )
 
-    # the difference of two short runs times the steady state (no start-up, no validation)
-    short = train(ds, out / "calibrate2", config(10**6), device=device, progress=False, stop_after=2)
-    longer = train(ds, out / "calibrate7", config(10**6), device=device, progress=False, stop_after=7)
-    steps = max(4, int(mode.budget / max((longer.seconds - short.seconds) / 5, 1e-3)))
+    # The difference of two runs times the steady state (no start-up, no validation). Five steps
+    # were too few on an H100 (0.2 s of warm-up noise: the full mode's 32^3 U-Net trained 69 s of
+    # a 240 s budget), so a rough rate from them sizes a second probe of about 4% of the budget.
+    def seconds(steps: int) -> float:
+        folder = out / f"calibrate{steps}"
+        return train(ds, folder, config(10**6), device=device, progress=False, stop_after=steps).seconds
+
+    short = seconds(2)
+    rough = max((seconds(7) - short) / 5, 1e-4)
+    extra = min(max(10, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
+    steps = max(4, int(mode.budget / max((seconds(2 + extra) - short) / extra, 1e-4)))
     done = train(ds, out / "model", config(steps), device=device, progress=True)
     return Result(f"U-Net {patch}^3", done.seconds, steps)
 
@@ -328,6 +337,14 @@ def targets(results: list[Result], large: str) -> str:
         f"- Patchwork peak memory {pw.peak_mib:.0f} MiB = {pw.peak_mib / big.peak_mib:.2f}x of {large} "
         f"(target <= 0.25): **{'met' if pw.peak_mib <= 0.25 * big.peak_mib else 'missed'}**",
     ]
+    trained = {r.method: r.train_seconds for r in results if not r.method.startswith("patchwork ")}
+    if max(trained.values()) > 1.25 * min(trained.values()):
+        # calibration extrapolates from a short run, and a shared or warming machine can mislead it
+        lines.append(
+            "- Training times differ by more than 25% ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in trained.items())
+            + "): the comparison is not at equal budget"
+        )
     for r in results:
         if r.method.startswith("patchwork lazy"):
             speed = pw.infer_seconds / r.infer_seconds

@@ -9,7 +9,7 @@ inference seconds per image and peak memory into BENCHMARKS.md, with a PNG plot 
 issue's target (cells at S = 32: cascade Dice >= baseline + 0.20, with higher recall).
 
     python benchmarks/segment_then_segment.py --mode quick   # CPU, < 10 min on 2 cores
-    python benchmarks/segment_then_segment.py --mode full    # one GPU, every S
+    python benchmarks/segment_then_segment.py --mode full    # one GPU, every S; call again to go on
     python benchmarks/segment_then_segment.py --smoke        # seconds; writes under .bench/ only
 """
 
@@ -257,8 +257,11 @@ def score(
     return out
 
 
-def run_task(task: Task, mode: str, work: Path, device: torch.device) -> list[dict]:
-    """Train one cascade per S and score both methods; one row per (S, method)."""
+def run_task(task: Task, mode: str, work: Path, device: torch.device, fresh: bool = False) -> list[dict]:
+    """Train one cascade per S and score both methods; one row per (S, method).
+
+    The rows of each finished S are kept beside its models and reused while the task, the
+    cascade's settings and the device type stay the same (``fresh``: train every S again)."""
     data = make_data(task, work)
     rows = []
     for size in task.sizes:
@@ -272,12 +275,31 @@ def run_task(task: Task, mode: str, work: Path, device: torch.device) -> list[di
             model_kwargs=MODEL_KWARGS[mode],
             seed=0,
         )
-        trained = train_cascade(data, work / f"{task.kind}_S{size}", config, device=str(device))
+        folder = work / f"{task.kind}_S{size}"
+        # a finished S is kept (rows.json), so a mode can run over several time-limited calls
+        key = json.loads(json.dumps({"task": asdict(task), "config": asdict(config), "device": device.type}))
+        done = folder / "rows.json"
+        if fresh:
+            done.unlink(missing_ok=True)
+        if done.is_file() and (saved := json.loads(done.read_text()))["key"] == key:
+            rows += saved["rows"]
+            continue
+        trained = train_cascade(data, folder, config, device=str(device))
         cascade = load_cascade(trained["model_dir"], device=str(device))
         val = {"baseline": trained["baseline_val_dice"], "cascade": trained["best_val_dice"]}
-        for method, res in score(cascade, list(load_dataset(data).test), task.ndim, device).items():
-            rows.append({"task": task.name, "S": size, "method": method, **res, "val_dice": val[method]})
-            rows[-1]["train_s"] = trained["seconds"]
+        new = [
+            {
+                "task": task.name,
+                "S": size,
+                "method": method,
+                **res,
+                "val_dice": val[method],
+                "train_s": trained["seconds"],
+            }
+            for method, res in score(cascade, list(load_dataset(data).test), task.ndim, device).items()
+        ]
+        save_json(done, {"key": key, "rows": new})
+        rows += new
     return rows
 
 
@@ -380,6 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=str(ROOT / ".bench" / "sts"), help="scratch folder")
     p.add_argument("--out", help="Markdown file (default BENCHMARKS.md; smoke: WORK/smoke/BENCHMARKS.md)")
+    p.add_argument("--fresh", action="store_true", help="train every S again (default: keep finished ones)")
     for hidden in ("--memory-child", "--method", "--ndim"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--images", nargs="+", help=argparse.SUPPRESS)
@@ -391,7 +414,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = True  # every input is S per axis: one autotuning per S
     work = Path(args.work) / mode
-    rows = [row for task in MODES[mode] for row in run_task(task, mode, work, device)]
+    rows = [row for task in MODES[mode] for row in run_task(task, mode, work, device, args.fresh)]
     save_json(work / "results.json", {"mode": mode, "tasks": [asdict(t) for t in MODES[mode]], "rows": rows})
     out = Path(args.out) if args.out else (work / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md")
     png = plot(

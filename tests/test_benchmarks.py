@@ -7,6 +7,7 @@ fails here rather than on a lent GPU. Smoke runs write under their --work folder
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,26 @@ def test_smoke_mode_runs_and_reports_without_touching_the_recorded_results(scrip
     text = reports[0].read_text()
     assert "| " in text and "target" in text.lower()  # a table and the targets' verdicts
     assert _tracked_outputs() == before, f"{script} --smoke rewrote BENCHMARKS.md or a committed figure"
+
+
+def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
+    """A mode that outlasts one time-limited device call goes on where it stopped (seed 05's full mode)."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "segment_then_segment.py"),
+        "--smoke",
+        "--work",
+        str(tmp_path),
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "segment-then-segment unet at S=" in first.stdout + first.stderr
+    kept = sorted(tmp_path.rglob("rows.json"))
+    assert len(kept) == 3  # cells at S 16 and 32, lesions at S 16
+    rows = json.loads((tmp_path / "smoke" / "results.json").read_text())["rows"]
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "segment-then-segment unet at S=" not in second.stdout + second.stderr  # nothing trained
+    assert json.loads((tmp_path / "smoke" / "results.json").read_text())["rows"] == rows
+    assert {p: p.stat().st_mtime_ns for p in kept} == stamps
