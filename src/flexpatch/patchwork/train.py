@@ -34,6 +34,7 @@ from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.train.loop import split_cases
+from flexpatch.train.step import Divergence, guarded_step
 
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
 RESUME_FREE = ("rounds", "workers", "save_every", "val_every")
@@ -71,8 +72,16 @@ def targets(label: torch.Tensor, num_labels: int, categorical: bool) -> torch.Te
 class Trainer:
     """Loss over a patchwork's levels, per-sample scores for hard mining."""
 
-    def __init__(self, net: PatchworkNet, config: PatchworkConfig, num_labels: int, device: torch.device):
+    def __init__(
+        self,
+        net: PatchworkNet,
+        config: PatchworkConfig,
+        num_labels: int,
+        device: torch.device,
+        where: str = "",
+    ):
         self.net, self.config, self.num_labels, self.device = net, config, num_labels, device
+        self.where, self.steps, self.divergence = where or "patchwork training", 0, Divergence()
         self.embedding = (
             LabelEmbedding(num_labels + 1, config.embedding_dim, seed=config.seed).to(device)
             if config.embedding_dim
@@ -102,10 +111,9 @@ class Trainer:
             for k in levels:
                 loss, per_sample = self.level_loss(outs[k], batch[f"y{k}"].to(self.device))
                 total = total + loss
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12.0)
-        self.opt.step()
+        self.steps += 1
+        stepped = guarded_step(total, self.opt, self.net.parameters(), 12.0)
+        self.divergence.update(stepped, self.steps, self.where)
         final = outs[-1][:, : self.net.num_outputs].detach()
         if self.embedding is not None:
             final = self.embedding.logits(final)
@@ -165,7 +173,7 @@ def train_patchwork(
     scheme = config.scheme_obj(ds.ndim)
     seed_everything(config.seed)
     net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
-    trainer = Trainer(net, config, len(values), dev)
+    trainer = Trainer(net, config, len(values), dev, str(out_dir))
     run = RunState()
     if saved:
         run = restore(saved, trainer, out_dir / RESUME)

@@ -43,6 +43,7 @@ from flexpatch.sampling import derive_seed
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig, config_from_json
 from flexpatch.train.loop import make_optimizer, prepare, split_cases
+from flexpatch.train.step import Divergence, guarded_step
 
 STAGES = ("rough", "fine")
 CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
@@ -248,7 +249,7 @@ def _train_stage(
     net.to(dev).train()
     opt, sched = make_optimizer(net, tc)
     loss_fn, folder = DiceCELoss(to_onehot_y=True, softmax=True), out_dir / stage
-    amp, best, loss = tc.amp and dev.type == "cuda", -1.0, float("nan")
+    amp, best, loss, divergence = tc.amp and dev.type == "cuda", -1.0, float("nan"), Divergence()
     with progress_bar(disable=not progress) as bar, (out_dir / "log.jsonl").open("a") as log:
         task = bar.add_task(stage, total=tc.steps, info="")
         for step in range(1, tc.steps + 1):
@@ -257,9 +258,8 @@ def _train_stage(
             x, y = sample(cases, config.input_size, idx, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss_t.backward()
-            opt.step()
+            stepped = guarded_step(loss_t, opt, net.parameters(), None)  # seed 05 trains unclipped
+            divergence.update(stepped, step, str(folder))
             sched.step()
             loss = float(loss_t.detach())
             record: dict[str, Any] = {
@@ -268,6 +268,8 @@ def _train_stage(
                 "loss": loss,
                 "lr": sched.get_last_lr()[0],
             }
+            if not stepped:
+                record["skipped"] = True
             if step % tc.val_every == 0 or step == tc.steps:
                 record["val_dice"] = dice = validate(net)
                 # NaN (nothing to score) never improves, but the first validation always saves

@@ -40,6 +40,7 @@ from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
+from flexpatch.train.step import Divergence, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
 
 
@@ -335,6 +336,7 @@ class _Run:
     out_dir: Path
     best: float = -1.0
     stage_ends: dict[int, int] = field(default_factory=dict)
+    divergence: Divergence = field(default_factory=Divergence)
 
     def state(self, step: int) -> dict[str, Any]:
         """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
@@ -368,20 +370,17 @@ class _Run:
         save_checkpoint(self.out_dir / LAST, self.state(step))
         return {"val_dice": {str(k): v for k, v in dice.items()}, "val_mean": mean}
 
-    def step(self, batch: dict[str, Any], amp: bool) -> float:
-        """One optimiser step on a batch; returns the loss."""
+    def step(self, batch: dict[str, Any], amp: bool) -> tuple[float, bool]:
+        """One optimiser step on a batch; returns the loss and whether the step was taken (not skipped
+        for a non-finite gradient). The schedule advances either way, so a run keeps its length."""
         image = batch["image"].to(self.dev, non_blocking=True)
         label = batch["label"].to(self.dev, non_blocking=True)[:, None]
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = self.loss_fn(self.net(image), label)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            # randomly sized patches give gradients of very different scales from step to step
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.grad_clip)
-        self.opt.step()
+        # randomly sized patches give gradients of very different scales from step to step: clip them
+        stepped = guarded_step(loss, self.opt, self.net.parameters(), self.config.grad_clip)
         self.sched.step()
-        return float(loss.detach())
+        return float(loss.detach()), stepped
 
     def loop(
         self,
@@ -401,7 +400,8 @@ class _Run:
             task = bar.add_task("train", total=cfg.steps, completed=start, info="")
             for batch in batches:
                 step = int(batch["step"]) + 1
-                last_loss = self.step(batch, use_amp)
+                last_loss, stepped = self.step(batch, use_amp)
+                self.divergence.update(stepped, step, str(self.out_dir))
                 record: dict[str, Any] = {
                     "step": step,
                     "loss": last_loss,
@@ -409,6 +409,8 @@ class _Run:
                     "patch": list(batch["size"]),
                     "batch": int(batch["image"].shape[0]),
                 }
+                if not stepped:
+                    record["skipped"] = True
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     record.update(self.validate_and_save(step, val_cases, val_patch))
                     last_val = record["val_mean"]

@@ -1,0 +1,83 @@
+"""The guarded optimiser step: a non-finite gradient is skipped, a finite one is the plain step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flexpatch.errors import FlexPatchError
+from flexpatch.train.config import TrainConfig
+from flexpatch.train.loop import train
+from flexpatch.train.step import Divergence, guarded_step
+
+
+def _net_and_opt(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1))
+    return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_a_finite_step_is_the_plain_zero_backward_clip_step(clip: float | None) -> None:
+    x = torch.randn(2, 1, 8, 8)
+    net, opt = _net_and_opt()
+    ref, ref_opt = _net_and_opt()
+    for _ in range(3):
+        assert guarded_step(net(x).square().mean(), opt, net.parameters(), clip)
+        ref_opt.zero_grad(set_to_none=True)
+        ref(x).square().mean().backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        ref_opt.step()
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_loss_leaves_weights_and_optimiser_untouched(bad: float) -> None:
+    net, opt = _net_and_opt()
+    before = [p.detach().clone() for p in net.parameters()]
+    loss = net(torch.randn(1, 1, 8, 8)).mean() * bad
+    assert not guarded_step(loss, opt, net.parameters(), 12.0)
+    assert all(p.grad is None for p in net.parameters())
+    assert not opt.state  # AdamW's moments were never touched
+    for a, b in zip(net.parameters(), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_divergence_counts_runs_and_names_the_folder() -> None:
+    d = Divergence(limit=3)
+    for step, stepped in enumerate([False, False, True, False, False], start=1):
+        d.update(stepped, step, "model/")
+    assert (d.run, d.total) == (2, 4)
+    with pytest.raises(FlexPatchError, match=r"^model/: training diverged.*3 steps in a row \(up to step 6"):
+        d.update(False, 6, "model/")
+
+
+def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
+    tiny_abdomen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import monai.losses
+
+    class NanLoss(monai.losses.DiceCELoss):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return super().forward(logits, target) * float("nan")
+
+    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
+    config = TrainConfig(
+        model="unet",
+        model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2},
+        patch="16",
+        steps=40,
+        batch=1,
+        val_every=1000,
+        workers=0,
+    )
+    with pytest.raises(FlexPatchError, match="training diverged") as err:
+        train(tiny_abdomen, tmp_path / "m", config, device="cpu", progress=False)
+    assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
+    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == Divergence().limit - 1 and all(r["skipped"] for r in log)
