@@ -16,8 +16,8 @@ memory; lazy evaluation >= 3x faster at a Dice loss <= 0.01.
 
 Finished trainings and inferences are kept under --work (result.json, info.json), so the full
 mode can be run in several calls of a time-limited machine: each call goes on where the last stopped
-(--fresh starts over; --one-step exits after each new training, e.g. four 10-minute calls:
-phantom + patchwork, U-Net small, U-Net large, inference and report).
+(--fresh starts over; --one-step exits after each new training, e.g. 10-minute calls:
+phantom + patchwork, U-Net small + U-Net large, inference and report).
 
 Peak memory is measured in a fresh process per inference: on CUDA ``max_memory_allocated``
 above what the loaded model and image hold; on the CPU the rise of the peak RSS (VmHWM reset
@@ -74,7 +74,8 @@ class Mode:
 
 MODES = {
     "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), (0.25,), 8, 2),
-    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 360.0, (0.5, 0.25), (0.25,), 16, 2),
+    # 240 s a method: the H100 run (2026-11-23) took about 17 min in all, which fits 2 device calls
+    "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 240.0, (0.5, 0.25), (0.25,), 16, 2),
     "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), (0.5,), 4, 2),
 }
 UNET = {}  # the registry's unet (seed 01's U-Net, 3.33 M parameters) as is
