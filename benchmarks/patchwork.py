@@ -74,7 +74,7 @@ class Mode:
 
 MODES = {
     "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), (0.25,), 8, 2),
-    # 240 s a method: the H100 run (2026-11-23) took about 17 min in all, which fits 2 device calls
+    # 240 s a method: its one H100 run (2026-11-23, GPU shared with 4 other benchmarks) took 22 min
     "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 240.0, (0.5, 0.25), (0.25,), 16, 2),
     "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), (0.5,), 4, 2),
 }
