@@ -2,7 +2,9 @@
 
 A single NaN or inf gradient, once applied, makes every weight NaN for good: the run then
 trains on for thousands of steps and predicts background everywhere (the full patchwork
-benchmark's 32^3 U-Net on an H100, bfloat16 autocast). As PyTorch's GradScaler does for
+benchmark's 32^3 U-Net on an H100, bfloat16 autocast: an all-air patch gives every InstanceNorm
+zero variance, each multiplies the gradient by about 1/sqrt(eps), and the norm overflows; clipping
+by 12/inf then turns an infinite element into NaN). As PyTorch's GradScaler does for
 float16, a step whose gradient norm is not finite is skipped; a run whose steps keep being
 skipped has diverged and stops with an error instead of saving NaN weights.
 """
