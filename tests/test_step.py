@@ -81,3 +81,22 @@ def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
     assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
     log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
     assert len(log) == Divergence().limit - 1 and all(r["skipped"] for r in log)
+
+
+def test_an_all_air_batch_under_bfloat16_is_skipped_not_applied() -> None:
+    """The full patchwork benchmark's diverged run, replayed: seed 01's U-Net on two constant 32^3
+    patches gives every InstanceNorm zero variance, and under bfloat16 the gradient norm overflows."""
+    from monai.losses import DiceCELoss
+
+    from flexpatch.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("unet", 3, 1, 7)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in net.parameters()]
+    air = torch.zeros(2, 1, 32, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(net(air), air.long())
+    assert torch.isfinite(loss)  # the loss looks fine: only the gradient overflows
+    assert not guarded_step(loss, opt, net.parameters(), 12.0)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before, strict=True))
