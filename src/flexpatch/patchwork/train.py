@@ -78,10 +78,10 @@ class Trainer:
         config: PatchworkConfig,
         num_labels: int,
         device: torch.device,
-        where: str = "",
+        where: str = "patchwork training",  # what a divergence error names: the model folder
     ):
         self.net, self.config, self.num_labels, self.device = net, config, num_labels, device
-        self.where, self.steps, self.divergence = where or "patchwork training", 0, Divergence()
+        self.where, self.steps, self.divergence = where, 0, Divergence()
         self.embedding = (
             LabelEmbedding(num_labels + 1, config.embedding_dim, seed=config.seed).to(device)
             if config.embedding_dim
