@@ -197,3 +197,27 @@ def test_extension_and_write_errors(tmp_path: Path) -> None:
         write_output(tmp_path / "x.nii.gz", np.zeros((2, 2, 2, 2, 2)), np.eye(4))
     with pytest.raises(FlexPatchError, match="not found"):
         read_label_names(tmp_path / "missing.nii.gz")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("spec", ["atlas", "atlas:0.45,0.3,0.5"])
+def test_categorical_atlas_in_slabs_equals_numpy(monkeypatch, ndim: int, spec: str) -> None:
+    """The slab-wise torch atlas (on the probabilities' device) against a plain NumPy argmax,
+    with slabs of a few voxels so that the image spans many of them; tensor or array input."""
+    import flexpatch.patchwork.outputs as outputs
+
+    monkeypatch.setattr(outputs, "SLAB_VOXELS", 7)
+    rng = np.random.default_rng(ndim)
+    logits = rng.standard_normal((4, *(9, 5, 6)[:ndim])).astype(np.float32)
+    logits[:, 0] = logits[1, 0]  # ties between channels: the first wins in both
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    values = [2, 5, 9]
+    win = np.argmax(probs, axis=0)
+    if ":" in spec:
+        need = np.array([0.0, 0.45, 0.3, 0.5])[win]
+        win = np.where(np.take_along_axis(probs, win[None], 0)[0] < need, 0, win)
+    expected = np.array([0, *values])[win]
+    for given in (probs, torch.from_numpy(probs)):
+        got = to_output(given, spec, True, values)
+        assert got.dtype == np.uint8 and got.shape == probs.shape[1:]
+        np.testing.assert_array_equal(got, expected)

@@ -202,3 +202,18 @@ def test_coarse_patch_covers_its_whole_footprint(ndim, scatter, order):
     np.testing.assert_array_equal(covered, inside)
     assert inside.sum() > 0.9 * np.prod(np.array(m) * 3)  # the whole footprint, not one voxel in 3^n
     np.testing.assert_allclose(st.result()[0].numpy(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_finish_is_the_result_in_place_and_ends_the_stitcher(ndim: int, alpha: float) -> None:
+    st = _two_overlapping(ndim, alpha)
+    expected = st.result().clone()
+    running = st._sum  # finish divides the running sum itself: no second image-sized buffer
+    got = st.finish()
+    assert got.data_ptr() == running.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(FlexPatchError, match="already given its result"):
+        st.finish()
+    with pytest.raises(FlexPatchError, match="no more adds"):
+        st.add(torch.ones((1, 1, *_line(ndim, 4))), Patch.box((0,) * ndim, _line(ndim, 4)).affine[None])

@@ -181,10 +181,10 @@ def apply_image(
     stats["seconds"] = time.perf_counter() - start
     if opts.level == "mix":
         values = mix_levels(
-            [stitchers[k].result() for k in levels_out], [stitchers[k].coverage() for k in levels_out]
+            [stitchers[k].finish() for k in levels_out], [stitchers[k].coverage() for k in levels_out]
         )
     else:
-        values = next(iter(stitchers.values())).result()
+        values = next(iter(stitchers.values())).finish()
     return Applied(values, grid, stats)
 
 
@@ -319,7 +319,7 @@ def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
     if model.embedding is not None:
         idx = model.embedding.decode(values_out).cpu().numpy()
         return np.array([0, *values])[idx].astype(np.int16)
-    return to_output(values_out.cpu(), "atlas", model.categorical, values)
+    return to_output(values_out, "atlas", model.categorical, values)
 
 
 def segment_volume(
@@ -341,7 +341,7 @@ def segment_volume(
             )
         array = label_map(model, applied.values)
     else:
-        array = to_output(applied.values.cpu(), out_type, model.categorical, values)
+        array = to_output(applied.values, out_type, model.categorical, values)
     n = model.scheme.ndim
     world = np.eye(4)
     world[:n, :n] = volume.affine[:n, :n] @ applied.grid[:n, :n]

@@ -36,6 +36,7 @@ THRESHOLD_TYPES: tuple[str, ...] = ("mask", "atlas")
 ALIASES = {"atls": "atlas"}
 COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 DEFAULT_THRESHOLD = 0.5
+SLAB_VOXELS = 1 << 22  # voxels per slab of a label map: its int64 winners take 32 MiB at most
 _USAGE = "use float32, uint8, int16, mask[:t1,t2,..] or atlas[:t1,t2,..]"
 
 
@@ -101,13 +102,17 @@ def to_output(
     values = [int(v) for v in label_values]
     if not values or min(values) <= 0 or len(set(values)) != len(values):
         raise FlexPatchError(f"label values must be distinct positive integers, got {values}")
+    shape = tuple(probs.shape)
+    want = len(values) + int(categorical)
+    if len(shape) < 2 or shape[0] != want:
+        kindword = "background + labels" if categorical else "labels"
+        raise FlexPatchError(f"probabilities have shape {shape}, expected {want} channels ({kindword})")
+    lut = np.asarray([0, *values], dtype=_label_dtype(values))
+    if kind == "atlas" and categorical:
+        return _categorical_atlas(probs, lut, _thresholds(given, len(values), None))
     if isinstance(probs, torch.Tensor):
         probs = probs.detach().cpu().numpy()
     p = np.asarray(probs, dtype=np.float32)
-    want = len(values) + int(categorical)
-    if p.ndim < 2 or p.shape[0] != want:
-        kindword = "background + labels" if categorical else "labels"
-        raise FlexPatchError(f"probabilities have shape {p.shape}, expected {want} channels ({kindword})")
     fg = p[1:] if categorical else p
     if kind in PROBABILITY_TYPES:
         dtype, scale = PROBABILITY_TYPES[kind]
@@ -117,20 +122,36 @@ def to_output(
     if kind == "mask":
         thr = _thresholds(given, len(values), DEFAULT_THRESHOLD)
         return np.moveaxis(fg >= thr[expand], 0, -1).astype(np.uint8)
-    lut = np.asarray([0, *values], dtype=_label_dtype(values))
-    if categorical:
-        win = np.argmax(p, axis=0)
-        thr = _thresholds(given, len(values), None)
-        if thr is not None:
-            # DNP's ce_threshold: a foreground winner needs at least its threshold, else background
-            need = np.concatenate([[0.0], thr])[win]
-            win = np.where(np.take_along_axis(p, win[None], axis=0)[0] < need, 0, win)
-        return lut[win]
     # multi-label: among the labels that pass their threshold, the most probable wins (as DNP)
     thr = _thresholds(given, len(values), DEFAULT_THRESHOLD)
     passing = fg >= thr[expand]
     win = np.argmax(np.where(passing, fg, -1.0), axis=0) + 1
     return lut[np.where(passing.any(axis=0), win, 0)]
+
+
+def _categorical_atlas(
+    probs: torch.Tensor | np.ndarray, lut: np.ndarray, thr: np.ndarray | None
+) -> np.ndarray:
+    """The most probable label of each voxel, as ``lut`` values; with DNP's ``ce_threshold``
+    a foreground winner below its threshold gives background.
+
+    Computed slab by slab on the probabilities' own device, so that only the label map leaves
+    it: no copy of every channel to the host, and no image-sized int64 index map.
+    """
+    # numpy arrays are shared, not copied
+    p = probs.detach() if isinstance(probs, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(probs))
+    lut_t = torch.as_tensor(lut, device=p.device)
+    need = None if thr is None else torch.tensor([0.0, *thr], dtype=torch.float64, device=p.device)
+    out = np.empty(p.shape[1:], dtype=lut.dtype)
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(p.shape[2:]))))
+    for i in range(0, p.shape[1], step):
+        slab = p[:, i : i + step]
+        win = torch.argmax(slab, dim=0)  # the first of equal maxima, as np.argmax
+        if need is not None:
+            best = torch.gather(slab, 0, win[None])[0].double()
+            win = torch.where(best < need[win], 0, win)
+        out[i : i + step] = lut_t[win].cpu().numpy()
+    return out
 
 
 def label_names_extension(names: Mapping[int, str]) -> Nifti1Extension:
