@@ -1,12 +1,15 @@
 """Memory planning: budgets, the byte tracker, calibrated estimates, planners, OOM fallback, token sizes.
 
 References: hand-counted bytes for the tracker; the tracker's measurement of the real
-call for the estimates (prediction within 15%); the direct sliding window for the
-fallback's output; hand-computed diameters for the token planner.
+call for the estimates (prediction within 15%) and for the plans checked by
+measurement (within the budget); the direct sliding window for the fallback's output;
+hand-computed diameters for the token planner.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -182,6 +185,109 @@ def test_budget_below_the_smallest_size_is_an_error(models) -> None:
         plan_training(train_mm, 10**5, (64,) * ndim, (1.0,) * ndim, net.divisor)
     with pytest.raises(FlexPatchError, match=r"below the smallest window"):
         plan_window(infer_mm, 10**5, (64,) * ndim, net.divisor)
+
+
+# --- check by measurement -----------------------------------------------------------------
+
+
+def test_anchored_model_predicts_its_measurement_and_scales_the_rest(models) -> None:
+    net, mm, _ = models
+    ndim = net.spec.ndim
+    at, other = (24,) * ndim, (32, 16, 8)[:ndim]
+    measured = int(mm.peak(at, 2) * 1.3)
+    anchored = mm.anchored(at, 2, measured)
+    assert anchored.peak(at, 2) == pytest.approx(measured, rel=1e-12)
+    for patch, batch in ((other, 1), (other, 3), (at, 1)):
+        above = (anchored.peak(patch, batch) - mm.static) / (mm.peak(patch, batch) - mm.static)
+        assert above == pytest.approx(anchored.scale)
+    assert anchored.probes == (*mm.probes, (at, 2, measured)) and mm.scale == 1.0
+    # the scale is set afresh, not compounded
+    assert anchored.anchored(at, 2, measured).scale == pytest.approx(anchored.scale)
+    again = MemoryModel.from_json(json.loads(json.dumps(anchored.to_json())))
+    assert again == anchored and again.scale == anchored.scale != 1.0
+    older = {k: v for k, v in mm.to_json().items() if k != "scale"}  # a plan written before the check
+    assert MemoryModel.from_json(older) == mm
+
+
+def train_case(ndim: int) -> tuple[tuple[int, ...], tuple[float, ...], int]:
+    """A median shape, spacing and budget where the budget, not the median, bounds the patch."""
+    return ((64, 56, 40), (1.0, 1.0, 2.0), 20 * 10**6) if ndim == 3 else ((256, 224), (1.0, 1.0), 20 * 10**6)
+
+
+def test_check_keeps_an_under_predicting_model_within_the_budget(models) -> None:
+    net, mm, _ = models
+    median, spacing, budget = train_case(net.spec.ndim)
+    prober, wrong = Prober(net, "train"), dataclasses.replace(mm, scale=0.5)  # predicts half the bytes
+    plain = plan_training(wrong, budget, median, spacing, net.divisor, max_batch=4)
+    assert plain.measured is None and prober.peak(plain.patch, plain.batch) > budget  # unchecked: over
+    choice = plan_training(wrong, budget, median, spacing, net.divisor, max_batch=4, measure=prober.peak)
+    assert choice.measured is not None and choice.measured <= 0.9 * budget
+    assert prober.peak(choice.patch, choice.batch) == choice.measured
+    assert choice.model.probes[-1] == (choice.patch, choice.batch, choice.measured)
+    assert choice.predicted == int(wrong.peak(choice.patch, choice.batch))  # the given model's estimate
+    assert choice.to_json()["measured"] == choice.measured and "model" not in choice.to_json()
+
+
+def test_check_gives_an_over_predicting_model_a_larger_patch(models) -> None:
+    net, mm, _ = models
+    median, spacing, budget = train_case(net.spec.ndim)
+    prober, wrong = Prober(net, "train"), dataclasses.replace(mm, scale=2.0)
+    plain = plan_training(wrong, budget, median, spacing, net.divisor, max_batch=4)
+    choice = plan_training(wrong, budget, median, spacing, net.divisor, max_batch=4, measure=prober.peak)
+    assert math.prod(choice.patch) * choice.batch > math.prod(plain.patch) * plain.batch
+    assert choice.measured <= 0.9 * budget and choice.predicted > choice.measured
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_checked_window_is_measured_and_fits(models, scale: float) -> None:
+    net, _, mm = models
+    ndim = net.spec.ndim
+    image_shape = (50, 44, 30)[:ndim] if ndim == 3 else (150, 130)
+    budget = int(sliding_window_peak(mm, (16,) * ndim, 1, image_shape, net.divisor) / 0.9 * 1.3)
+    wrong = dataclasses.replace(mm, scale=scale)
+    plain = plan_window(wrong, budget, image_shape, net.divisor)
+    choice = plan_window(wrong, budget, image_shape, net.divisor, measure=Prober(net, "infer").peak)
+    image = torch.randn(1, 1, *image_shape)
+
+    def peak(c: WindowChoice) -> int:  # the whole prediction, measured
+        def run() -> None:
+            logits = sliding_window(net, image, c.window, 0.5, "gaussian", c.batch, divisor=net.divisor)
+            torch.softmax(logits[0], dim=0)
+
+        return measure_peak(run, "cpu", list(net.parameters()) + [image])
+
+    measured = peak(choice)
+    assert choice.measured is not None and abs(choice.measured / measured - 1) < ACCURACY
+    assert measured <= 0.9 * budget * (1 + ACCURACY)
+    if scale < 1:
+        assert peak(plain) > 0.9 * budget and math.prod(choice.window) < math.prod(plain.window)
+    else:
+        assert math.prod(choice.window) > math.prod(plain.window)
+
+
+def test_cli_plan_checks_by_measurement_and_no_check_skips_it(
+    tiny_cells: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from flexpatch.cli import main
+
+    out = tmp_path / "plan.json"
+    args = ["flexpatch", "plan", str(tiny_cells), "--options", json.dumps(TINY), "--device", "cpu"]
+    args += ["--memory", "3MB", "--out", str(out)]
+    for extra in ([], ["--no-check", "--json"]):
+        monkeypatch.setattr(sys, "argv", [*args, *extra])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code in (0, None)
+        plan, printed = json.loads(out.read_text()), capsys.readouterr().out
+        train, infer, models = plan["train"], plan["infer"], plan["memory_models"]
+        if not extra:
+            assert train["measured"] <= 0.9 * 3e6 and infer["measured"] <= 0.9 * 3e6
+            assert models["train"]["probes"][-1] == [train["patch"], train["batch"], train["measured"]]
+            assert printed.count(", measured ") == 2
+        else:
+            assert train["measured"] is None and infer["measured"] is None
+            assert models["train"]["scale"] == models["infer"]["scale"] == 1.0
+            assert json.loads(printed)["train"]["measured"] is None
 
 
 def test_cli_plan_writes_the_plan_and_a_tiny_budget_exits_2(

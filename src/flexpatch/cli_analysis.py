@@ -135,12 +135,21 @@ def plan(
         Path | None, typer.Option("--out", help="Plan file (default DATASET_DIR/flexpatch_plan.json).")
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or auto (bfloat16 on CUDA).")] = "auto",
+    no_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-check",
+            help="Skip measuring the planned sizes: the plan then rests on the small probes alone.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """The largest training patch and batch, and inference window and batch, that fit a memory budget.
 
-    Writes the plan as JSON; `flexpatch train DATASET_DIR --out MODEL_DIR --plan PLAN` trains with it.
+    The planned sizes are then measured on the device, and planned again where the small
+    probes were off. Writes the plan as JSON; `flexpatch train DATASET_DIR --out MODEL_DIR --plan PLAN`
+    trains with it.
     """
     import json
 
@@ -158,7 +167,7 @@ def plan(
         raise FlexPatchError(f"--options {options!r} must be a JSON object")
     result = plan_dataset(
         dataset_dir, memory, model, kwargs, device=device, dtype=dtype, token_class=token_class,
-        progress=not as_json,
+        progress=not as_json, check=not no_check,
     )  # fmt: skip
     result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}"
     save_json(target, result)
@@ -169,14 +178,10 @@ def plan(
     typer.echo(
         f"{model} on {result['device']} ({result['dtype']}), budget {format_bytes(result['budget_bytes'])}"
     )
-    typer.echo(
-        f"  train:   patch {x(train['patch'])}, batch {train['batch']} "
-        f"(predicted peak {format_bytes(train['predicted'])})"
-    )
+    typer.echo(f"  train:   patch {x(train['patch'])}, batch {train['batch']} ({_peaks(train)})")
     typer.echo(
         f"  predict: window {x(infer['window'])}, {infer['batch']} per batch, stitching on "
-        f"{infer['stitch_device']}, for the median image {x(infer['image_shape'])} "
-        f"(predicted peak {format_bytes(infer['predicted'])})"
+        f"{infer['stitch_device']}, for the median image {x(infer['image_shape'])} ({_peaks(infer)})"
     )
     if result["tokens"]:
         t = result["tokens"]
@@ -186,3 +191,11 @@ def plan(
             f"window {x(t['window'])}"
         )
     typer.echo(f"plan written to {target}\ntrain with: {result['train_command']}")
+
+
+def _peaks(choice: dict) -> str:
+    """The predicted peak, and the measured one where the plan was checked."""
+    from flexpatch.infer.planner import format_bytes
+
+    text = f"predicted peak {format_bytes(choice['predicted'])}"
+    return text if choice["measured"] is None else f"{text}, measured {format_bytes(choice['measured'])}"

@@ -11,6 +11,15 @@ with the minimum batch, the axis with the largest patch / median ratio loses one
 divisor. The batch then grows while it fits, up to 5% of the dataset's voxels per step.
 An inference window starts from the whole image and shrinks the same way.
 
+**Check by measurement.** Given a ``measure`` (the measured peak of one network call, e.g.
+:meth:`~flexpatch.infer.memory.Prober.peak`), a planner measures the call at its choice and
+anchors the model there (:meth:`~flexpatch.infer.memory.MemoryModel.anchored`). Where the
+anchored prediction is more than 5% off, or the choice is over the budget, it plans again
+with the anchored model, for at most 3 rounds; past them it only goes on while the measured
+choice is over (each such round raises the scale, so it ends). What it returns has been
+measured. For a window only the network call is measured: the image and the stitching
+buffers are counted exactly.
+
 When a prediction runs out of memory anyway, :func:`sliding_window_within` retries
 with, in order, half the window batch, stitching on the CPU, and a smaller window;
 the first two leave the output unchanged.
@@ -22,9 +31,9 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +43,10 @@ from flexpatch.infer.memory import MemoryModel
 from flexpatch.infer.sliding_window import sliding_window, window_layout
 
 Shape = tuple[int, ...]
+Choice = TypeVar("Choice", "TrainChoice", "WindowChoice")
 HEADROOM = 0.1
+TOLERANCE = 0.05  # an anchored prediction this close to the model's needs no new plan
+ROUNDS = 3
 FLOAT = 4  # bytes of the float32 image, outputs and stitching buffers
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -84,34 +96,51 @@ def _fmt(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
 
 
+def _to_json(choice: TrainChoice | WindowChoice) -> dict:
+    d = {f.name: getattr(choice, f.name) for f in fields(choice) if f.name != "model"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
 @dataclass(frozen=True)
 class TrainChoice:
-    """A training patch and batch, with the predicted peak bytes and the budget."""
+    """A training patch and batch, with the peak bytes predicted by the given model and the budget.
+
+    ``measured``: the measured peak of the choice where the plan was checked (else None);
+    ``model``: the memory model anchored at that measurement (not in the JSON).
+    """
 
     patch: Shape
     batch: int
     predicted: int
     budget: int
+    measured: int | None = None
+    model: MemoryModel | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "patch": list(self.patch)}
+        return _to_json(self)
 
 
 @dataclass(frozen=True)
 class WindowChoice:
-    """A sliding window, its batch and stitch device, with the predicted peak bytes and the budget."""
+    """A sliding window, its batch and stitch device, with the predicted peak bytes and the budget.
+
+    ``measured``: where the plan was checked, the peak with the network call measured and
+    the image and buffers counted (else None); ``model``: as :class:`TrainChoice`'s.
+    """
 
     window: Shape
     batch: int
     stitch_device: str
     predicted: int
     budget: int
+    measured: int | None = None
+    model: MemoryModel | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"window {_fmt(self.window)}, {self.batch} per batch, stitching on {self.stitch_device}"
 
     def to_json(self) -> dict:
-        return {**asdict(self), "window": list(self.window)}
+        return _to_json(self)
 
 
 def initial_patch(median_shape: Sequence[int], spacing: Sequence[float], divisor: Sequence[int]) -> Shape:
@@ -152,6 +181,41 @@ def _too_small(budget: int, what: str, shape: Shape, needed: float, headroom: fl
     )
 
 
+def checked(
+    plan: Callable[[MemoryModel], Choice],
+    cost: Callable[[Choice, MemoryModel], float],
+    point: Callable[[Choice], tuple[Shape, int]],
+    mm: MemoryModel,
+    measure: Callable[[Shape, int], int] | None,
+    allowed: float,
+) -> Choice:
+    """``plan(mm)``, checked by measurement (module docstring) where ``measure`` is given.
+
+    Args:
+        plan: the choice a model gives (raises when nothing fits).
+        cost: a choice's peak under a model (a window's: the call plus the image and buffers).
+        point: the patch and batch of a choice's network call.
+        mm: the calibrated model; ``predicted`` is its estimate of the returned choice.
+        measure: measured peak bytes of one network call.
+        allowed: the budget less the headroom.
+    """
+    choice = plan(mm)
+    if measure is None:
+        return choice
+    model, seen, rounds = mm, {}, 0
+    while True:
+        at = point(choice)
+        if at not in seen:
+            seen[at] = int(measure(*at))
+        anchored, rounds = model.anchored(*at, seen[at]), rounds + 1
+        peak = cost(choice, anchored)
+        close = abs(anchored.peak(*at) / model.peak(*at) - 1) <= TOLERANCE
+        if peak <= allowed and (close or rounds >= ROUNDS):
+            return replace(choice, predicted=int(cost(choice, mm)), measured=round(peak), model=anchored)
+        # over the budget, the choice fitted the model: the anchored scale is higher, so this ends
+        model, choice = anchored, plan(anchored)
+
+
 def plan_training(
     mm: MemoryModel,
     budget: int,
@@ -163,6 +227,7 @@ def plan_training(
     max_batch: int | None = None,
     dataset_voxels: int | None = None,
     headroom: float = HEADROOM,
+    measure: Callable[[Shape, int], int] | None = None,
 ) -> TrainChoice:
     """The largest training patch (nnU-Net's shrinking) and then the largest batch within ``budget``.
 
@@ -177,19 +242,27 @@ def plan_training(
         max_batch: the largest batch; default 5% of ``dataset_voxels`` per step (nnU-Net).
         dataset_voxels: voxels of the training set at the training spacing.
         headroom: share of the budget kept free.
+        measure: measured peak bytes of one training step at a patch and batch: the plan is
+            checked by measurement (:func:`checked`).
     """
     allowed = budget * (1 - headroom)
-    for floor in dict.fromkeys((min_batch, 1)):
-        patch: Shape | None = initial_patch(median_shape, spacing, divisor)
-        while patch is not None and mm.peak(patch, floor) > allowed:
-            last, patch = patch, shrink(patch, median_shape, divisor)
-        if patch is not None:
-            break
-    else:
-        raise _too_small(budget, "patch", last, mm.peak(last, 1), headroom)
-    cap = max_batch or (max(floor, int(0.05 * dataset_voxels / np.prod(patch))) if dataset_voxels else 1024)
-    batch = _largest_batch(lambda b: mm.peak(patch, b) <= allowed, floor, max(cap, floor))
-    return TrainChoice(patch, batch, int(mm.peak(patch, batch)), budget)
+
+    def plan(model: MemoryModel) -> TrainChoice:
+        for floor in dict.fromkeys((min_batch, 1)):
+            patch: Shape | None = initial_patch(median_shape, spacing, divisor)
+            while patch is not None and model.peak(patch, floor) > allowed:
+                last, patch = patch, shrink(patch, median_shape, divisor)
+            if patch is not None:
+                break
+        else:
+            raise _too_small(budget, "patch", last, model.peak(last, 1), headroom)
+        voxels = np.prod(patch)
+        cap = max_batch or (max(floor, int(0.05 * dataset_voxels / voxels)) if dataset_voxels else 1024)
+        batch = _largest_batch(lambda b: model.peak(patch, b) <= allowed, floor, max(cap, floor))
+        return TrainChoice(patch, batch, int(model.peak(patch, batch)), budget)
+
+    point = lambda c: (c.patch, c.batch)  # noqa: E731
+    return checked(plan, lambda c, model: model.peak(*point(c)), point, mm, measure, allowed)
 
 
 def sliding_window_peak(
@@ -237,6 +310,7 @@ def plan_window(
     max_batch: int | None = None,
     stitch_device: str | None = None,
     headroom: float = HEADROOM,
+    measure: Callable[[Shape, int], int] | None = None,
 ) -> WindowChoice:
     """The largest window (whole image first, then nnU-Net's shrinking) and window batch within ``budget``.
 
@@ -252,6 +326,8 @@ def plan_window(
         stitch_device: where to stitch; default the network's device, or the CPU when
             nothing fits that way.
         headroom: share of the budget kept free.
+        measure: measured peak bytes of one network call on a batch of windows: the plan is
+            checked by measurement (:func:`checked`).
     """
     allowed = budget * (1 - headroom)
     shape = tuple(int(s) for s in image_shape)
@@ -260,23 +336,33 @@ def plan_window(
     )
     if max_window is not None and not window:
         top = tuple(min(t, m) for t, m in zip(top, max_window, strict=True))
-    last: tuple[Shape, float] = (top, 0.0)
-    for stitch in [stitch_device] if stitch_device else list(dict.fromkeys((mm.device, "cpu"))):
-        here = torch.device(stitch) == torch.device(mm.device)
+    stitches = [str(torch.device(s)) for s in ([stitch_device] if stitch_device else (mm.device, "cpu"))]
+    stitches = list(dict.fromkeys(stitches))
 
-        def peak(w: Shape, b: int, here: bool = here) -> float:
-            return sliding_window_peak(mm, w, b, shape, divisor, overlap, here)
+    def peak(model: MemoryModel, w: Shape, b: int, stitch: str) -> float:
+        here = torch.device(stitch) == torch.device(model.device)
+        return sliding_window_peak(model, w, b, shape, divisor, overlap, here)
 
-        current: Shape | None = top
-        while current is not None and peak(current, 1) > allowed:
-            last = (current, peak(current, 1))
-            current = None if window else shrink(current, shape, divisor)
-        if current is not None:
-            n = len(window_layout(shape, current, overlap, divisor)[2])
-            fits = lambda b, w=current, peak=peak: peak(w, b) <= allowed  # noqa: E731
-            batch = _largest_batch(fits, 1, min(n, max_batch or n))
-            return WindowChoice(current, batch, str(torch.device(stitch)), int(peak(current, batch)), budget)
-    raise _too_small(budget, "window", last[0], last[1], headroom)
+    def plan(model: MemoryModel) -> WindowChoice:
+        last: tuple[Shape, float] = (top, 0.0)
+        for stitch in stitches:
+            current: Shape | None = top
+            while current is not None and peak(model, current, 1, stitch) > allowed:
+                last = (current, peak(model, current, 1, stitch))
+                current = None if window else shrink(current, shape, divisor)
+            if current is not None:
+                n = len(window_layout(shape, current, overlap, divisor)[2])
+                fits = lambda b, w=current, s=stitch: peak(model, w, b, s) <= allowed  # noqa: E731
+                batch = _largest_batch(fits, 1, min(n, max_batch or n))
+                return WindowChoice(current, batch, stitch, int(peak(model, current, batch, stitch)), budget)
+        raise _too_small(budget, "window", last[0], last[1], headroom)
+
+    def point(c: WindowChoice) -> tuple[Shape, int]:  # the network's call: the window as laid out
+        win, _, starts = window_layout(shape, c.window, overlap, divisor)
+        return win, min(c.batch, len(starts))
+
+    cost = lambda c, model: peak(model, c.window, c.batch, c.stitch_device)  # noqa: E731
+    return checked(plan, cost, point, mm, measure, allowed)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -354,6 +440,7 @@ def plan_dataset(
     token_class: str | None = None,
     target_spacing: Sequence[float] | None = None,
     progress: bool = False,
+    check: bool = True,
 ) -> dict[str, Any]:
     """The memory plan of a dataset: training patch and batch, inference window and batch (JSON-ready).
 
@@ -364,10 +451,13 @@ def plan_dataset(
 
     Args:
         dtype: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 on CUDA, as training's AMP).
+        check: measure a training step at the planned patch and batch, and the network's
+            call at the planned window and batch, and plan again where the small probes
+            were off (module docstring); the saved memory models are anchored there.
     """
     from flexpatch.data.dataset import load_dataset
     from flexpatch.data.preprocess import compute_fingerprint, make_plan, resampled_shape
-    from flexpatch.infer.memory import calibrate
+    from flexpatch.infer.memory import Prober, calibrate
     from flexpatch.models import create_model
     from flexpatch.models.tokens import plan_tokens
     from flexpatch.runtime import resolve_device
@@ -385,12 +475,15 @@ def plan_dataset(
     limit = parse_budget(budget, dev)
     shapes = zip(fingerprint["shapes"], fingerprint["spacings"], strict=True)
     voxels = sum(int(np.prod(resampled_shape(s, sp, plan.target_spacing))) for s, sp in shapes)
-    train_mm = calibrate(net, "train", device=dev, dtype=dtype)
+    train_prober, infer_prober = Prober(net, "train", dev, dtype), Prober(net, "infer", dev)
+    train_mm, infer_mm = calibrate(net, prober=train_prober), calibrate(net, prober=infer_prober)
     train = plan_training(
-        train_mm, limit, plan.median_shape, plan.target_spacing, net.divisor, dataset_voxels=voxels
+        train_mm, limit, plan.median_shape, plan.target_spacing, net.divisor, dataset_voxels=voxels,
+        measure=train_prober.peak if check else None,
+    )  # fmt: skip
+    infer = plan_window(
+        infer_mm, limit, plan.median_shape, net.divisor, measure=infer_prober.peak if check else None
     )
-    infer_mm = calibrate(net, "infer", device=dev)
-    infer = plan_window(infer_mm, limit, plan.median_shape, net.divisor)
     if unetr := model == "unetr":
         kwargs["img_size"] = list(train.patch)  # the position embeddings' grid: the training patch
     return {
@@ -408,5 +501,8 @@ def plan_dataset(
         "tokens": None
         if tokens is None
         else (replace(tokens, window=train.patch) if unetr else tokens).to_json(),
-        "memory_models": {"train": train_mm.to_json(), "infer": infer_mm.to_json()},
+        "memory_models": {  # anchored at the measured choices where checked
+            "train": (train.model or train_mm).to_json(),
+            "infer": (infer.model or infer_mm).to_json(),
+        },
     }

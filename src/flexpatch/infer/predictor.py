@@ -44,7 +44,8 @@ class LoadedModel:
     config: TrainConfig
     device: torch.device
     model_dir: Path
-    # the calibrated inference memory model and the last line that reported a choice
+    # the calibrated inference memory model, its prober, the measured peaks of the network's
+    # calls by (window, batch), and the last line that reported a choice
     _memory: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -90,13 +91,16 @@ class LoadedModel:
 
         A given ``patch_size`` is kept; otherwise the largest window that fits, up to the whole
         image for models trained at varying sizes (AP, HN, progressive) and up to the training
-        patch for a fixed-size model. Probes calibrate the memory model once per model.
+        patch for a fixed-size model. Probes calibrate the memory model once per model; the
+        network's call at the chosen window and batch is measured (once per window and batch)
+        and the plan checked by it (:func:`~flexpatch.infer.planner.checked`).
         """
-        from flexpatch.infer.memory import calibrate
+        from flexpatch.infer.memory import Prober, calibrate
         from flexpatch.infer.planner import plan_window
 
         if "model" not in self._memory:
-            self._memory["model"] = calibrate(self.net, "infer", device=self.device)
+            prober = Prober(self.net, "infer", self.device)
+            self._memory.update(model=calibrate(self.net, prober=prober), prober=prober, measured={})
         return plan_window(
             self._memory["model"],
             budget,
@@ -107,7 +111,15 @@ class LoadedModel:
             overlap=overlap,
             max_batch=max_batch,
             stitch_device=stitch_device,
+            measure=self._measure,
         )
+
+    def _measure(self, window: tuple[int, ...], batch: int) -> int:
+        """The measured peak of the network's call, kept: every case of a shape plans the same."""
+        measured = self._memory["measured"]
+        if (window, batch) not in measured:
+            measured[window, batch] = self._memory["prober"].peak(window, batch)
+        return measured[window, batch]
 
     def _report(self, line: str) -> None:
         """One line on stderr per new choice, not one per case."""
@@ -210,7 +222,8 @@ class LoadedModel:
         )
         self._report(
             f"memory {format_bytes(budget)}: {ran.describe()}{fixed}; predicted peak "
-            f"{format_bytes(choice.predicted)} for image {'x'.join(map(str, shape))}"
+            f"{format_bytes(choice.predicted)}, measured {format_bytes(choice.measured or 0)} "
+            f"for image {'x'.join(map(str, shape))}"
         )
         return logits
 
