@@ -10,6 +10,7 @@ issue's target (cells at S = 32: cascade Dice >= baseline + 0.20, with higher re
 
     python benchmarks/segment_then_segment.py --mode quick   # CPU, < 10 min on 2 cores
     python benchmarks/segment_then_segment.py --mode full    # one GPU, every S; call again to go on
+    python benchmarks/segment_then_segment.py --mode cpu     # every S on 2 CPU cores, about an hour
     python benchmarks/segment_then_segment.py --smoke        # seconds; writes under .bench/ only
 """
 
@@ -90,6 +91,11 @@ MODES: dict[str, tuple[Task, ...]] = {  # kind, ndim, shape, cases, test, sizes,
         Task("cells", 2, 256, 64, 16, (32, 64, 128, 256), 2000, 8),
         Task("lesions", 3, 128, 40, 16, (32, 64, 96), 1500, 2, jitter=8, min_side=3, radius=(4, 10)),
     ),
+    # full's data and sizes with quick's network and steps: every S of the issue without a GPU
+    "cpu": (
+        Task("cells", 2, 256, 64, 16, (32, 64, 128, 256), 300, 8),
+        Task("lesions", 3, 128, 40, 16, (32, 64, 96), 250, 2, jitter=8, min_side=3, radius=(4, 10)),
+    ),
     "smoke": (
         Task("cells", 2, 64, 4, 2, (16, 32), 2, 2, jitter=4, min_side=2),
         Task("lesions", 3, 32, 4, 6, (16,), 2, 2, jitter=2, min_side=2, spacing=6.0, radius=(2, 4)),
@@ -100,6 +106,7 @@ MODES: dict[str, tuple[Task, ...]] = {  # kind, ndim, shape, cases, test, sizes,
 MODEL_KWARGS: dict[str, dict[str, int]] = {
     "quick": {"convs_per_level": 2},
     "full": {},
+    "cpu": {"convs_per_level": 2},
     "smoke": {"channels": 4, "levels": 2, "convs_per_level": 2},
 }
 
@@ -397,7 +404,7 @@ def describe(mode: str, device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("quick", "full"), default="quick")
+    p.add_argument("--mode", choices=("quick", "full", "cpu"), default="quick")
     p.add_argument("--smoke", action="store_true", help="tiny data, 2 steps: checks the script in seconds")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=str(ROOT / ".bench" / "sts"), help="scratch folder")
