@@ -30,10 +30,10 @@ from flexpatch.infer.planner import (
     plan_window,
     shrink,
     sliding_window_peak,
-    sliding_window_within,
 )
 from flexpatch.infer.predictor import LoadedModel
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.infer.within import sliding_window_within
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
 from flexpatch.train.config import TrainConfig

@@ -200,7 +200,8 @@ class LoadedModel:
         batch_size: int,
         stitch_device: str | None,
     ) -> torch.Tensor:
-        from flexpatch.infer.planner import format_bytes, sliding_window_within
+        from flexpatch.infer.planner import format_bytes
+        from flexpatch.infer.within import sliding_window_within
 
         shape = tuple(image.shape[2:])
         choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)

@@ -1,0 +1,80 @@
+"""Running a planned prediction within its budget when it runs out of memory anyway.
+
+:func:`sliding_window_within` retries with, in order, half the window batch, stitching on
+the CPU, and a smaller window; the first two leave the output unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from flexpatch.errors import FlexPatchError
+from flexpatch.infer.planner import WindowChoice, _fmt, shrink
+from flexpatch.infer.sliding_window import sliding_window
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def fallback(
+    choice: WindowChoice, image_shape: Sequence[int], divisor: Sequence[int], fixed_window: bool
+) -> WindowChoice | None:
+    """The next thing to try after running out of memory: half the batch, CPU stitching, a smaller window."""
+    if choice.batch > 1:
+        return replace(choice, batch=choice.batch // 2)
+    if torch.device(choice.stitch_device).type != "cpu":
+        return replace(choice, stitch_device="cpu")
+    smaller = None if fixed_window else shrink(choice.window, image_shape, divisor)
+    return replace(choice, window=smaller) if smaller else None
+
+
+def sliding_window_within(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    choice: WindowChoice,
+    divisor: Sequence[int],
+    *,
+    device: str | torch.device,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    fixed_window: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[torch.Tensor, WindowChoice]:
+    """:func:`sliding_window` with ``choice``, retrying through out-of-memory errors (:func:`fallback`).
+
+    Returns:
+        The blended output and the choice that ran.
+
+    Raises:
+        FlexPatchError: out of memory with nothing left to try.
+    """
+    image_shape = tuple(image.shape[2:])
+    while True:
+        try:
+            out = sliding_window(
+                net, image, choice.window, overlap, blend, choice.batch,
+                divisor=divisor, device=device, stitch_device=choice.stitch_device,
+            )  # fmt: skip
+            return out, choice
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+        # retried outside the except block, so the failed attempt's frames and tensors are gone
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        nxt = fallback(choice, image_shape, divisor, fixed_window)
+        if nxt is None:
+            raise FlexPatchError(
+                f"out of memory at {choice.describe()} on image {_fmt(image_shape)}: "
+                f"nothing smaller to try{' (the window is fixed)' if fixed_window else ''}"
+            )
+        log(f"out of memory at {choice.describe()}; retrying with {nxt.describe()}")
+        choice = nxt
