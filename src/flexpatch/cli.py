@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 
 app = typer.Typer(
     add_completion=False,
@@ -222,7 +222,7 @@ def train(
         _train_cascade(dataset_dir, out, cascade, input_size, model, steps, batch, lr, seed, device, as_json)
         return
     if patch.startswith("progressive") and max_patch:
-        patch = f"{patch}:{'x'.join(map(str, parse_ints(max_patch, 'max patch')))}"
+        patch = f"{patch}:{format_shape(parse_ints(max_patch, 'max patch'))}"
     config = None
     if not resume:
         config = TrainConfig(

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from flexpatch.cli import DeviceOpt, JsonOpt, _emit_json, app, parse_ints
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 
 
 @app.command()
@@ -115,7 +115,7 @@ def schedule(
     typer.echo(f"{plan.describe()}: {len(plan.stages())} stages, batch at the largest patch {batch}")
     for st in plan.stages():
         typer.echo(
-            f"  stage {st.index}: patch {'x'.join(map(str, st.patch)):>12s}  batch {st.batch:>3d}  "
+            f"  stage {st.index}: patch {format_shape(st.patch):>12s}  batch {st.batch:>3d}  "
             f"steps {st.start}-{st.start + st.steps - 1}"
         )
 
@@ -174,7 +174,7 @@ def plan(
     if as_json:
         _emit_json({**result, "plan_file": str(target)})
         return
-    train, infer, x = result["train"], result["infer"], lambda v: "x".join(map(str, v))
+    train, infer, x = result["train"], result["infer"], format_shape
     typer.echo(
         f"{model} on {result['device']} ({result['dtype']}), budget {format_bytes(result['budget_bytes'])}"
     )

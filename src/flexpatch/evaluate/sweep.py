@@ -17,7 +17,7 @@ import torch
 
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import atomic_path, write_text
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.metrics import segmentation_metrics
 from flexpatch.infer.predictor import LoadedModel
 from flexpatch.runtime import progress_bar
@@ -83,7 +83,7 @@ def run_sweep(
                     rows.append(
                         {
                             "model": label,
-                            "size": "x".join(map(str, size)),
+                            "size": format_shape(size),
                             "isotropic": len(set(size)) == 1,
                             "volume": int(np.prod(size)),
                             "case": case.id,

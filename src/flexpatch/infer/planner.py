@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.memory import MemoryModel
 from flexpatch.infer.sliding_window import window_layout
 
@@ -90,10 +90,6 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _fmt(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape))
-
-
 def _to_json(choice: TrainChoice | WindowChoice) -> dict:
     d = {f.name: getattr(choice, f.name) for f in fields(choice) if f.name != "model"}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -135,7 +131,8 @@ class WindowChoice:
     model: MemoryModel | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
-        return f"window {_fmt(self.window)}, {self.batch} per batch, stitching on {self.stitch_device}"
+        window = format_shape(self.window)
+        return f"window {window}, {self.batch} per batch, stitching on {self.stitch_device}"
 
     def to_json(self) -> dict:
         return _to_json(self)
@@ -174,7 +171,8 @@ def _largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> int:
 
 def _too_small(budget: int, what: str, shape: Shape, needed: float, headroom: float) -> FlexPatchError:
     return FlexPatchError(
-        f"memory budget {format_bytes(budget)} is below the smallest {what} {_fmt(shape)} with batch 1: "
+        f"memory budget {format_bytes(budget)} is below the smallest {what} {format_shape(shape)} "
+        "with batch 1: "
         f"it needs {format_bytes(needed)} plus {headroom:.0%} headroom"
     )
 

@@ -21,7 +21,7 @@ from flexpatch.data.io import (
     write_image,
 )
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.planner import WindowChoice
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.models import ModelSpec, build, check_patch_size
@@ -224,7 +224,7 @@ class LoadedModel:
         self._report(
             f"memory {format_bytes(budget)}: {ran.describe()}{fixed}; predicted peak "
             f"{format_bytes(choice.predicted)}, measured {format_bytes(choice.measured or 0)} "
-            f"for image {'x'.join(map(str, shape))}"
+            f"for image {format_shape(shape)}"
         )
         return logits
 

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from flexpatch.errors import FlexPatchError
-from flexpatch.infer.planner import WindowChoice, _fmt, shrink
+from flexpatch.errors import FlexPatchError, format_shape
+from flexpatch.infer.planner import WindowChoice, shrink
 from flexpatch.infer.sliding_window import sliding_window
 
 
@@ -73,7 +73,7 @@ def sliding_window_within(
         nxt = fallback(choice, image_shape, divisor, fixed_window)
         if nxt is None:
             raise FlexPatchError(
-                f"out of memory at {choice.describe()} on image {_fmt(image_shape)}: "
+                f"out of memory at {choice.describe()} on image {format_shape(image_shape)}: "
                 f"nothing smaller to try{' (the window is fixed)' if fixed_window else ''}"
             )
         log(f"out of memory at {choice.describe()}; retrying with {nxt.describe()}")

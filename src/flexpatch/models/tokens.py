@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 
 ALLOWED_TOKENS: tuple[int, ...] = (4, 8, 12, 16, 24, 32)
 DEFAULT_WINDOW = 96  # MONAI's UNETR input; divisible by every allowed token
@@ -64,7 +64,7 @@ class TokenPlan:
             f"mean {self.mean_volume_mm3:.1f} mm^{len(self.spacing)}, "
             f"equivalent diameter {self.diameter_mm:.1f} mm = "
             f"{'x'.join(f'{d:.1f}' for d in self.diameter_voxels)} voxels -> token "
-            f"{'x'.join(map(str, self.token_size))}, window {'x'.join(map(str, self.window))}"
+            f"{format_shape(self.token_size)}, window {format_shape(self.window)}"
         )
 
 

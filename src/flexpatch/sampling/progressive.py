@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.sampling.sizes import _one_size, register_size_kind
 
 Shape = tuple[int, ...]
@@ -56,10 +56,6 @@ class Stage:
     def end(self) -> int:
         """The first step after this stage."""
         return self.start + self.steps
-
-
-def _fmt(size: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in size)
 
 
 def pools_from_divisor(divisor: Sequence[int]) -> Shape:
@@ -184,7 +180,7 @@ class ProgressiveSchedule:
 
     def describe(self) -> str:
         """The spec; ``parse_patch_spec`` reads it back given the divisor, batch and steps."""
-        return f"progressive:{self.mode}:{_fmt(self.max_patch)}"
+        return f"progressive:{self.mode}:{format_shape(self.max_patch)}"
 
     def to_json(self) -> dict[str, Any]:
         """The schedule and its stages as plain JSON types (for ``flexpatch schedule`` and the log)."""
@@ -214,7 +210,7 @@ def _validate(schedule: ProgressiveSchedule) -> None:
             below, above = m // step * step, (m // step + 1) * step
             near = f"{below} or {above}" if below > 0 else f"{above}"
             raise FlexPatchError(
-                f"largest patch {_fmt(top)}: axis {axis} size {m} is not a positive multiple of "
+                f"largest patch {format_shape(top)}: axis {axis} size {m} is not a positive multiple of "
                 f"2**{p} = {step}; nearest valid {near}"
             )
     if schedule.batch < 1:
@@ -222,8 +218,8 @@ def _validate(schedule: ProgressiveSchedule) -> None:
     count = len(growth_sizes(top, pools))
     if schedule.steps < count:
         raise FlexPatchError(
-            f"progressive schedule to {_fmt(top)} has {count} stages but the run has {schedule.steps} "
-            f"steps; give at least {count}"
+            f"progressive schedule to {format_shape(top)} has {count} stages but the run has "
+            f"{schedule.steps} steps; give at least {count}"
         )
 
 
@@ -261,7 +257,8 @@ def _parse(
         raise FlexPatchError(f"patch size {spec!r}: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if not size:
         raise FlexPatchError(
-            f"patch size {spec!r} needs the largest patch size, e.g. progressive:{mode}:{_fmt([128] * ndim)}"
+            f"patch size {spec!r} needs the largest patch size, "
+            f"e.g. progressive:{mode}:{format_shape([128] * ndim)}"
         )
     if batch is None or steps is None:
         raise FlexPatchError(

@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from flexpatch.errors import FlexPatchError
+from flexpatch.errors import FlexPatchError, format_shape
 
 Shape = tuple[int, ...]
 
@@ -76,10 +76,6 @@ def size_for_step(sampler: SizeSampler, step: int, generator: torch.Generator) -
 def batch_for_step(sampler: SizeSampler, step: int, default: int) -> int:
     """The batch size of step ``step``: the sampler's schedule, else ``default`` (the config's)."""
     return int(sampler.batch_at(step)) if isinstance(sampler, StepSizeSampler) else int(default)
-
-
-def _fmt(size: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in size)
 
 
 def _check_positive(size: Sequence[int], what: str) -> Shape:
@@ -188,7 +184,7 @@ class ChoiceSize:
             raise FlexPatchError("patch size list is empty")
         sizes = tuple(_check_positive(s, "patch size") for s in self.sizes)
         if len({len(s) for s in sizes}) != 1:
-            raise FlexPatchError(f"patch sizes {[_fmt(s) for s in sizes]} differ in number of axes")
+            raise FlexPatchError(f"patch sizes {[format_shape(s) for s in sizes]} differ in number of axes")
         object.__setattr__(self, "sizes", sizes)
 
     def draw(self, generator: torch.Generator) -> Shape:
@@ -198,7 +194,7 @@ class ChoiceSize:
         return tuple(max(axis) for axis in zip(*self.sizes, strict=True))
 
     def describe(self) -> str:
-        return "list:" + ",".join(_fmt(s) for s in self.sizes)
+        return "list:" + ",".join(format_shape(s) for s in self.sizes)
 
 
 # ---------------------------------------------------------------- parsing
