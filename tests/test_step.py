@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from flexpatch.errors import FlexPatchError
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
-from flexpatch.train.step import Divergence, guarded_step
+from flexpatch.train.step import Divergence, advance, guarded_step
 
 
 def _net_and_opt(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -46,6 +47,25 @@ def test_a_non_finite_loss_leaves_weights_and_optimiser_untouched(bad: float) ->
     assert not opt.state  # AdamW's moments were never touched
     for a, b in zip(net.parameters(), before, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_skipped_first_step_advances_the_schedule_without_pytorchs_warning() -> None:
+    net, opt = _net_and_opt()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    x = torch.randn(1, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        advance(sched, guarded_step(net(x).mean() * float("nan"), opt, net.parameters(), None))
+        advance(sched, guarded_step(net(x).mean(), opt, net.parameters(), None))
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert sched.last_epoch == 2 and opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+
+
+def test_a_schedule_stepped_before_any_optimiser_step_still_warns_when_nothing_was_skipped() -> None:
+    net, opt = _net_and_opt()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    with pytest.warns(UserWarning, match="lr_scheduler"):
+        advance(sched, True)  # a caller's bug (no step taken yet) is not hidden
 
 
 def test_divergence_counts_runs_and_names_the_folder() -> None:

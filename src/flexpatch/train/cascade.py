@@ -43,7 +43,7 @@ from flexpatch.sampling import derive_seed
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig, config_from_json
 from flexpatch.train.loop import make_optimizer, prepare, split_cases
-from flexpatch.train.step import Divergence, guarded_step
+from flexpatch.train.step import Divergence, advance, guarded_step
 
 STAGES = ("rough", "fine")
 CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
@@ -260,7 +260,7 @@ def _train_stage(
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
             stepped = guarded_step(loss_t, opt, net.parameters(), None)  # seed 05 trains unclipped
             divergence.update(stepped, step, str(folder))
-            sched.step()
+            advance(sched, stepped)
             loss = float(loss_t.detach())
             record: dict[str, Any] = {
                 "stage": stage,

@@ -40,7 +40,7 @@ from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
-from flexpatch.train.step import Divergence, guarded_step
+from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
 
 
@@ -379,7 +379,7 @@ class _Run:
             loss = self.loss_fn(self.net(image), label)
         # randomly sized patches give gradients of very different scales from step to step: clip them
         stepped = guarded_step(loss, self.opt, self.net.parameters(), self.config.grad_clip)
-        self.sched.step()
+        advance(self.sched, stepped)
         return float(loss.detach()), stepped
 
     def loop(

@@ -12,6 +12,7 @@ skipped has diverged and stops with an error instead of saving NaN weights.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +36,16 @@ def guarded_step(
         return False
     opt.step()
     return True
+
+
+def advance(sched: torch.optim.lr_scheduler.LRScheduler, stepped: bool) -> None:
+    """Advance the learning-rate schedule whether or not the optimiser stepped, so a run keeps its
+    length. PyTorch warns when a schedule steps before its optimiser ever has, which a skipped first
+    step causes without anything being wrong; only that case is silenced."""
+    with warnings.catch_warnings():
+        if not stepped:
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        sched.step()
 
 
 @dataclass
