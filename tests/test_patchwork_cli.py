@@ -267,6 +267,10 @@ def test_resume_continues_exactly_where_the_run_stopped(fixture, mining, request
     logs = [json.loads((m / "log.json").read_text()) for m in (whole, part)]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     assert [r["patches"] for r in logs[0]] == [r["patches"] for r in logs[1]]
+    # the step count and the skipped-step counter go on from the saved run, not from zero
+    saved = [torch.load(m / "resume.pt", map_location="cpu", weights_only=False) for m in (whole, part)]
+    assert saved[0]["steps"] == saved[1]["steps"] > 0
+    assert saved[0]["divergence"] == saved[1]["divergence"]
 
 
 def _tiny_2d() -> PatchworkConfig:

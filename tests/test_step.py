@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flexpatch.errors import FlexPatchError
+from flexpatch.train.checkpoint import LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 from flexpatch.train.step import Divergence, advance, guarded_step
@@ -101,6 +102,32 @@ def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
     assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
     log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
     assert len(log) == Divergence().limit - 1 and all(r["skipped"] for r in log)
+
+
+def test_a_resumed_run_keeps_counting_its_skipped_steps(
+    tiny_abdomen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 skipped steps, a stop, then a resume: the run diverges at step 20, as it would have unbroken."""
+    import monai.losses
+
+    class NanLoss(monai.losses.DiceCELoss):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return super().forward(logits, target) * float("nan")
+
+    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
+    config = TrainConfig(
+        model="unet",
+        model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2},
+        patch="16",
+        steps=40,
+        batch=1,
+        val_every=1000,
+        workers=0,
+    )
+    train(tiny_abdomen, tmp_path / "m", config, device="cpu", progress=False, stop_after=12)
+    assert load_checkpoint(tmp_path / "m" / LAST)["divergence"] == {"limit": 20, "run": 12, "total": 12}
+    with pytest.raises(FlexPatchError, match=r"20 steps in a row \(up to step 20\)"):
+        train(tiny_abdomen, tmp_path / "m", None, resume=True, device="cpu", progress=False)
 
 
 def test_an_all_air_batch_under_bfloat16_is_skipped_not_applied() -> None:

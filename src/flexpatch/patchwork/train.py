@@ -263,6 +263,8 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
         "log": run.log,
         "best": run.best,
         "thresholds": run.thresholds,
+        "steps": trainer.steps,
+        "divergence": asdict(trainer.divergence),  # a resumed run counts skipped steps on
     }
     # without hard mining the next round's pool is all new patches: a pure function of the round
     if config.hard_mining > 0 and run.pool is not None:
@@ -310,7 +312,10 @@ def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
         if trainer.embedding is not None:
             trainer.embedding.load_state_dict(saved["embedding"])
         trainer.gen.set_state(saved["generator"])
-    except (KeyError, RuntimeError, ValueError) as err:
+        # absent from resume files written before they were saved: start counting afresh
+        trainer.steps = int(saved.get("steps", 0))
+        trainer.divergence = Divergence(**saved.get("divergence", {}))
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FlexPatchError(f"{path}: does not fit this patchwork ({reason})") from None
     run = RunState(int(saved["next_round"]), list(saved["log"]), best=float(saved["best"]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -203,8 +203,9 @@ def resolve_config(out_dir: Path, config: TrainConfig | None, resume: bool) -> T
     return config
 
 
-def _restore(path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> tuple[int, float, Any]:
-    """Load a ``model_last.pt`` into the run; returns its step, best Dice and RNG state."""
+def _restore(path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> tuple[int, float, Any, Divergence]:
+    """Load a ``model_last.pt`` into the run; returns its step, best Dice, RNG state and skipped-step
+    count (fresh for a checkpoint written before it was saved)."""
     # on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
     # copied onto the parameters' device by load_state_dict
     state = load_checkpoint(path, map_location="cpu")
@@ -212,8 +213,9 @@ def _restore(path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> tuple[in
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        return int(state["step"]), float(state["best"]), state["rng"]
-    except (KeyError, RuntimeError, ValueError) as e:
+        divergence = Divergence(**state.get("divergence", {}))
+        return int(state["step"]), float(state["best"]), state["rng"], divergence
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: does not fit this model and config ({reason})") from None
 
@@ -282,10 +284,10 @@ def train(
     net.to(dev)
     opt, sched = make_optimizer(net, config, loaded)
 
-    start, best, rng = 0, -1.0, None
+    start, best, rng, divergence = 0, -1.0, None, Divergence()
     log_path = out_dir / "log.jsonl"
     if resume:
-        start, best, rng = _restore(out_dir / LAST, net, opt, sched)
+        start, best, rng, divergence = _restore(out_dir / LAST, net, opt, sched)
         _truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
@@ -305,7 +307,7 @@ def train(
     from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes))
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes), divergence)
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     if end < config.steps or not (out_dir / BEST).exists():
@@ -348,6 +350,7 @@ class _Run:
             "best": self.best,
             "rng": rng_state(),
             "config": self.config.to_json(),
+            "divergence": asdict(self.divergence),  # a resumed run counts skipped steps on
         }
 
     def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
