@@ -78,9 +78,9 @@ def test_divergence_counts_runs_and_names_the_folder() -> None:
         d.update(False, 6, "model/")
 
 
-def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
-    tiny_abdomen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def nan_config(monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
+    """A tiny run whose loss is always NaN: every step is skipped."""
     import monai.losses
 
     class NanLoss(monai.losses.DiceCELoss):
@@ -88,7 +88,7 @@ def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
             return super().forward(logits, target) * float("nan")
 
     monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
-    config = TrainConfig(
+    return TrainConfig(
         model="unet",
         model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2},
         patch="16",
@@ -97,6 +97,12 @@ def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
         val_every=1000,
         workers=0,
     )
+
+
+def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
+    tiny_abdomen: Path, tmp_path: Path, nan_config: TrainConfig
+) -> None:
+    config = nan_config
     with pytest.raises(FlexPatchError, match="training diverged") as err:
         train(tiny_abdomen, tmp_path / "m", config, device="cpu", progress=False)
     assert "\n" not in str(err.value) and str(tmp_path / "m") in str(err.value)
@@ -105,25 +111,10 @@ def test_training_whose_loss_is_always_nan_stops_with_a_one_line_error(
 
 
 def test_a_resumed_run_keeps_counting_its_skipped_steps(
-    tiny_abdomen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_abdomen: Path, tmp_path: Path, nan_config: TrainConfig
 ) -> None:
     """12 skipped steps, a stop, then a resume: the run diverges at step 20, as it would have unbroken."""
-    import monai.losses
-
-    class NanLoss(monai.losses.DiceCELoss):
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return super().forward(logits, target) * float("nan")
-
-    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
-    config = TrainConfig(
-        model="unet",
-        model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2},
-        patch="16",
-        steps=40,
-        batch=1,
-        val_every=1000,
-        workers=0,
-    )
+    config = nan_config
     train(tiny_abdomen, tmp_path / "m", config, device="cpu", progress=False, stop_after=12)
     assert load_checkpoint(tmp_path / "m" / LAST)["divergence"] == {"limit": 20, "run": 12, "total": 12}
     with pytest.raises(FlexPatchError, match=r"20 steps in a row \(up to step 20\)"):
