@@ -1,11 +1,12 @@
 """Time and peak memory of flexpatch's sliding window against MONAI's ``sliding_window_inference``.
 
-    python benchmarks/sliding_window.py [--device auto|cpu|cuda] [--quick] [--out BENCHMARKS.md]
+    python benchmarks/sliding_window.py [--device auto|cpu|cuda] [--quick | --smoke] [--out BENCHMARKS.md]
                                         [--net unet|monai-unet] [--repeats R] [--threads T]
 
 Same net (eval mode), same windows: overlap 0.5, Gaussian blend, 4 windows per batch,
 one case. GPU: a 256^3 volume, patch 32..256; CPU: 128^3, patch 32..128; ``--quick``:
-CPU 64^3 with patch 32/48/64. Both tools run under ``torch.inference_mode`` with the
+CPU 64^3 with patch 32/48/64; ``--smoke``: CPU 32^3, patch 16/32, one repeat, report and
+figure under ``--work`` only (the tests run it). Both tools run under ``torch.inference_mode`` with the
 same ``cudnn.benchmark`` setting (on for CUDA). Each row has a warm-up run of each tool,
 then R timed repeats whose order (ours first / MONAI first) alternates, so neither tool
 always runs on a warmer cache; the table gives best (median) seconds. The two outputs
@@ -43,6 +44,7 @@ SETTINGS = {  # mode -> (volume side, patch sides)
     "cuda": (256, (32, 48, 64, 96, 128, 160, 192, 256)),
     "cpu": (128, (32, 48, 64, 96, 128)),
     "quick": (64, (32, 48, 64)),
+    "smoke": (32, (16, 32)),
 }
 OVERLAP, BLEND, WINDOW_BATCH, OUT_CHANNELS = 0.5, "gaussian", 4, 6
 MIB = 2**20
@@ -216,6 +218,16 @@ def measure(args: argparse.Namespace, device: str, side: int, patches: tuple[int
     return rows
 
 
+def target(rows: list[Row]) -> str:
+    """The core issue's verdict: never slower than MONAI at any size."""
+    worst = max(rows, key=lambda r: r.ratio)
+    verdict = "met" if worst.ratio <= 1.0 else "MISSED"
+    return (
+        f"**Target** (ratio ours/MONAI <= 1.0 at every size): worst {worst.ratio:.3f} at "
+        f"{worst.patch}^3: {verdict}"
+    )
+
+
 def markdown_table(rows: list[Row]) -> str:
     head = (
         "| patch | windows | flexpatch s | MONAI s | ratio ours/MONAI | flexpatch peak MiB | MONAI peak MiB "
@@ -272,10 +284,13 @@ def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) ->
     Console().print(table)
 
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    suffix = f"{kind}_quick" if args.quick else kind
-    figure = ROOT / "benchmarks" / "figures" / f"sliding_window_{suffix}.png"
+    mode = "smoke" if args.smoke else "quick" if args.quick else ""
+    suffix = f"{kind}_{mode}" if mode else kind
+    figures = Path(args.work) if args.smoke else ROOT / "benchmarks" / "figures"
+    figure = figures / f"sliding_window_{suffix}.png"
     plot(rows, figure, f"{side}^3 volume, {args.net}, {kind}")
-    out = Path(args.out).resolve()
+    default = Path(args.work) / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md"
+    out = Path(args.out or default).resolve()
     link = os.path.relpath(figure, out.parent)
     memory = (
         "CUDA `max_memory_allocated` above the allocation before the call (output in, net and image out)"
@@ -289,9 +304,10 @@ def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) ->
         f"both tools under `torch.inference_mode`, {threads}. "
         f"Seconds: best (median) of {args.repeats} repeats after a warm-up, order alternating; "
         "the ratio is best over best. "
-        f"Peak memory: {memory}.\n\n{markdown_table(rows)}\n\n![time vs patch size]({link})"
+        f"Peak memory: {memory}.\n\n{markdown_table(rows)}\n\n{target(rows)}\n\n"
+        f"![time vs patch size]({link})"
     )
-    title = f"Sliding-window inference vs MONAI ({kind}{', quick' if args.quick else ''})"
+    title = f"Sliding-window inference vs MONAI ({kind}{f', {mode}' if mode else ''})"
     command = "python benchmarks/sliding_window.py " + " ".join(sys.argv[1:])
     write_section(out, f"sliding-window-{suffix}", title, body, command.strip(), describe_device(device))
     print(f"wrote {out} and {figure}")
@@ -300,8 +316,11 @@ def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--quick", action="store_true", help="CPU, 64^3 volume, patch 32/48/64")
-    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CPU, 64^3 volume, patch 32/48/64")
+    size.add_argument("--smoke", action="store_true", help="CPU, 32^3, patch 16/32, one repeat: seconds")
+    p.add_argument("--out", help="Markdown file (default BENCHMARKS.md; smoke: WORK/BENCHMARKS.md)")
+    p.add_argument("--work", default=str(ROOT / ".bench" / "sliding_window"), help="smoke's folder")
     p.add_argument("--net", choices=("unet", "monai-unet"), default=default_net())
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 on CUDA, 2 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -320,14 +339,14 @@ def main(argv: list[str] | None = None) -> None:
         memory_child(args.memory_child, args.net, args.side, args.patch)
         return
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" or args.quick else device
+    device = "cpu" if device == "auto" or args.quick or args.smoke else device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.repeats is None:
-        args.repeats = 3 if device == "cuda" else 2
-    side, patches = SETTINGS["quick" if args.quick else device]
+        args.repeats = 1 if args.smoke else 3 if device == "cuda" else 2
+    side, patches = SETTINGS["smoke" if args.smoke else "quick" if args.quick else device]
     rows = measure(args, device, side, patches)
     report(args, device, side, rows)
 

@@ -21,6 +21,7 @@ SMOKE = {
     "segment_then_segment": ["--smoke"],
     "planning": ["--mode", "smoke"],
     "patchwork": ["--smoke", "--budget", "3"],
+    "sliding_window": ["--smoke"],
 }
 
 
