@@ -299,6 +299,7 @@ def test_cli_plan_writes_the_plan_and_a_tiny_budget_exits_2(
 
     options = '{"channels": 4, "levels": 2, "convs_per_level": 2}'
     args = ["flexpatch", "plan", str(tiny_cells), "--options", options, "--device", "cpu", "--json"]
+    args += ["--token-class", "nucleus"]
     out = tmp_path / "plan.json"
     monkeypatch.setattr(sys, "argv", [*args, "--memory", "200MB", "--out", str(out)])
     with pytest.raises(SystemExit) as done:
@@ -308,6 +309,10 @@ def test_cli_plan_writes_the_plan_and_a_tiny_budget_exits_2(
     assert plan["model_kwargs"] == json.loads(options) and plan["budget_bytes"] == 200 * 10**6
     check_patch_size(plan["train"]["patch"], (4, 4))
     assert plan["train"]["predicted"] <= 0.9 * 200e6 and "--plan" in plan["train_command"]
+    # the ViT window of the token plan is the largest multiple of the token within the planned patch
+    token, window = plan["tokens"]["token_size"], plan["tokens"]["window"]
+    for t, w, p in zip(token, window, plan["train"]["patch"], strict=True):
+        assert w % t == 0 and w <= p < w + t
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", [*args, "--memory", "1kB", "--out", str(tmp_path / "no.json")])
     with pytest.raises(SystemExit) as done:

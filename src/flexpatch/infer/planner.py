@@ -39,6 +39,7 @@ import torch
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.memory import MemoryModel
 from flexpatch.infer.sliding_window import window_layout
+from flexpatch.models.tokens import TokenPlan
 
 Shape = tuple[int, ...]
 Choice = TypeVar("Choice", "TrainChoice", "WindowChoice")
@@ -416,7 +417,7 @@ def plan_dataset(
     infer = plan_window(
         infer_mm, limit, plan.median_shape, net.divisor, measure=infer_prober.peak if check else None
     )
-    if unetr := model == "unetr":
+    if model == "unetr":
         kwargs["img_size"] = list(train.patch)  # the position embeddings' grid: the training patch
     return {
         "dataset": str(dataset_dir),
@@ -430,11 +431,15 @@ def plan_dataset(
         "median_shape": list(plan.median_shape),
         "train": train.to_json(),
         "infer": {**infer.to_json(), "image_shape": list(plan.median_shape)},
-        "tokens": None
-        if tokens is None
-        else (replace(tokens, window=train.patch) if unetr else tokens).to_json(),
+        "tokens": None if tokens is None else _token_window(tokens, train.patch).to_json(),
         "memory_models": {  # anchored at the measured choices where checked
             "train": (train.model or train_mm).to_json(),
             "infer": (infer.model or infer_mm).to_json(),
         },
     }
+
+
+def _token_window(tokens: TokenPlan, patch: Shape) -> TokenPlan:
+    """The token plan with the window its ViT would take here: the largest multiple of the token
+    within the planned patch (a UNETR's patch itself, a multiple of its token by its divisor)."""
+    return replace(tokens, window=tuple(max(t, p // t * t) for t, p in zip(tokens.token_size, patch)))
