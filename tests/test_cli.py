@@ -249,12 +249,31 @@ def test_train_rejects_a_bad_dataset(flow: dict, tmp_path: Path, fault: str) -> 
         (["--model", "nosuchnet"], ["unknown model 'nosuchnet'", "unet"]),
         (["--patch", "0"], ["patch size '0'", "positive"]),
         (["--patch", "20"], ["patch size 20", "nearest valid sizes 16 or 24"]),
+        (["--options", "[1]"], ["--options '[1]'", "must be a JSON object"]),
+        (["--options", "{token"], ["--options '{token'", "is not JSON"]),
+        (["--options", '{"nosuch": 1}'], ["model unet", "'nosuch'", "'channels'"]),
     ],
-    ids=["unknown-model", "patch-zero", "patch-not-divisible"],
-)
+    ids=["unknown-model", "patch-zero", "patch-not-divisible", "options-not-object", "options-not-json",
+         "options-unknown"],
+)  # fmt: skip
 def test_train_rejects_bad_options(flow: dict, tmp_path: Path, args: list[str], needles: list[str]) -> None:
     proc = run_cli("train", flow["ds"], "--out", tmp_path / "m", "--steps", 1, "--device", "cpu", *args)
     assert_one_line_error(proc, *needles)
+
+
+def test_train_options_configure_the_network(flow: dict, tmp_path: Path) -> None:
+    """Seed 02 from the command line: a UNETR with token size 8, built from --options."""
+    vit = {"token_size": 8, "img_size": 16, "hidden_size": 24, "mlp_dim": 48, "num_heads": 2, "num_layers": 1,
+           "feature_size": 4}  # fmt: skip
+    out = tmp_path / "vit"
+    invoke("train", flow["ds"], "--out", out, "--model", "unetr", "--options", json.dumps(vit),
+           "--patch", "16", "--steps", 1, "--batch", 1, "--val-every", 1, "--val-patch", "32", "--workers", 0,
+           "--device", "cpu", "--json")  # fmt: skip
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"] == "unetr" and saved["model_kwargs"] == vit
+    from flexpatch import load_model
+
+    assert load_model(out, device="cpu").net.token_size == (8, 8, 8)
 
 
 @pytest.fixture

@@ -66,9 +66,11 @@ def test_cli_trains_predicts_and_evaluates_a_cascade(cells: Path, tmp_path: Path
     model, pred = tmp_path / "sts", tmp_path / "pred"
     summary = invoke(
         "train", cells, "--out", model, "--cascade", "sts", "--input-size", 16, "--steps", 3,
-        "--batch", 2, "--device", "cpu", "--json",
+        "--batch", 2, "--device", "cpu", "--options", '{"channels": 8}', "--json",
     )  # fmt: skip
     assert summary["model_dir"] == str(model) and summary["steps"] == 6  # both stages
+    for stage in ("rough", "fine"):  # --options reach both networks
+        assert json.loads((model / stage / "model.json").read_text())["kwargs"]["channels"] == 8
     assert 0 <= summary["best_val_dice"] <= 1 and 0 <= summary["baseline_val_dice"] <= 1
     assert (model / "cascade.json").is_file() and (model / "rough").is_dir() and (model / "fine").is_dir()
 

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,6 +37,19 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     if not values or any(v <= 0 for v in values):
         raise FlexPatchError(f"{what} {text!r} must be positive on every axis")
     return values
+
+
+def parse_options(text: str | None, flag: str = "--options") -> dict[str, Any]:
+    """A JSON object given on the command line (``'{"token_size": 8}'``); ``{}`` when not given."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FlexPatchError(f"{flag} {text!r} is not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise FlexPatchError(f"{flag} {text!r} must be a JSON object")
+    return value
 
 
 def parse_floats(text: str, what: str) -> tuple[float, ...]:
@@ -125,6 +138,13 @@ def train(
     max_patch: Annotated[
         str | None, typer.Option(help="Largest patch of a progressive schedule, e.g. 128,128,128.")
     ] = None,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            help="Model options as JSON, e.g. '{\"token_size\": 8}' for unetr; over a --plan's. "
+            "Patchwork: the blocks' options."
+        ),
+    ] = None,
     hyper: Annotated[
         bool, typer.Option("--hyper", help="Wrap the model in the patch-size hypernetwork (HN).")
     ] = False,
@@ -211,15 +231,18 @@ def train(
                       destvox_mm=destvox_mm)  # fmt: skip
         train_cli(dataset_dir, out, scheme, patchwork_options, device, as_json, block=model, rounds=rounds,
                   num_patches=num_patches, hard_mining=hard_mining, batch_size=batch,
-                  lr=lr if lr != 1e-3 else None, seed=seed or None, workers=workers)  # fmt: skip
+                  lr=lr if lr != 1e-3 else None, seed=seed or None, workers=workers,
+                  block_options=parse_options(options) or None)  # fmt: skip
         return
     model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
+    model_kwargs.update(parse_options(options))
     if hyper:
         model_kwargs["hyper"] = {"subset": hyper_subset}
     if cascade is not None:
         if init_from is not None:
             raise FlexPatchError("--init-from is for single networks, not --cascade")
-        _train_cascade(dataset_dir, out, cascade, input_size, model, steps, batch, lr, seed, device, as_json)
+        _train_cascade(dataset_dir, out, cascade, input_size, model, model_kwargs, steps, batch, lr, seed,
+                       device, as_json)  # fmt: skip
         return
     if patch.startswith("progressive") and max_patch:
         patch = f"{patch}:{format_shape(parse_ints(max_patch, 'max patch'))}"
@@ -298,6 +321,7 @@ def _train_cascade(
     kind: str,
     input_size: int,
     model: str,
+    model_kwargs: dict[str, Any],
     steps: int,
     batch: int,
     lr: float,
@@ -309,7 +333,8 @@ def _train_cascade(
 
     if kind != "sts":
         raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
-    config = CascadeConfig(input_size=input_size, steps=steps, batch=batch, model=model, lr=lr, seed=seed)
+    config = CascadeConfig(input_size=input_size, steps=steps, batch=batch, model=model,
+                           model_kwargs=model_kwargs, lr=lr, seed=seed)  # fmt: skip
     result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
     if as_json:
         _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})

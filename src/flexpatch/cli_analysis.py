@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.cli import DeviceOpt, JsonOpt, _emit_json, app, parse_ints
+from flexpatch.cli import DeviceOpt, JsonOpt, _emit_json, app, parse_ints, parse_options
 from flexpatch.errors import FlexPatchError, format_shape
 
 
@@ -151,7 +151,6 @@ def plan(
     probes were off. Writes the plan as JSON; `flexpatch train DATASET_DIR --out MODEL_DIR --plan PLAN`
     trains with it.
     """
-    import json
 
     from flexpatch.data.io import save_json
     from flexpatch.infer.planner import format_bytes, plan_dataset
@@ -159,15 +158,9 @@ def plan(
 
     target = out or Path(dataset_dir) / "flexpatch_plan.json"
     check_writable(target.parent, "plan folder")
-    try:
-        kwargs = json.loads(options) if options else {}
-    except json.JSONDecodeError as e:
-        raise FlexPatchError(f"--options {options!r} is not JSON ({e.msg})") from None
-    if not isinstance(kwargs, dict):
-        raise FlexPatchError(f"--options {options!r} must be a JSON object")
     result = plan_dataset(
-        dataset_dir, memory, model, kwargs, device=device, dtype=dtype, token_class=token_class,
-        progress=not as_json, check=not no_check,
+        dataset_dir, memory, model, parse_options(options), device=device, dtype=dtype,
+        token_class=token_class, progress=not as_json, check=not no_check,
     )  # fmt: skip
     result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}"
     save_json(target, result)
