@@ -22,6 +22,7 @@ SMOKE = {
     "planning": ["--mode", "smoke"],
     "patchwork": ["--smoke", "--budget", "3"],
     "sliding_window": ["--smoke"],
+    "patchwork_memory": ["--mode", "smoke"],
 }
 
 
