@@ -19,6 +19,7 @@ from flexpatch.cli import app
 from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.data.io import read_image, read_label
 from flexpatch.data.phantom import make_phantom
+from flexpatch.errors import FlexPatchError
 from flexpatch.infer.cascade import load_cascade
 from flexpatch.train.cascade import CascadeConfig, train_cascade
 
@@ -96,6 +97,16 @@ def test_cli_trains_predicts_and_evaluates_a_cascade(cells: Path, tmp_path: Path
                 s >= 0 and s + w <= n for s, w, n in zip(box["start"], box["size"], (64, 64), strict=True)
             )
 
+    # the other fusion and the paper's baseline, from the command line, as the Python API gives them
+    image = read_image(cells / "imagesTs" / names[0].replace(".nii.gz", "_0000.nii.gz"), ndim=2)
+    for flags, kwargs in ((["--fuse", "max"], {"fuse": "max"}), (["--baseline"], {"baseline": True})):
+        other = tmp_path / flags[-1].strip("-")
+        invoke("predict", model, cells / "imagesTs", "--out", other, *flags, "--device", "cpu", "--json")
+        expected = cascade.predict(image, **kwargs)
+        assert np.array_equal(read_label(other / names[0], ndim=2).data, expected.labels)
+        if "baseline" in kwargs:
+            assert not expected.boxes and not json.loads((other / "boxes.json").read_text())[names[0][:-7]]
+
     report = invoke(
         "evaluate", pred, cells / "labelsTs", "--labels-from", cells / "dataset.json", "--no-hd95", "--json"
     )
@@ -105,6 +116,19 @@ def test_cli_trains_predicts_and_evaluates_a_cascade(cells: Path, tmp_path: Path
         ours = read_label(pred / f"{row['case']}.nii.gz", 2).data
         truth = read_label(cells / "labelsTs" / f"{row['case']}.nii.gz", 2).data
         assert row["dice"] == pytest.approx(numpy_dice(ours, truth))
+
+
+def test_cascade_options_on_a_plain_model_are_refused(cells: Path, tmp_path: Path) -> None:
+    model = tmp_path / "plain"
+    invoke("train", cells, "--out", model, "--patch", "16", "--steps", 1, "--batch", 1, "--val-every", 1,
+           "--options", '{"channels": 4, "levels": 2, "convs_per_level": 2}', "--workers", 0,
+           "--device", "cpu", "--json")  # fmt: skip
+    result = CliRunner().invoke(app, ["predict", str(model), str(cells / "imagesTs"), "--out",
+                                      str(tmp_path / "p"), "--fuse", "max", "--device", "cpu"])  # fmt: skip
+    # CliRunner calls the app itself; flexpatch.cli.main turns this error into one line and exit code 2
+    assert isinstance(result.exception, FlexPatchError)
+    assert "--fuse and --baseline are for segment-then-segment models" in str(result.exception)
+    assert not (tmp_path / "p").exists()
 
 
 def test_unknown_cascade_exits_2_with_one_line(cells: Path, tmp_path: Path) -> None:

@@ -392,6 +392,17 @@ def predict(
     sampling_factor: Annotated[
         float, typer.Option(help="Patchwork: output voxel size = input voxel size / factor.")
     ] = 1.0,
+    fuse: Annotated[
+        str | None,
+        typer.Option(help="Cascade: 'or' of the thresholded masks (seed 05) or 'max' of the probabilities."),
+    ] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--baseline",
+            help="Cascade: the rough network alone on the image resized to S (the paper's baseline).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
@@ -411,11 +422,16 @@ def predict(
         predict_cli(model_dir, inputs, out, flags, out_type, device, as_json)
         return
     blend = blend or "gaussian"
-    if is_cascade(model_dir):
+    cascade = is_cascade(model_dir)
+    if not cascade and (fuse is not None or baseline):
+        raise FlexPatchError(f"{model_dir}: --fuse and --baseline are for segment-then-segment models")
+    if cascade:
         written = predict_cascade_files(
             model_dir,
             inputs,
             out,
+            fuse=fuse,
+            baseline=baseline,
             device=device,
             batch_size=batch,
             save_probabilities=probabilities,
