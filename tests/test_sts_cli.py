@@ -67,9 +67,12 @@ def test_cli_trains_predicts_and_evaluates_a_cascade(cells: Path, tmp_path: Path
     model, pred = tmp_path / "sts", tmp_path / "pred"
     summary = invoke(
         "train", cells, "--out", model, "--cascade", "sts", "--input-size", 16, "--steps", 3,
-        "--batch", 2, "--device", "cpu", "--options", '{"channels": 8}', "--json",
+        "--batch", 2, "--device", "cpu", "--options", '{"channels": 8}',
+        "--cascade-options", '{"jitter": 4, "min_side": 3, "fine_steps": 2}', "--json",
     )  # fmt: skip
-    assert summary["model_dir"] == str(model) and summary["steps"] == 6  # both stages
+    assert summary["model_dir"] == str(model) and summary["steps"] == 5  # 3 rough + 2 fine
+    saved = json.loads((model / "cascade.json").read_text())
+    assert saved["min_side"] == 3 and saved["config"]["jitter"] == 4 and saved["config"]["fine_steps"] == 2
     for stage in ("rough", "fine"):  # --options reach both networks
         assert json.loads((model / stage / "model.json").read_text())["kwargs"]["channels"] == 8
     assert 0 <= summary["best_val_dice"] <= 1 and 0 <= summary["baseline_val_dice"] <= 1
@@ -129,6 +132,22 @@ def test_cascade_options_on_a_plain_model_are_refused(cells: Path, tmp_path: Pat
     assert isinstance(result.exception, FlexPatchError)
     assert "--fuse and --baseline are for segment-then-segment models" in str(result.exception)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [('{"steps": 5}', "flag-only setting(s) steps"), ('{"jiter": 5}', "jiter; it takes"),
+     ('{"min_side": "a"}', "--cascade-options: "), ('[1]', "must be a JSON object")],
+    ids=["flag-only", "unknown", "wrong-type", "not-object"],
+)  # fmt: skip
+def test_bad_cascade_options_are_one_line_errors(
+    cells: Path, tmp_path: Path, options: str, needle: str
+) -> None:
+    args = ["train", str(cells), "--out", str(tmp_path / "m"), "--cascade", "sts"]
+    args += ["--cascade-options", options]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, FlexPatchError) and needle in str(result.exception)
+    assert "\n" not in str(result.exception) and not (tmp_path / "m").exists()
 
 
 def test_unknown_cascade_exits_2_with_one_line(cells: Path, tmp_path: Path) -> None:

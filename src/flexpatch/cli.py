@@ -155,6 +155,13 @@ def train(
         str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
     ] = None,
     input_size: Annotated[int, typer.Option(help="Cascade: network input size S per axis.")] = 64,
+    cascade_options: Annotated[
+        str | None,
+        typer.Option(
+            help='Cascade: other settings as JSON, e.g. \'{"jitter": 8, "fine_from_rough": false, '
+            '"min_side": 3, "fuse": "max"}\' (see CascadeConfig).'
+        ),
+    ] = None,
     patchwork: Annotated[
         bool, typer.Option("--patchwork", help="Train a deep neural patchwork (nested patches, seed 04).")
     ] = False,
@@ -241,7 +248,9 @@ def train(
     if cascade is not None:
         if init_from is not None:
             raise FlexPatchError("--init-from is for single networks, not --cascade")
-        _train_cascade(dataset_dir, out, cascade, input_size, model, model_kwargs, steps, batch, lr, seed,
+        flags = dict(input_size=input_size, model=model, model_kwargs=model_kwargs, steps=steps, batch=batch,
+                     lr=lr, seed=seed)  # fmt: skip
+        _train_cascade(dataset_dir, out, cascade, flags, parse_options(cascade_options, "--cascade-options"),
                        device, as_json)  # fmt: skip
         return
     if patch.startswith("progressive") and max_patch:
@@ -319,22 +328,29 @@ def _train_cascade(
     dataset_dir: Path,
     out: Path,
     kind: str,
-    input_size: int,
-    model: str,
-    model_kwargs: dict[str, Any],
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
+    flags: dict[str, Any],
+    options: dict[str, Any],
     device: str,
     as_json: bool,
 ) -> None:
+    """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
+    import dataclasses
+
     from flexpatch.train.cascade import CascadeConfig, train_cascade
 
     if kind != "sts":
         raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
-    config = CascadeConfig(input_size=input_size, steps=steps, batch=batch, model=model,
-                           model_kwargs=model_kwargs, lr=lr, seed=seed)  # fmt: skip
+    known = {f.name for f in dataclasses.fields(CascadeConfig)} - set(flags)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FlexPatchError(
+            f"--cascade-options: unknown or flag-only setting(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(sorted(known))}"
+        )
+    try:
+        config = CascadeConfig(**flags, **options)
+    except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
+        raise FlexPatchError(f"--cascade-options: {e}") from None
     result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
     if as_json:
         _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})
