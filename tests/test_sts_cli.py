@@ -143,8 +143,10 @@ def test_cascade_options_on_a_plain_model_are_refused(cells: Path, tmp_path: Pat
 def test_bad_cascade_options_are_one_line_errors(
     cells: Path, tmp_path: Path, options: str, needle: str
 ) -> None:
-    args = ["train", str(cells), "--out", str(tmp_path / "m"), "--cascade", "sts"]
-    args += ["--cascade-options", options]
+    args = ["train", str(cells), "--out", str(tmp_path / "m"), "--cascade-options", options]
+    result = CliRunner().invoke(app, args)  # without --cascade: refused whatever the options
+    assert isinstance(result.exception, FlexPatchError) and "is for --cascade sts" in str(result.exception)
+    args += ["--cascade", "sts"]
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, FlexPatchError) and needle in str(result.exception)
     assert "\n" not in str(result.exception) and not (tmp_path / "m").exists()

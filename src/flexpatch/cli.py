@@ -241,6 +241,8 @@ def train(
                   lr=lr if lr != 1e-3 else None, seed=seed or None, workers=workers,
                   block_options=parse_options(options) or None)  # fmt: skip
         return
+    if cascade_options and cascade is None:
+        raise FlexPatchError("--cascade-options is for --cascade sts")
     model, model_kwargs, patch, batch = _from_plan(plan, model, patch, batch)
     model_kwargs.update(parse_options(options))
     if hyper:
