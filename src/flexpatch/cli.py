@@ -252,8 +252,10 @@ def train(
             raise FlexPatchError("--init-from is for single networks, not --cascade")
         flags = dict(input_size=input_size, model=model, model_kwargs=model_kwargs, steps=steps, batch=batch,
                      lr=lr, seed=seed)  # fmt: skip
-        _train_cascade(dataset_dir, out, cascade, flags, parse_options(cascade_options, "--cascade-options"),
-                       device, as_json)  # fmt: skip
+        from flexpatch.cli_cascade import train_cli as train_cascade_cli
+
+        options = parse_options(cascade_options, "--cascade-options")
+        train_cascade_cli(dataset_dir, out, cascade, flags, options, device, as_json)
         return
     if patch.startswith("progressive") and max_patch:
         patch = f"{patch}:{format_shape(parse_ints(max_patch, 'max patch'))}"
@@ -324,43 +326,6 @@ def _from_plan(
             f"{path}: plans model {planned!r}, not {model!r}; plan again with --model {model}"
         )
     return planned, options, patch or planned_patch, batch or planned_batch
-
-
-def _train_cascade(
-    dataset_dir: Path,
-    out: Path,
-    kind: str,
-    flags: dict[str, Any],
-    options: dict[str, Any],
-    device: str,
-    as_json: bool,
-) -> None:
-    """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
-    import dataclasses
-
-    from flexpatch.train.cascade import CascadeConfig, train_cascade
-
-    if kind != "sts":
-        raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
-    known = {f.name for f in dataclasses.fields(CascadeConfig)} - set(flags)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise FlexPatchError(
-            f"--cascade-options: unknown or flag-only setting(s) {', '.join(unknown)}; "
-            f"it takes {', '.join(sorted(known))}"
-        )
-    try:
-        config = CascadeConfig(**flags, **options)
-    except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
-        raise FlexPatchError(f"--cascade-options: {e}") from None
-    result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
-    if as_json:
-        _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})
-    else:
-        typer.echo(
-            f"trained cascade in {result['seconds']:.0f} s; validation Dice {result['best_val_dice']:.3f} "
-            f"(rough model alone {result['baseline_val_dice']:.3f})"
-        )
 
 
 @app.command()
@@ -474,40 +439,6 @@ def predict(
         _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
     else:
         typer.echo(f"wrote {len(written)} segmentations to {out}")
-
-
-@app.command()
-def evaluate(
-    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
-    label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
-    labels_from: Annotated[Path | None, typer.Option(help="dataset.json giving class names.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write metrics.csv and summary.json here.")] = None,
-    hd95: Annotated[bool, typer.Option(help="Compute the 95th-percentile Hausdorff distance.")] = True,
-    as_json: JsonOpt = False,
-) -> None:
-    """Dice, IoU, precision, recall and HD95 per case and class."""
-    from flexpatch.data.io import load_json
-    from flexpatch.evaluate.metrics import evaluate_folders
-    from flexpatch.runtime import console
-
-    labels = None
-    if labels_from is not None:
-        meta = load_json(labels_from)
-        labels = meta.get("labels") if isinstance(meta, dict) else None
-        if not isinstance(labels, dict):
-            raise FlexPatchError(f"{labels_from}: has no 'labels' mapping")
-        labels = (
-            {str(k): int(v) for k, v in labels.items()}
-            if all(str(v).isdigit() for v in labels.values())
-            else {str(v): int(k) for k, v in labels.items()}
-        )
-    report = evaluate_folders(pred_dir, label_dir, labels, hd95=hd95, progress=not as_json)
-    if out is not None:
-        report.write(out)
-    if as_json:
-        _emit_json(report.to_json())
-    else:
-        console.print(report.table())
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""CLI commands that analyse patch sizes: sweeps, model comparison, progressive schedules.
+"""CLI commands that evaluate and analyse: metrics, sweeps, model comparison, schedules, plans.
 
 Registered on the one ``flexpatch`` app (see ``flexpatch.cli``); heavy imports stay
 inside the commands.
@@ -192,3 +192,37 @@ def _peaks(choice: dict) -> str:
 
     text = f"predicted peak {format_bytes(choice['predicted'])}"
     return text if choice["measured"] is None else f"{text}, measured {format_bytes(choice['measured'])}"
+
+
+@app.command()
+def evaluate(
+    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
+    label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
+    labels_from: Annotated[Path | None, typer.Option(help="dataset.json giving class names.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.csv and summary.json here.")] = None,
+    hd95: Annotated[bool, typer.Option(help="Compute the 95th-percentile Hausdorff distance.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dice, IoU, precision, recall and HD95 per case and class."""
+    from flexpatch.data.io import load_json
+    from flexpatch.evaluate.metrics import evaluate_folders
+    from flexpatch.runtime import console
+
+    labels = None
+    if labels_from is not None:
+        meta = load_json(labels_from)
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        if not isinstance(labels, dict):
+            raise FlexPatchError(f"{labels_from}: has no 'labels' mapping")
+        labels = (
+            {str(k): int(v) for k, v in labels.items()}
+            if all(str(v).isdigit() for v in labels.values())
+            else {str(v): int(k) for k, v in labels.items()}
+        )
+    report = evaluate_folders(pred_dir, label_dir, labels, hd95=hd95, progress=not as_json)
+    if out is not None:
+        report.write(out)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        console.print(report.table())

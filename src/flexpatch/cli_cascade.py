@@ -1,0 +1,47 @@
+"""The segment-then-segment part of ``flexpatch train`` (seed 05): ``--cascade sts``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flexpatch.errors import FlexPatchError
+
+
+def train_cli(
+    dataset_dir: Path,
+    out: Path,
+    kind: str,
+    flags: dict[str, Any],
+    options: dict[str, Any],
+    device: str,
+    as_json: bool,
+) -> None:
+    """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
+    from flexpatch.cli import _emit_json, _finite
+    from flexpatch.train.cascade import CascadeConfig, train_cascade
+
+    if kind != "sts":
+        raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
+    known = {f.name for f in dataclasses.fields(CascadeConfig)} - set(flags)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FlexPatchError(
+            f"--cascade-options: unknown or flag-only setting(s) {', '.join(unknown)}; "
+            f"it takes {', '.join(sorted(known))}"
+        )
+    try:
+        config = CascadeConfig(**flags, **options)
+    except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
+        raise FlexPatchError(f"--cascade-options: {e}") from None
+    result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
+    if as_json:
+        _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})
+    else:
+        typer.echo(
+            f"trained cascade in {result['seconds']:.0f} s; validation Dice {result['best_val_dice']:.3f} "
+            f"(rough model alone {result['baseline_val_dice']:.3f})"
+        )
