@@ -134,9 +134,13 @@ def test_mix_levels_takes_finest_covering_level() -> None:
         st.add(torch.full((1, 1, 1, width), value), Patch.box((0, start), (1, width)).affine[None])
         results.append(st.result())
         coverages.append(st.coverage())
-    mixed = mix_levels(results, coverages)
     expected = [1.0, 1.0, 2.0, 3.0, 3.0, 2.0, 0.0, 0.0]  # voxels 6, 7: no level, the coarsest (empty) stays
+    masks = [c > 0 for c in coverages]  # what Stitcher.covered gives
+    mixed = mix_levels([r.clone() for r in results], masks)
     assert mixed.reshape(-1).tolist() == pytest.approx(expected, abs=1e-4)
+    mixed = mix_levels(results, coverages)
+    assert mixed.reshape(-1).tolist() == pytest.approx(expected, abs=1e-4)
+    assert mixed.data_ptr() == results[0].data_ptr()  # in place: no image-sized copy
     with pytest.raises(FlexPatchError):
         mix_levels(results, coverages[:2])
 
@@ -183,8 +187,11 @@ def _pull_reference(values: np.ndarray, affine: np.ndarray, shape: tuple[int, ..
 
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("scatter,order", [("nearest", 0), ("linear", 1)])
-def test_coarse_patch_covers_its_whole_footprint(ndim, scatter, order):
-    """A patch with 3-voxel voxels (a coarse level) fills every grid voxel it covers, as SciPy samples it."""
+@pytest.mark.parametrize("slab", [1 << 18, 50])
+def test_coarse_patch_covers_its_whole_footprint(ndim, scatter, order, slab, monkeypatch):
+    """A patch with 3-voxel voxels (a coarse level) fills every grid voxel it covers, as SciPy samples it,
+    whether sampled at once or in slabs of a few rows (``slab`` grid voxels at a time)."""
+    monkeypatch.setattr("flexpatch.patchwork.stitch.PULL_SLAB_VOXELS", slab)
     m = (5, 6, 4)[:ndim]
     shape = (20, 22, 16)[:ndim]
     values = np.random.default_rng(3).random(m)
@@ -217,3 +224,55 @@ def test_finish_is_the_result_in_place_and_ends_the_stitcher(ndim: int, alpha: f
         st.finish()
     with pytest.raises(FlexPatchError, match="no more adds"):
         st.add(torch.ones((1, 1, *_line(ndim, 4))), Patch.box((0,) * ndim, _line(ndim, 4)).affine[None])
+
+
+def _softmax_patches(ndim: int, kind: str, seed: int) -> tuple[tuple[int, ...], torch.Tensor, np.ndarray]:
+    """Softmax outputs of 5 patches and their affines: boxes (``nearest``), shifted and rotated
+    patches (``linear``) or coarse patches of 2-voxel spacing (``pull``), on a 10^n grid."""
+    rng = np.random.default_rng(seed)
+    grid, m = (10,) * ndim, (4,) * ndim
+    outputs = torch.softmax(torch.as_tensor(rng.normal(size=(5, 3, *m)) * 3, dtype=torch.float32), 1)
+    affines = np.stack([np.eye(ndim + 1)] * 5)
+    affines[:, :ndim, ndim] = rng.uniform(-1, 7, (5, ndim))
+    if kind == "nearest":
+        affines[:, :ndim, ndim] = np.round(affines[:, :ndim, ndim])
+    elif kind == "linear":
+        c, s = np.cos(0.3), np.sin(0.3)
+        affines[:, :2, :2] = [[c, -s], [s, c]]
+    else:
+        affines[:, :ndim, :ndim] *= 2.0
+    return grid, outputs, affines
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", ["nearest", "linear", "pull"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_normalized_equals_full_sums(ndim: int, kind: str, alpha: float) -> None:
+    # softmax outputs: recovering channel 0 from the coverage gives what summing it gives
+    grid, outputs, affines = _softmax_patches(ndim, kind, seed=ndim)
+    scatter = "linear" if kind == "linear" else "nearest"
+    full = Stitcher(grid, channels=3, window="cos", alpha=alpha, scatter=scatter)
+    lean = Stitcher(grid, channels=3, window="cos", alpha=alpha, scatter=scatter, normalized=True)
+    for st in (full, lean):
+        st.add(outputs[:3], affines[:3])
+        st.add(outputs[3:], affines[3:])
+    np.testing.assert_allclose(lean.coverage().numpy(), full.coverage().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lean.result().numpy(), full.result().numpy(), rtol=1e-5, atol=1e-6)
+    expected = full.finish().numpy()
+    got = lean.finish().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.min() >= 0
+    assert lean._count.data_ptr() == lean._sum.data_ptr()  # the coverage lives in channel 0's slot
+
+
+def test_normalized_stitcher_after_finish() -> None:
+    grid, outputs, affines = _softmax_patches(2, "nearest", seed=0)
+    st = Stitcher(grid, channels=3, normalized=True)
+    st.add(outputs, affines)
+    st.finish()
+    with pytest.raises(FlexPatchError, match="coverage is gone"):
+        st.coverage()
+    with pytest.raises(FlexPatchError, match="already given"):
+        st.result()
+    with pytest.raises(FlexPatchError, match="more than one"):
+        Stitcher(grid, channels=1, normalized=True)

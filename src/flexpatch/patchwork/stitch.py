@@ -8,6 +8,10 @@ footprint samples it (nearest or linear), so that it covers its whole area rathe
 one grid voxel per patch voxel. The result divides the weighted sum by the coverage, or, with
 DNP's sparse suppression ``alpha > 0``, by ``sqrt(count^2 + 3 alpha)`` so that
 voxels seen by a single patch cannot give a confident answer. N-dimensional.
+
+Softmax outputs (``normalized``) keep one image-sized buffer fewer: each patch's channels add up
+to one, so the first channel's weighted sum is the coverage minus the others'. Its slot holds
+the coverage while patches are added, and :meth:`Stitcher.finish` recovers it in place.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flexpatch.geometry import Patch, accumulate, extract, nearest_box, window_w
 
 SCATTER_KINDS: tuple[str, ...] = ("nearest", "linear")
 EPS = 1e-5  # DNP's guard against dividing by zero coverage
+PULL_SLAB_VOXELS = 1 << 18  # grid voxels a coarse patch is sampled at in one go
 
 
 class Stitcher:
@@ -34,6 +39,9 @@ class Stitcher:
         window: blending window kind (``cos``, ``cos2``, ``constant``; see ``window_weights``).
         alpha: DNP's sparse suppression; 0 gives the plain weighted mean.
         scatter: ``nearest`` (DNP's default) or ``linear`` (multilinear splatting).
+        normalized: the outputs add up to one over the channels (softmax probabilities): the
+            first channel is not summed but recovered from the coverage, which saves one
+            ``(1, *shape)`` buffer while adding and another when finishing.
     """
 
     def __init__(
@@ -45,12 +53,14 @@ class Stitcher:
         scatter: str = "nearest",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        normalized: bool = False,
     ) -> None:
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) not in (2, 3) or any(s <= 0 for s in self.shape):
             raise FlexPatchError(f"stitch grid shape {self.shape} must be 2 or 3 positive sizes")
-        if channels <= 0:
-            raise FlexPatchError(f"stitch channels must be positive, got {channels}")
+        if channels <= int(normalized):
+            what = "more than one (normalized outputs)" if normalized else "positive"
+            raise FlexPatchError(f"stitch channels must be {what}, got {channels}")
         if scatter not in SCATTER_KINDS:
             raise FlexPatchError(f"unknown scatter {scatter!r}; choose one of {', '.join(SCATTER_KINDS)}")
         if not alpha >= 0:
@@ -62,8 +72,11 @@ class Stitcher:
         self.scatter = scatter
         self.device = torch.device(device)
         self.dtype = dtype
+        self.normalized = normalized
         self._sum = torch.zeros((self.channels, *self.shape), device=self.device, dtype=dtype)
-        self._count = torch.zeros((1, *self.shape), device=self.device, dtype=dtype)
+        # normalized: channel 0's slot is the coverage (views, so the scatters below fill both)
+        self._count = self._sum[:1] if normalized else torch.zeros_like(self._sum[:1])
+        self._summed = self._sum[1:] if normalized else self._sum
         self._windows: dict[tuple[int, ...], torch.Tensor] = {}
         self._finished = False
 
@@ -90,22 +103,38 @@ class Stitcher:
         outputs = outputs.detach().to(device=self.device, dtype=self.dtype)
         matrix = tuple(int(s) for s in outputs.shape[2:])
         window = self._window(matrix)
+        summed = outputs[:, 1:] if self.normalized else outputs
         if np.any(voxel_scales(mats) > 1 + 1e-6):
             for b in range(len(outputs)):
-                pull_patch(self._sum, self._count, outputs[b], mats[b], window, self.scatter)
+                pull_patch(self._summed, self._count, summed[b], mats[b], window, self.scatter)
         elif self.scatter == "nearest":
             patches = [nearest_box(Patch(a, matrix)) for a in mats]
-            accumulate(self._sum, self._count, outputs, patches, window)
+            accumulate(self._summed, self._count, summed, patches, window)
         else:
-            scatter_linear(self._sum, self._count, outputs, mats, window)
+            scatter_linear(self._summed, self._count, summed, mats, window)
 
     def coverage(self) -> torch.Tensor:
         """The summed window weights per voxel, ``(1, *shape)`` (0 where no patch reached)."""
+        if self._finished and self.normalized:
+            raise FlexPatchError(
+                "a normalized stitcher's coverage is gone once it has finished: take it before"
+            )
         return self._count.clone()
+
+    def covered(self) -> torch.Tensor:
+        """Where any patch reached, ``(1, *shape)`` bool: a quarter of :meth:`coverage`'s bytes."""
+        if self._finished and self.normalized:
+            raise FlexPatchError(
+                "a normalized stitcher's coverage is gone once it has finished: take it before"
+            )
+        return self._count > 0
 
     def result(self) -> torch.Tensor:
         """The stitched output ``(C, *shape)``: the weighted mean, or DNP's suppressed mean."""
-        return self._sum / self._divisor()
+        if self._finished:
+            raise FlexPatchError("this stitcher has already given its result")
+        sums = self._sum.clone()
+        return _normalize(sums, sums[:1] if self.normalized else self._count, self.normalized, self.alpha)
 
     def finish(self) -> torch.Tensor:
         """:meth:`result`, computed in the running sum itself; the stitcher then takes no more adds.
@@ -116,12 +145,23 @@ class Stitcher:
         if self._finished:
             raise FlexPatchError("this stitcher has already given its result")
         self._finished = True
-        return self._sum.div_(self._divisor())
+        return _normalize(self._sum, self._count, self.normalized, self.alpha)
 
-    def _divisor(self) -> torch.Tensor:
-        if self.alpha == 0:
-            return self._count + EPS
-        return torch.sqrt(self._count**2 + 3 * self.alpha)
+
+def _normalize(sums: torch.Tensor, count: torch.Tensor, normalized: bool, alpha: float) -> torch.Tensor:
+    """Running sums ``(C, *shape)`` and their coverage ``(1, *shape)`` to the stitched output, in
+    ``sums`` itself, one slab of the first axis at a time so that temporaries stay slab-sized.
+
+    ``normalized``: ``count`` is ``sums[:1]``, and channel 0 becomes the coverage minus the other
+    channels (clamped at 0 against rounding); see :class:`Stitcher`.
+    """
+    for i in range(sums.shape[1]):
+        slab, cover = sums[:, i], count[:, i]
+        divisor = cover + EPS if alpha == 0 else torch.sqrt(cover**2 + 3 * alpha)
+        if normalized:  # the divisor is taken first: channel 0 is the coverage until here
+            slab[0].sub_(slab[1:].sum(0)).clamp_(min=0)
+        slab.div_(divisor)
+    return sums
 
 
 def _as_affines(affines: torch.Tensor | np.ndarray, batch: int, n: int) -> np.ndarray:
@@ -164,18 +204,24 @@ def pull_patch(
     hi = np.minimum(np.floor(grid_pos.max(0) + 1e-9), np.array(spatial) - 1).astype(int)
     if np.any(hi < lo):
         return
-    shape = tuple(int(s) for s in hi - lo + 1)
-    to_box = np.eye(n + 1)
-    to_box[:n, n] = lo
-    box_to_patch = np.linalg.inv(affine) @ to_box  # grid box index -> patch index
     values = torch.cat([output * window, window[None].to(output.dtype)])
-    pulled = extract(values, [Patch(box_to_patch, shape)], mode=mode, padding="border")[0]
-    off_diagonal = affine[:n, :n] - np.diag(np.diag(affine[:n, :n]))
-    if np.any(np.abs(off_diagonal) > 1e-9):  # an oblique patch fills only part of its bounding box
-        pulled = pulled * _footprint(box_to_patch, shape, m, out_sum.device).to(pulled.dtype)
-    dst = tuple(slice(int(a0), int(a0) + s) for a0, s in zip(lo, shape))
-    out_sum[(slice(None), *dst)] += pulled[:-1]
-    weight_sum[(slice(None), *dst)] += pulled[-1:]
+    oblique = np.any(np.abs(affine[:n, :n] - np.diag(np.diag(affine[:n, :n]))) > 1e-9)
+    # slabs of the first axis: a coarse patch's box can be the whole grid, and sampling it at once
+    # would hold (C + 1) grid-sized channels and the sampling grid on top of the sums
+    size = hi - lo + 1
+    rows = max(1, PULL_SLAB_VOXELS // int(np.prod(size[1:])))
+    for first in range(int(lo[0]), int(hi[0]) + 1, rows):
+        start = np.array([first, *lo[1:]])
+        shape = (min(rows, int(hi[0]) + 1 - first), *(int(v) for v in size[1:]))
+        to_box = np.eye(n + 1)
+        to_box[:n, n] = start
+        box_to_patch = np.linalg.inv(affine) @ to_box  # grid box index -> patch index
+        pulled = extract(values, [Patch(box_to_patch, shape)], mode=mode, padding="border")[0]
+        if oblique:  # an oblique patch fills only part of its bounding box
+            pulled = pulled * _footprint(box_to_patch, shape, m, out_sum.device).to(pulled.dtype)
+        dst = tuple(slice(int(a0), int(a0) + s) for a0, s in zip(start, shape))
+        out_sum[(slice(None), *dst)] += pulled[:-1]
+        weight_sum[(slice(None), *dst)] += pulled[-1:]
 
 
 def _footprint(
@@ -246,8 +292,10 @@ def mix_levels(results: Sequence[torch.Tensor], coverages: Sequence[torch.Tensor
     """DNP's ``level='mix'``: each voxel takes the finest level (last) that covers it.
 
     Args:
-        results: per-level stitched outputs ``(C, *shape)``, coarse to fine, on one grid.
-        coverages: the matching ``(1, *shape)`` coverages; a voxel is covered where > 0.
+        results: per-level stitched outputs ``(C, *shape)``, coarse to fine, on one grid. The
+            first is overwritten and returned: the levels are mixed in place, a channel at a time.
+        coverages: the matching ``(1, *shape)`` coverages, or :meth:`Stitcher.covered` masks;
+            a voxel is covered where > 0.
 
     Voxels no level covers keep the coarsest level's value.
     """
@@ -255,11 +303,13 @@ def mix_levels(results: Sequence[torch.Tensor], coverages: Sequence[torch.Tensor
         raise FlexPatchError(
             f"mix_levels needs one coverage per result: {len(results)} results, {len(coverages)} coverages"
         )
-    mixed = results[0].clone()
+    mixed = results[0]
     for res, cov in zip(results[1:], coverages[1:]):
         if res.shape != mixed.shape or cov.shape[1:] != mixed.shape[1:]:
             raise FlexPatchError(
                 f"levels must share one grid: {tuple(res.shape)} / {tuple(cov.shape)} vs {tuple(mixed.shape)}"
             )
-        mixed = torch.where(cov > 0, res, mixed)
+        mask = cov[0] > 0
+        for c in range(len(mixed)):
+            torch.where(mask, res[c], mixed[c], out=mixed[c])
     return mixed
