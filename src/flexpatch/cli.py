@@ -354,7 +354,8 @@ def predict(
         str | None,
         typer.Option(
             help="Memory budget on the device (8GB, 2GiB, auto): picks the window (unless --patch-size) "
-            "and the window batch (at most --batch), and retries smaller on out-of-memory."
+            "and the window batch (at most --batch), and retries smaller on out-of-memory. "
+            "Patchwork: picks the patch batch (at most --batch)."
         ),
     ] = None,
     lazy: Annotated[
@@ -402,12 +403,16 @@ def predict(
             num_chunks=num_chunks, jitter=jitter, alpha=alpha, level=level, window=blend or "cos",
             sampling_factor=sampling_factor, batch_size=batch,
         )  # fmt: skip
-        predict_cli(model_dir, inputs, out, flags, out_type, device, as_json)
+        predict_cli(model_dir, inputs, out, flags, out_type, device, as_json, memory)
         return
     blend = blend or "gaussian"
     cascade = is_cascade(model_dir)
     if not cascade and (fuse is not None or baseline):
         raise FlexPatchError(f"{model_dir}: --fuse and --baseline are for segment-then-segment models")
+    if cascade and memory is not None:
+        raise FlexPatchError(
+            f"{model_dir}: --memory is for sliding-window models and patchworks, not cascades"
+        )
     if cascade:
         written = predict_cascade_files(
             model_dir,

@@ -94,7 +94,7 @@ def _report(result: dict[str, Any], as_json: bool) -> None:
 
 def predict_cli(
     model_dir: Path, inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str, device: str,
-    as_json: bool,
+    as_json: bool, memory: str | None = None,
 ) -> None:  # fmt: skip
     """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
     from flexpatch.cli import _emit_json
@@ -103,7 +103,9 @@ def predict_cli(
     given = {k: v for k, v in flags.items() if v is not None}
     level = given.pop("level", "last")
     opts = ApplyOptions(level=int(level) if str(level).isdigit() else level, **given)
-    written = predict_patchwork_files(model_dir, inputs, out, opts, out_type, device, progress=not as_json)
+    written = predict_patchwork_files(
+        model_dir, inputs, out, opts, out_type, device, progress=not as_json, memory=memory
+    )
     if as_json:
         _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": opts.stats})
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,12 @@ import torch
 
 from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError
-from flexpatch.patchwork import crop, generate
+from flexpatch.infer.within import is_out_of_memory
+from flexpatch.patchwork import budget, crop, generate
 from flexpatch.patchwork.files import BEST, CONFIG, WEIGHTS, load_meta
 from flexpatch.patchwork.losses import LabelEmbedding
 from flexpatch.patchwork.model import PatchworkNet
-from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
+from flexpatch.patchwork.outputs import labelling_bytes, parse_out_type, to_output, write_output
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
 from flexpatch.runtime import check_writable, resolve_device
@@ -47,8 +48,10 @@ class ApplyOptions:
         window: ``cos`` or ``cos2`` (or ``constant``); alpha: sparse suppression.
         level: ``last``, ``mix`` (finest level covering each voxel) or a level index.
         sampling_factor: output voxel size = input voxel size / sampling_factor.
-        batch_size: patches per forward pass.
+        batch_size: patches per forward pass (with ``memory``: at most).
         seed: seeds random generation and jitter.
+        memory: a budget in bytes on the device: the batch is the largest that fits
+            (:mod:`flexpatch.patchwork.budget`), halved on an out-of-memory error.
     """
 
     generate: str = "tree"
@@ -63,6 +66,7 @@ class ApplyOptions:
     sampling_factor: float = 1.0
     batch_size: int = 16
     seed: int = 0
+    memory: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
     def check(self, depth: int) -> None:
@@ -70,8 +74,11 @@ class ApplyOptions:
             raise FlexPatchError(f"generate must be tree or random, got {self.generate!r}")
         if self.lazy is not None and not 0 < self.lazy <= 1:
             raise FlexPatchError(f"lazy fraction must be in (0, 1], got {self.lazy}")
-        if self.num_chunks < 1 or self.num_patches < 1 or self.batch_size < 1 or self.sampling_factor <= 0:
-            raise FlexPatchError("num_chunks, num_patches, batch_size and sampling_factor must be positive")
+        counts = (self.num_chunks, self.num_patches, self.batch_size, self.sampling_factor, self.memory or 1)
+        if min(counts) <= 0:
+            raise FlexPatchError(
+                "num_chunks, num_patches, batch_size, sampling_factor and memory must be positive"
+            )
         if self.level not in ("last", "mix") and not (
             isinstance(self.level, int) and 0 <= self.level < depth
         ):
@@ -129,28 +136,126 @@ def apply_image(
     categorical: bool = True,
     device: torch.device | str = "cpu",
     to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalized: bool = False,
 ) -> Applied:
     """Run a patchwork over one image ``(C, *spatial)`` with world ``affine``.
+
+    ``normalized``: ``activation`` gives channels that add up to one (softmax), which lets the
+    stitchers keep one image-sized buffer fewer (see :class:`Stitcher`).
 
     ``net`` needs ``forward_level(k, crops, parent_out, rel)``, ``num_outputs`` and ``depth``
     (a :class:`PatchworkNet`, or any stand-in, such as an identity block in the tests).
     """
     opts.check(scheme.depth)
-    dev = torch.device(device)
     shape = tuple(image.shape[1:])
     geom = Geometry.of(shape, affine, scheme.system)
     widths = level_widths(scheme, geom)
-    sources = crop.level_sources(image, scheme, undersampling(scheme, geom, widths))
     out_shape, grid = output_grid(shape, opts.sampling_factor)
-    to_out = np.linalg.inv(grid)
-    levels_out = range(scheme.depth) if opts.level == "mix" else [_scatter_level(opts.level, scheme.depth)]
-    stitchers = {
-        k: Stitcher(out_shape, net.num_outputs, opts.window, opts.alpha, scheme.scatter, dev)
-        for k in levels_out
-    }
-    rng = np.random.default_rng(opts.seed)
-    stats: dict[str, Any] = {"patches": [0] * scheme.depth, "evaluated_voxels": 0}
+    job = _Job(
+        net, scheme, geom, widths, crop.level_sources(image, scheme, undersampling(scheme, geom, widths)),
+        out_shape, np.linalg.inv(grid), activation, categorical, torch.device(device), to_logits, normalized,
+        list(range(scheme.depth)) if opts.level == "mix" else [_scatter_level(opts.level, scheme.depth)],
+    )  # fmt: skip
+    stats: dict[str, Any] = {}
+    if opts.memory is not None:
+        plan = _plan(job, opts)
+        opts = replace(opts, batch_size=plan.batch)
+        stats.update(batch_size=plan.batch, predicted_peak=plan.predicted, memory_line=plan.describe())
     start = time.perf_counter()
+    while True:
+        try:
+            stitchers, counts = _apply(job, opts)
+            break
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if opts.memory is None or not is_out_of_memory(e):
+                raise
+        # retried outside the except block, so that the failed attempt's tensors are gone
+        if job.dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if opts.batch_size == 1:
+            raise FlexPatchError("out of memory at patchwork batch 1: nothing smaller to try")
+        opts = replace(opts, batch_size=opts.batch_size // 2)
+        stats.update(
+            batch_size=opts.batch_size, memory_line=f"out of memory; retried at batch {opts.batch_size}"
+        )
+    stats.update(counts, seconds=time.perf_counter() - start)
+    if opts.level == "mix":
+        covered = [stitchers[k].covered() for k in job.levels_out]  # before finish: normalized ones lose it
+        values = mix_levels([stitchers[k].finish() for k in job.levels_out], covered)
+    else:
+        values = stitchers[job.levels_out[0]].finish()
+    return Applied(values, grid, stats)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What applying a patchwork to one image needs besides the options (see :func:`apply_image`)."""
+
+    net: Any
+    scheme: Scheme
+    geom: Geometry
+    widths: list[np.ndarray]
+    sources: list[torch.Tensor]  # the image each level crops from
+    out_shape: tuple[int, ...]
+    to_out: np.ndarray  # input index -> output grid index
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    categorical: bool
+    dev: torch.device
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None
+    normalized: bool
+    levels_out: list[int]  # the levels scattered onto the output grid
+
+    def stitcher(self, opts: ApplyOptions) -> Stitcher:
+        return Stitcher(
+            self.out_shape, self.net.num_outputs, opts.window, opts.alpha, self.scheme.scatter, self.dev,
+            normalized=self.normalized,
+        )  # fmt: skip
+
+
+def _plan(job: _Job, opts: ApplyOptions) -> budget.BatchPlan:
+    """The batch within ``opts.memory`` (see :mod:`flexpatch.patchwork.budget`)."""
+    assert opts.memory is not None
+    levels = budget.simulate_levels(job.scheme, job.geom, job.widths, opts)
+    voxels = int(np.prod(job.out_shape))
+    mix = opts.level == "mix"
+    resident = budget.resident_bytes(
+        voxels,
+        job.net.num_outputs,
+        [job.scheme.matrix[k] for k in job.levels_out],
+        job.normalized,
+        mix,
+        job.sources,
+        job.dev,
+    )
+    kept = budget.kept_bytes(job.net, levels, job.scheme)
+    scratch = job.stitcher(opts)  # adds land in it as in the real one; its sums are thrown away
+    parent_outs: dict[int, torch.Tensor] = {}
+
+    def run(k: int, batch: int) -> None:
+        level, parents = levels[k], levels[k - 1] if k else None
+        sl = slice(0, min(batch, len(level)))
+        if parents is not None and k not in parent_outs:  # held, so counted in kept, not measured
+            shape = (len(parents), job.net.level_channels(k - 1), *job.scheme.matrix[k - 1])
+            parent_outs[k] = torch.zeros(shape, device=job.dev)
+        with torch.no_grad():
+            y = run_batch(
+                job.net, k, level, sl, parents, parent_outs.get(k), job.sources[k], job.scheme, job.dev
+            )
+            if k in job.levels_out:
+                scratch.add(job.activation(y[:, : job.net.num_outputs]), job.to_out @ level.affine[sl])
+
+    return budget.plan_batch(
+        run, kept, job.dev, resident=resident, budget=opts.memory, most=opts.batch_size,
+        finish=labelling_bytes(voxels),
+    )  # fmt: skip
+
+
+def _apply(job: _Job, opts: ApplyOptions) -> tuple[dict[int, Stitcher], dict[str, Any]]:
+    """Every chunk's patches, coarse to fine, into one stitcher per scattered level."""
+    net, scheme, geom, widths = job.net, job.scheme, job.geom, job.widths
+    stitchers = {k: job.stitcher(opts) for k in job.levels_out}
+    rng = np.random.default_rng(opts.seed)
+    counts: dict[str, Any] = {"patches": [0] * scheme.depth, "evaluated_voxels": 0}
     for _ in range(opts.num_chunks):
         parents: generate.Level | None = None
         outputs: torch.Tensor | None = None
@@ -160,7 +265,7 @@ def apply_image(
                     scheme, geom, widths, opts.generate, opts.num_patches, rng, opts.jitter
                 )
             else:
-                keep = _keep(outputs, opts.lazy, categorical, net.num_outputs, to_logits)
+                keep = _keep(outputs, opts.lazy, job.categorical, net.num_outputs, job.to_logits)
                 level = generate.next_level(
                     scheme, geom, widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
                 )
@@ -169,23 +274,26 @@ def apply_image(
                 stitcher = stitchers[k]
 
                 def sink(y: torch.Tensor, affines: np.ndarray, stitcher: Stitcher = stitcher) -> None:
-                    stitcher.add(activation(y[:, : net.num_outputs]), to_out @ affines)
+                    stitcher.add(job.activation(y[:, : net.num_outputs]), job.to_out @ affines)
 
             # the finest level's outputs go straight into the stitcher: only parents are kept
             outputs = _run_level(
-                net, k, level, parents, outputs, sources[k], scheme, opts, dev, sink, k < scheme.depth - 1
+                net,
+                k,
+                level,
+                parents,
+                outputs,
+                job.sources[k],
+                scheme,
+                opts,
+                job.dev,
+                sink,
+                k < scheme.depth - 1,
             )
-            stats["patches"][k] += len(level)
-            stats["evaluated_voxels"] += len(level) * int(np.prod(scheme.matrix[k]))
+            counts["patches"][k] += len(level)
+            counts["evaluated_voxels"] += len(level) * int(np.prod(scheme.matrix[k]))
             parents = level
-    stats["seconds"] = time.perf_counter() - start
-    if opts.level == "mix":
-        values = mix_levels(
-            [stitchers[k].finish() for k in levels_out], [stitchers[k].coverage() for k in levels_out]
-        )
-    else:
-        values = next(iter(stitchers.values())).finish()
-    return Applied(values, grid, stats)
+    return stitchers, counts
 
 
 def _scatter_level(level: str | int, depth: int) -> int:
@@ -225,23 +333,38 @@ def _run_level(
 ) -> torch.Tensor | None:
     """All patches of a level in batches: each batch's logits go to ``sink`` (the stitcher) and,
     when ``keep``, are returned as ``(N, C, *m_k)`` for the children."""
-    out = []
-    m = scheme.matrix[k]
+    out = None
     for s in range(0, len(level), opts.batch_size):
         sl = slice(s, s + opts.batch_size)
-        x = crop.crop_image(source, level.affine[sl], m, scheme).to(dev)
-        if parents is None or parent_out is None:
-            y = net.forward_level(k, x)
-        else:
-            pidx = level.parent[sl]
-            rel = generate.relative_affines(parents.affine[pidx], level.affine[sl])
-            parent = parent_out[torch.as_tensor(pidx, device=parent_out.device)]
-            y = net.forward_level(k, x, parent, torch.from_numpy(rel).float().to(dev))
+        y = run_batch(net, k, level, sl, parents, parent_out, source, scheme, dev)
         if sink is not None:
             sink(y, level.affine[sl])
-        if keep:
-            out.append(y)
-    return torch.cat(out) if keep else None
+        if keep:  # filled in place: a list and a torch.cat would hold the level's outputs twice
+            out = y.new_empty((len(level), *y.shape[1:])) if out is None else out
+            out[sl] = y
+        del y  # else it lives on through the next batch's forward pass
+    return out
+
+
+def run_batch(
+    net: Any,
+    k: int,
+    level: generate.Level,
+    sl: slice,
+    parents: generate.Level | None,
+    parent_out: torch.Tensor | None,
+    source: torch.Tensor,
+    scheme: Scheme,
+    dev: torch.device,
+) -> torch.Tensor:
+    """Logits of the patches ``sl`` of level ``k``: their image crops and their parents' outputs."""
+    x = crop.crop_image(source, level.affine[sl], scheme.matrix[k], scheme).to(dev)
+    if parents is None or parent_out is None:
+        return net.forward_level(k, x)
+    pidx = level.parent[sl]
+    rel = generate.relative_affines(parents.affine[pidx], level.affine[sl])
+    parent = parent_out[torch.as_tensor(pidx, device=parent_out.device)]
+    return net.forward_level(k, x, parent, torch.from_numpy(rel).float().to(dev))
 
 
 @dataclass
@@ -310,6 +433,7 @@ def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Appl
         model.device,
         # with a label embedding the block outputs are features: rank patches by their class logits
         None if model.embedding is None else model.embedding.logits,
+        normalized=model.categorical and model.embedding is None,
     )
 
 
@@ -359,20 +483,28 @@ def predict_patchwork_files(
     out_type: str = "atlas",
     device: str = "auto",
     progress: bool = True,
+    memory: str | int | None = None,
 ) -> list[Path]:
-    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes)."""
+    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes).
+
+    ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
+    within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
+    """
+    from flexpatch.infer.planner import parse_budget
     from flexpatch.infer.predictor import _read_case, group_inputs
-    from flexpatch.runtime import progress_bar
+    from flexpatch.runtime import console, progress_bar
 
     opts = opts or ApplyOptions()
     parse_out_type(out_type)
     model = load_patchwork(model_dir, device)
+    if memory is not None:
+        opts = replace(opts, memory=parse_budget(memory, model.device))
     opts.check(model.scheme.depth)
     cases = group_inputs(inputs, model.meta["in_channels"])
     out_dir = Path(out_dir)
     check_writable(out_dir)
     names = {int(k): v for k, v in model.meta["label_names"].items()}
-    written = []
+    written, reported = [], None
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("patchwork", total=len(cases), info="")
         for case, files in cases.items():
@@ -380,6 +512,9 @@ def predict_patchwork_files(
             array, affine, stats = segment_volume(model, volume, opts, out_type)
             path = write_output(out_dir / f"{case}.nii.gz", array, affine, names, ndim=model.scheme.ndim)
             opts.stats[case] = stats
+            if stats.get("memory_line") and stats["memory_line"] != reported:  # once per new choice
+                reported = stats["memory_line"]
+                console.print(reported, highlight=False, markup=False, soft_wrap=True)
             written.append(path)
             bar.update(task, advance=1, info=f"{case}: {sum(stats['patches'])} patches")
     return written

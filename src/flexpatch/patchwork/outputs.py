@@ -36,7 +36,7 @@ THRESHOLD_TYPES: tuple[str, ...] = ("mask", "atlas")
 ALIASES = {"atls": "atlas"}
 COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 DEFAULT_THRESHOLD = 0.5
-SLAB_VOXELS = 1 << 22  # voxels per slab of a label map: its int64 winners take 32 MiB at most
+SLAB_VOXELS = 1 << 20  # voxels per slab of a label map: its int64 winners take 8 MiB at most
 _USAGE = "use float32, uint8, int16, mask[:t1,t2,..] or atlas[:t1,t2,..]"
 
 
@@ -127,6 +127,13 @@ def to_output(
     passing = fg >= thr[expand]
     win = np.argmax(np.where(passing, fg, -1.0), axis=0) + 1
     return lut[np.where(passing.any(axis=0), win, 0)]
+
+
+def labelling_bytes(voxels: int) -> int:
+    """Most bytes a categorical atlas of ``voxels`` allocates besides the label map: in one slab,
+    the running maximum (float32), the winners (int64), and a comparison (bool) or the labels
+    gathered for it (at most int16)."""
+    return min(voxels, SLAB_VOXELS) * (4 + 8 + 2)
 
 
 def _categorical_atlas(
