@@ -26,7 +26,7 @@ from flexpatch.patchwork.train import build_net
 torch.set_num_threads(1)
 
 TINY = {"channels": 4, "levels": 2, "convs_per_level": 2}  # divisor 4
-SIDE = {2: 96, 3: 40}
+SIDE = {2: 96, 3: 24}
 
 
 def _patchwork(ndim: int, channels: int = 4) -> tuple[torch.nn.Module, object]:

@@ -4,8 +4,8 @@ While a patchwork segments an image, the device that runs it holds, besides the 
 
 - the stitched sums on the output grid, for each scattered level: ``C`` float32 channels for
   softmax outputs (the coverage lives in channel 0's slot, see :class:`Stitcher`), ``C + 1``
-  otherwise; with ``level mix`` every level has its sums, and their coverages are copied once
-  at the end;
+  otherwise, and its blending window; with ``level mix`` every level has them, and a coverage
+  mask (a byte a voxel) each at the end;
 - the outputs of every patch of a level with children, kept for their children's crops while
   the next level runs (its own outputs fill up meanwhile);
 - one batch: its image crops, its parents' outputs, the block's forward pass, the activation;
@@ -14,11 +14,10 @@ While a patchwork segments an image, the device that runs it holds, besides the 
   made on the host from the stitched probabilities).
 
 All but the batch are counted: each level's patch count follows from the scheme and the image
-(lazy evaluation keeps a fixed number). The batch's part is measured, one batch per level (crops, forward,
-activation and stitching into a scratch stitcher of the real size), with the planner's tracker (on
-CUDA the allocator's peak): at batches 1 and 2, then, as it is linear in the batch, at the batch
-chosen, which is taken down until its measurement fits. On the CPU the tracker sees torch's tensors
-only, not NumPy's, so the level sources are counted but not measured.
+(lazy evaluation keeps a fixed number). The batch's part is measured, one batch per level (crops,
+forward, activation and stitching into a scratch stitcher of the real size), with the planner's
+tracker (on CUDA the allocator's peak): at batches 1 and 2, then, as it is linear in the batch, at
+the largest batch that the line keeps within the budget, taken down until its measurement fits.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +36,9 @@ from flexpatch.infer.planner import format_bytes
 from flexpatch.infer.within import is_out_of_memory
 from flexpatch.patchwork import generate
 from flexpatch.patchwork.scheme import Geometry, Scheme
+
+if TYPE_CHECKING:
+    from flexpatch.patchwork.apply import ApplyOptions
 
 FLOAT = 4  # bytes of the float32 outputs and sums
 
@@ -57,7 +59,7 @@ class BatchPlan:
 
 
 def simulate_levels(
-    scheme: Scheme, geom: Geometry, widths: list[np.ndarray], opts: Any
+    scheme: Scheme, geom: Geometry, widths: list[np.ndarray], opts: ApplyOptions
 ) -> list[generate.Level]:
     """The patches of every level as application draws them, with the first of each level's
     patches kept where lazy evaluation would keep the best: the counts are the same."""
