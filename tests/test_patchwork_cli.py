@@ -46,12 +46,12 @@ def test_tiny_patchwork_trains_and_predicts_through_the_cli(fixture, request, tm
     summary = invoke(
         "train", ds, "--out", model, "--patchwork", "--depth", 2, "--matrix", 8, "--fov-rel", 0.8,
         "--rounds", 2, "--num-patches", 3, "--batch", 4, "--patchwork-options", opts,
-        "--options", json.dumps({**TINY, "channels": 6}), "--device", "cpu", "--json",
+        "--options", json.dumps({"channels": 6}), "--device", "cpu", "--json",
     )  # fmt: skip
     assert summary["rounds"] == 2 and np.isfinite(summary["last_loss"])
     meta = json.loads((model / CONFIG).read_text())
     assert meta["scheme"]["depth"] == 2 and meta["config"]["hard_mining"] == 1.0
-    assert meta["config"]["block_options"] == {**TINY, "channels": 6}  # --options over the file
+    assert meta["config"]["block_options"] == {**TINY, "channels": 6}  # --options over the file, by key
     log = json.loads((model / "log.json").read_text())
     assert log[1]["patches"] > log[0]["patches"]  # hard mining kept half of round 0 beside the new ones
     pred = tmp_path / "pred"

@@ -111,7 +111,7 @@ def test_cli_trains_predicts_and_evaluates_a_cascade(cells: Path, tmp_path: Path
             assert not expected.boxes and not json.loads((other / "boxes.json").read_text())[names[0][:-7]]
 
     refused = CliRunner().invoke(app, ["predict", str(model), str(cells / "imagesTs"), "--out",
-                                       str(tmp_path / "m"), "--memory", "1GB", "--device", "cpu"])  # fmt: skip
+                                       str(tmp_path / "m"), "--memory", "1GB"])  # fmt: skip
     assert "--memory is for sliding-window models and patchworks" in str(refused.exception)
     assert not (tmp_path / "m").exists()
 

@@ -142,7 +142,7 @@ def train(
         str | None,
         typer.Option(
             help="Model options as JSON, e.g. '{\"token_size\": 8}' for unetr; over a --plan's. "
-            "Patchwork: the blocks' options."
+            "Patchwork: the blocks' options, over the --patchwork-options file's, key by key."
         ),
     ] = None,
     hyper: Annotated[

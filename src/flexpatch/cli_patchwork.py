@@ -35,7 +35,11 @@ def make_config(flags: dict[str, Any], options: dict[str, Any]) -> Any:
     from flexpatch.patchwork.config import PatchworkConfig
 
     known = {f.name for f in dataclasses.fields(PatchworkConfig)}
-    merged = {**options, **{k: v for k, v in flags.items() if v is not None}}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(options.get("block_options"), dict) and "block_options" in given:
+        # --options adds to the file's block options, key by key, as every other flag does
+        given["block_options"] = {**options["block_options"], **given["block_options"]}
+    merged = {**options, **given}
     unknown = sorted(set(merged) - known - set(SCHEME_KEYS))
     if unknown:
         raise FlexPatchError(f"unknown patchwork option(s): {', '.join(unknown)}")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.sampling.sizes import _one_size, register_size_kind
+from flexpatch.sampling.sizes import one_size, register_size_kind
 
 Shape = tuple[int, ...]
 MODES: tuple[str, ...] = ("resource", "performance", "random")
@@ -264,7 +264,7 @@ def _parse(
         raise FlexPatchError(
             f"patch size {spec!r} schedules the whole run: parse it with the run's batch and steps"
         )
-    top = _one_size(size, ndim, divisor, spec, "x")
+    top = one_size(size, ndim, divisor, spec, "x")
     return make_schedule(top, pools_from_divisor(divisor), mode, batch, steps)
 
 

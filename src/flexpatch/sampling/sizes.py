@@ -242,7 +242,9 @@ def _check_divisible(size: Shape, divisor: Shape, spec: str) -> None:
             raise FlexPatchError(f"patch size {s}{where} is not divisible by {d}: nearest valid {near}")
 
 
-def _one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape:
+def one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape:
+    """One patch size, ``48`` (isotropic) or ``48x64x32`` with ``sep`` ``x``, checked against the
+    data's ``ndim`` and the network's ``divisor``; ``spec`` is the whole text, for the errors."""
     where = "" if text == spec else f" (in {spec!r})"
     values = _ints(text.replace(sep, ","), spec)
     if len(values) == 1:
@@ -277,7 +279,7 @@ def _parse_uniform(body: str, ndim: int, divisor: Shape, isotropic: bool) -> Uni
 
 def _parse_list(body: str, ndim: int, divisor: Shape) -> ChoiceSize:
     items = [t for t in body.split(",") if t.strip()]
-    return ChoiceSize(tuple(_one_size(t, ndim, divisor, f"list:{body}", "x") for t in items))
+    return ChoiceSize(tuple(one_size(t, ndim, divisor, f"list:{body}", "x") for t in items))
 
 
 register_size_kind("uniform", lambda b, n, d: _parse_uniform(b, n, d, False), "uniform:32-192")
@@ -317,7 +319,7 @@ def parse_patch_spec(
     if not spec:
         raise FlexPatchError("patch size spec is empty")
     if ":" not in spec:
-        return FixedSize(_one_size(spec, ndim, divs, spec, ","))
+        return FixedSize(one_size(spec, ndim, divs, spec, ","))
     kind, body = spec.split(":", 1)
     if kind not in _KINDS:
         known = ", ".join(["fixed (e.g. 64,64,64)"] + [f"{k} (e.g. {e.example})" for k, e in _KINDS.items()])
