@@ -106,6 +106,31 @@ def test_estimate_within_15_percent_of_the_measured_peak(models, mode: str) -> N
     )
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_attention_pairs_leave_out_a_first_call_workspace(mode: str) -> None:
+    """A block that allocates a buffer once, on its first call (as cuBLAS does its workspace on a
+    process's first matrix product on CUDA), gives the same bytes per pair as the plain block."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    from flexpatch.infer.memory import attention_pairs
+
+    class FirstCallWorkspace(SABlock):
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+            if not hasattr(self, "workspace"):
+                self.workspace = torch.empty(2**22)  # 16 MiB, kept: 341 B per pair at 128 tokens
+            return super().forward(x, attn_mask)
+
+    torch.manual_seed(0)
+    plain = SABlock(32, 2)
+    once = FirstCallWorkspace(32, 2)
+    once.load_state_dict(plain.state_dict())
+    expected = attention_pairs(plain, mode, torch.device("cpu"), amp=False)
+    got = attention_pairs(once, mode, torch.device("cpu"), amp=False)
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    # fp32 softmax matrices: 4 bytes per pair and head are held in training, 2 heads here
+    assert expected[0] == pytest.approx(8.0 if mode == "train" else 0.0, abs=0.5)
+
+
 def test_memory_model_round_trips_through_json(models) -> None:
     _, mm, _ = models
     again = MemoryModel.from_json(mm.to_json())

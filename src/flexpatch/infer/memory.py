@@ -279,7 +279,10 @@ def attention_pairs(
     """Bytes per (token, token) pair of one attention block: ``(held, peak)``.
 
     ``held``: what its forward keeps for the backward; ``peak``: the most it holds at
-    once in its forward or backward. Quadratics through probes at 128, 256 and 512 tokens.
+    once in its forward or backward. Quadratics through probes at 128, 256 and 512 tokens,
+    each run once before it is measured, as :class:`Prober` does: a one-time allocation (on
+    CUDA the cuBLAS workspace of the process's first matrix product, tens of MiB) in the
+    first probe would weigh as bytes per pair, 1/49152 of it, and be extrapolated to 4096 tokens.
     """
     probe = copy.deepcopy(block).to(device).train(mode == "train")
     hidden = probe.qkv.in_features if hasattr(probe, "qkv") else probe.to_q.in_features
@@ -296,6 +299,8 @@ def attention_pairs(
                     state["y"] = probe(x).float().sum()
 
             phases = [forward, lambda state=state: state.pop("y").backward()]
+        for phase in phases:  # warm-up
+            phase()
         measured = measure_phases(phases, device)
         held.append(measured[0].end)
         peak.append(max(m.peak for m in measured))
