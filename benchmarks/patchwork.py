@@ -19,9 +19,11 @@ mode can be run in several calls of a time-limited machine: each call goes on wh
 (--fresh starts over; --one-step exits after each new training, e.g. 10-minute calls:
 phantom + patchwork, U-Net small + U-Net large, inference and report).
 
-Peak memory is measured in a fresh process per inference: on CUDA ``max_memory_allocated``
-above what the loaded model and image hold; on the CPU the rise of the peak RSS (VmHWM reset
-through /proc/self/clear_refs).
+Peak memory is measured in a fresh process per inference, above what the loaded model and image
+hold: on CUDA ``max_memory_allocated``; on the CPU the bytes held in tensors, counted by the
+planner's tracker in a pass of their own after the timed one (what CUDA's allocator would count,
+less cuDNN workspaces; the RSS, used before, varied by a third from run to run). A last row runs
+the patchwork with ``predict --memory`` at the target, a quarter of the large U-Net's peak.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class Result:
     infer_seconds: float = float("nan")
     peak_mib: float = float("nan")
     patches_fraction: float = float("nan")
+    batch: int = 0  # the inference batch that ran (--memory rows: the planner's)
     dice: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -135,6 +138,7 @@ def pw_config(mode: Mode, rounds: int) -> Any:
     )
 
 
+TARGET_MEMORY = 0.25  # issue 7: the patchwork's peak at most a quarter of the large U-Net's
 CALIBRATION_ROUNDS = 5  # patchwork rounds of the timing run
 CALIBRATION_SHARE = 0.04  # U-Nets: the second timing run's share of the training budget
 ONE_STEP = {"on": False}  # --one-step: stop after each new training (one unit of work per call)
@@ -221,11 +225,12 @@ def infer_child(args: argparse.Namespace) -> None:
 
         model = load_patchwork(args.model, str(device))
         lazy = None if args.lazy <= 0 else args.lazy
-        opts = ApplyOptions(lazy=lazy, batch_size=args.batch, level=args.level)
+        memory = int(args.memory) if args.memory else None
+        opts = ApplyOptions(lazy=lazy, batch_size=args.batch, level=args.level, memory=memory)
 
         def run(v):  # noqa: ANN001, ANN202
             array, _, stats = segment_volume(model, v, opts)
-            return array, stats["patches"]
+            return array, stats["patches"], stats.get("batch_size", args.batch)
     else:
         from flexpatch.infer.predictor import load_model
 
@@ -233,41 +238,31 @@ def infer_child(args: argparse.Namespace) -> None:
 
         def run(v):  # noqa: ANN001, ANN202
             probs = lm.probabilities(v, batch_size=args.batch)
-            return probs.argmax(0).astype(np.int16), None
+            return probs.argmax(0).astype(np.int16), None, args.batch
 
     run(vols[0])  # warm-up: cuDNN autotuning, allocator, caches
-    base, peak_fn = _memory_start(cuda)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     seconds, patches = [], []
     out = Path(args.pred)
     out.mkdir(parents=True, exist_ok=True)
     for f, v in zip(files, vols):
         t = time.perf_counter()
-        seg, count = run(v)
+        seg, count, batch = run(v)
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t)
         patches.append(count)
         np.save(out / (f.name.replace("_0000.nii.gz", ".npy")), seg)
-    print(
-        json.dumps(
-            {"seconds": float(np.mean(seconds)), "peak_mib": (peak_fn() - base) / MIB, "patches": patches}
-        )
-    )
-
-
-def _memory_start(cuda: bool) -> tuple[float, Any]:
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        return float(torch.cuda.memory_allocated()), lambda: float(torch.cuda.max_memory_allocated())
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS") * 1024.0, lambda: _status("VmHWM") * 1024.0
+        peak = torch.cuda.max_memory_allocated() - base
+    else:  # the bytes held in tensors, as CUDA's allocator counts them, in a pass of its own (slower)
+        from flexpatch.infer.memory import measure_peak
 
-
-def _status(name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {name}")
+        peak = max(measure_peak(lambda v=v: run(v), "cpu") for v in vols)
+    info = {"seconds": float(np.mean(seconds)), "peak_mib": peak / MIB, "patches": patches, "batch": batch}
+    print(json.dumps(info))
 
 
 def infer(
@@ -280,6 +275,7 @@ def infer(
     batch: int,
     lazy: float = 0.0,
     level: str = "last",
+    memory: int = 0,
 ) -> dict:
     """Time one method in a fresh process (reusing pred/info.json of an earlier call), then score it."""
     saved = pred / "info.json"
@@ -288,13 +284,14 @@ def infer(
     else:
         cmd = [sys.executable, __file__, "--infer-child", kind, "--model", str(model), "--dataset", str(ds)]
         cmd += ["--pred", str(pred), "--device", device, "--batch", str(batch), "--lazy", str(lazy)]
-        cmd += ["--level", level]
+        cmd += ["--level", level, "--memory", str(memory)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"inference subprocess failed: {done.stderr.strip()[-3000:]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
         saved.write_text(json.dumps(info))
     result.infer_seconds, result.peak_mib = info["seconds"], info["peak_mib"]
+    result.batch = int(info.get("batch", batch))
     result.dice = score(ds, pred)
     return info
 
@@ -315,14 +312,15 @@ def score(ds: Path, pred: Path) -> dict[str, float]:
 
 def table(results: list[Result], full_patches: float) -> str:
     names = list(CLASSES.values())
-    head = "| method | train s | steps/rounds | infer s/case | peak MiB | patches run | mean Dice | "
-    head += " | ".join(names) + " |\n|" + "---|" * (7 + len(names)) + "\n"
+    head = "| method | train s | steps/rounds | infer s/case | batch | peak MiB | patches run | mean Dice | "
+    head += " | ".join(names) + " |\n|" + "---|" * (8 + len(names)) + "\n"
     rows = []
     for r in results:
         frac = "" if np.isnan(r.patches_fraction) else f"{r.patches_fraction:.2f}"
         cells = " | ".join(f"{r.dice.get(n, float('nan')):.3f}" for n in names)
         rows.append(
-            f"| {r.method} | {r.train_seconds:.0f} | {r.steps} | {r.infer_seconds:.2f} | {r.peak_mib:.0f} | "
+            f"| {r.method} | {r.train_seconds:.0f} | {r.steps} | {r.infer_seconds:.2f} | {r.batch} | "
+            f"{r.peak_mib:.0f} | "
             f"{frac} | {r.mean_dice:.3f} | {cells} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -338,7 +336,15 @@ def targets(results: list[Result], large: str) -> str:
         f"- Patchwork peak memory {pw.peak_mib:.0f} MiB = {pw.peak_mib / big.peak_mib:.2f}x of {large} "
         f"(target <= 0.25): **{'met' if pw.peak_mib <= 0.25 * big.peak_mib else 'missed'}**",
     ]
-    trained = {r.method: r.train_seconds for r in results if not r.method.startswith("patchwork ")}
+    for r in results:
+        if r.method.startswith("patchwork, --memory"):
+            lines.append(
+                f"- {r.method}: the planner ran batch {r.batch}, peak {r.peak_mib:.0f} MiB = "
+                f"{r.peak_mib / big.peak_mib:.2f}x (target <= 0.25): "
+                f"**{'met' if r.peak_mib <= 0.25 * big.peak_mib else 'missed'}**, "
+                f"{r.infer_seconds:.2f} s per case, Dice {r.mean_dice:.3f}"
+            )
+    trained = {r.method: r.train_seconds for r in results if not r.method.startswith("patchwork")}
     if max(trained.values()) > 1.25 * min(trained.values()):
         # calibration extrapolates from a short run, and a shared or warming machine can mislead it
         lines.append(
@@ -400,6 +406,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lazy", type=float, default=0.0)
     p.add_argument("--level", choices=("last", "mix"), default="last")
+    p.add_argument("--memory", type=int, default=0, help="patchwork inference budget in bytes (0: none)")
     args = p.parse_args()
     if args.infer_child:
         infer_child(args)
@@ -418,28 +425,6 @@ def main() -> None:
     results = [train_patchwork(ds, work / "patchwork", mode, device)]
     results.append(train_unet(ds, work / f"unet{mode.matrix}", mode, mode.matrix, device))
     results.append(train_unet(ds, work / f"unet{mode.large}", mode, mode.large, device))
-    pw = results[0]
-    full = infer(
-        pw, "patchwork", work / "patchwork" / "model", ds, work / "pred" / "pw", device, mode.batch_pw
-    )
-    full_count = float(np.mean([sum(c) for c in full["patches"]]))
-    pw.patches_fraction = 1.0
-    for lazy, level in [(f, "last") for f in mode.lazy] + [(f, "mix") for f in mode.lazy_mix]:
-        mix = level == "mix"
-        r = Result(f"patchwork lazy {lazy}" + (", level mix" if mix else ""), pw.train_seconds, pw.steps)
-        info = infer(
-            r,
-            "patchwork",
-            work / "patchwork" / "model",
-            ds,
-            work / "pred" / (f"pw_lazy{lazy}" + ("_mix" if mix else "")),
-            device,
-            mode.batch_pw,
-            lazy,
-            level,
-        )
-        r.patches_fraction = float(np.mean([sum(c) for c in info["patches"]])) / full_count
-        results.append(r)
     for r, size in ((results[1], mode.matrix), (results[2], mode.large)):
         infer(
             r,
@@ -450,6 +435,24 @@ def main() -> None:
             device,
             mode.sw_batch,
         )
+    pw = results[0]
+    model = work / "patchwork" / "model"
+    full = infer(pw, "patchwork", model, ds, work / "pred" / "pw", device, mode.batch_pw)
+    full_count = float(np.mean([sum(c) for c in full["patches"]]))
+    pw.patches_fraction = 1.0
+    for lazy, level in [(f, "last") for f in mode.lazy] + [(f, "mix") for f in mode.lazy_mix]:
+        mix = level == "mix"
+        r = Result(f"patchwork lazy {lazy}" + (", level mix" if mix else ""), pw.train_seconds, pw.steps)
+        pred = work / "pred" / (f"pw_lazy{lazy}" + ("_mix" if mix else ""))
+        info = infer(r, "patchwork", model, ds, pred, device, mode.batch_pw, lazy, level)
+        r.patches_fraction = float(np.mean([sum(c) for c in info["patches"]])) / full_count
+        results.append(r)
+    # predict --memory with the memory target as the budget: the planner picks the batch (at most 64)
+    budget = int(TARGET_MEMORY * results[2].peak_mib * MIB)
+    r = Result(f"patchwork, --memory {TARGET_MEMORY} x U-Net {mode.large}^3", pw.train_seconds, pw.steps)
+    infer(r, "patchwork", model, ds, work / "pred" / f"pw_memory{budget}", device, 64, memory=budget)
+    r.patches_fraction = 1.0
+    results.append(r)
     large = f"U-Net {mode.large}^3"
     body = describe(mode) + "\n" + table(results, full_count) + "\n" + targets(results, large) + "\n"
     command = f"python benchmarks/patchwork.py --mode {args.mode}" + (" --smoke" if args.smoke else "")
@@ -485,7 +488,10 @@ def describe(mode: Mode) -> str:
         f"Each method trains for about {mode.budget:.0f} s",
         "(steps or rounds calibrated from a short timed run).",
         "Dice per class is the mean over test cases; inference seconds per case after a warm-up case;",
-        "peak memory of inference in a fresh process. The U-Nets' training time includes one final",
+        "peak memory of inference in a fresh process, above what the loaded model and image hold (CUDA:",
+        "max_memory_allocated; CPU: the bytes held in tensors, counted in a pass of their own).",
+        f"The `--memory` row is the patchwork with {TARGET_MEMORY} x the large U-Net's peak as its",
+        "budget: the planner picks the batch (at most 64). The U-Nets' training time includes one final",
         "validation pass (sliding window on one held-out case).",
     ]
     return " ".join(parts) + "\n"

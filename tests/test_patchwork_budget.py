@@ -137,3 +137,18 @@ def test_predict_memory_through_the_cli(tiny_cells, tmp_path) -> None:
     assert tiny.returncode == 2 and len(tiny.stderr.strip().splitlines()) == 1
     assert "below the patchwork's smallest need" in tiny.stderr and "Traceback" not in tiny.stderr
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())
+
+
+def test_images_of_one_grid_are_planned_once(monkeypatch) -> None:
+    import flexpatch.patchwork.apply as apply_module
+
+    calls = []
+    planned = apply_module._plan
+    monkeypatch.setattr(apply_module, "_plan", lambda job, opts: calls.append(1) or planned(job, opts))
+    net, scheme = _patchwork(2)
+    plans: dict = {}
+    opts = ApplyOptions(memory=10**12)
+    for seed, side in ((0, 96), (1, 96), (2, 64)):
+        image = np.random.default_rng(seed).random((1, side, side), dtype=np.float32)
+        apply_image(net, image, np.eye(4), scheme, opts, lambda y: torch.softmax(y, 1), plans=plans)
+    assert len(calls) == 2 and len(plans) == 2  # the second 96^2 image reuses the first one's plan

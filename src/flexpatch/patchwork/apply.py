@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +137,14 @@ def apply_image(
     device: torch.device | str = "cpu",
     to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
     normalized: bool = False,
+    plans: dict | None = None,
 ) -> Applied:
     """Run a patchwork over one image ``(C, *spatial)`` with world ``affine``.
 
     ``normalized``: ``activation`` gives channels that add up to one (softmax), which lets the
-    stitchers keep one image-sized buffer fewer (see :class:`Stitcher`).
+    stitchers keep one image-sized buffer fewer (see :class:`Stitcher`). ``plans``: where the
+    batches planned for ``opts.memory`` are kept, by image grid and options, so that the cases of
+    one shape are planned once.
 
     ``net`` needs ``forward_level(k, crops, parent_out, rel)``, ``num_outputs`` and ``depth``
     (a :class:`PatchworkNet`, or any stand-in, such as an identity block in the tests).
@@ -158,7 +161,9 @@ def apply_image(
     )  # fmt: skip
     stats: dict[str, Any] = {}
     if opts.memory is not None:
-        plan = _plan(job, opts)
+        plans = {} if plans is None else plans
+        key = (shape, np.asarray(affine).tobytes(), str(job.dev), _options_key(opts))
+        plan = plans[key] = plans.get(key) or _plan(job, opts)
         opts = replace(opts, batch_size=plan.batch)
         stats.update(batch_size=plan.batch, predicted_peak=plan.predicted, memory_line=plan.describe())
     start = time.perf_counter()
@@ -185,6 +190,10 @@ def apply_image(
     else:
         values = stitchers[job.levels_out[0]].finish()
     return Applied(values, grid, stats)
+
+
+def _options_key(opts: ApplyOptions) -> tuple:
+    return tuple((f.name, getattr(opts, f.name)) for f in fields(opts) if f.name != "stats")
 
 
 @dataclass(frozen=True)
@@ -377,6 +386,7 @@ class LoadedPatchwork:
     embedding: LabelEmbedding | None
     device: torch.device
     thresholds: list[float] | None = None  # per label, tuned on the validation cases (DNP's mask default)
+    plans: dict = field(default_factory=dict, repr=False)  # batches planned for --memory (apply_image)
 
     @property
     def categorical(self) -> bool:
@@ -434,6 +444,7 @@ def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Appl
         # with a label embedding the block outputs are features: rank patches by their class logits
         None if model.embedding is None else model.embedding.logits,
         normalized=model.categorical and model.embedding is None,
+        plans=model.plans,
     )
 
 
