@@ -50,6 +50,7 @@ from _report import describe_device, write_section  # noqa: E402
 from flexpatch.data.dataset import load_dataset  # noqa: E402
 from flexpatch.data.io import read_label  # noqa: E402
 from flexpatch.data.phantom import ABDOMEN_LABELS, make_phantom  # noqa: E402
+from flexpatch.errors import FlexPatchError  # noqa: E402
 from flexpatch.evaluate.metrics import segmentation_metrics  # noqa: E402
 from flexpatch.runtime import resolve_device  # noqa: E402
 
@@ -92,6 +93,7 @@ class Result:
     peak_mib: float = float("nan")
     patches_fraction: float = float("nan")
     batch: int = 0  # the inference batch that ran (--memory rows: the planner's)
+    refused: str = ""  # why the inference did not run (--memory below the smallest need)
     dice: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -240,7 +242,11 @@ def infer_child(args: argparse.Namespace) -> None:
             probs = lm.probabilities(v, batch_size=args.batch)
             return probs.argmax(0).astype(np.int16), None, args.batch
 
-    run(vols[0])  # warm-up: cuDNN autotuning, allocator, caches
+    try:
+        run(vols[0])  # warm-up: cuDNN autotuning, allocator, caches (and --memory's plan)
+    except FlexPatchError as e:  # --memory below the patchwork's smallest need: a result, not a crash
+        print(json.dumps({"refused": str(e)}))
+        return
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -289,7 +295,11 @@ def infer(
         if done.returncode != 0:
             raise RuntimeError(f"inference subprocess failed: {done.stderr.strip()[-3000:]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
+        pred.mkdir(parents=True, exist_ok=True)  # a refused run made no folder
         saved.write_text(json.dumps(info))
+    if "refused" in info:
+        result.refused = info["refused"]
+        return info
     result.infer_seconds, result.peak_mib = info["seconds"], info["peak_mib"]
     result.batch = int(info.get("batch", batch))
     result.dice = score(ds, pred)
@@ -316,6 +326,11 @@ def table(results: list[Result], full_patches: float) -> str:
     head += " | ".join(names) + " |\n|" + "---|" * (8 + len(names)) + "\n"
     rows = []
     for r in results:
+        if r.refused:  # the planner refused the budget: nothing ran
+            rows.append(
+                f"| {r.method} | {r.train_seconds:.0f} | {r.steps} | refused |" + " |" * (4 + len(names))
+            )
+            continue
         frac = "" if np.isnan(r.patches_fraction) else f"{r.patches_fraction:.2f}"
         cells = " | ".join(f"{r.dice.get(n, float('nan')):.3f}" for n in names)
         rows.append(
@@ -337,7 +352,9 @@ def targets(results: list[Result], large: str) -> str:
         f"(target <= 0.25): **{'met' if pw.peak_mib <= 0.25 * big.peak_mib else 'missed'}**",
     ]
     for r in results:
-        if r.method.startswith("patchwork, --memory"):
+        if r.method.startswith("patchwork, --memory") and r.refused:
+            lines.append(f"- {r.method}: **missed**, the planner refused the budget: {r.refused}")
+        elif r.method.startswith("patchwork, --memory"):
             lines.append(
                 f"- {r.method}: the planner ran batch {r.batch}, peak {r.peak_mib:.0f} MiB = "
                 f"{r.peak_mib / big.peak_mib:.2f}x (target <= 0.25): "

@@ -255,7 +255,7 @@ def _plan(job: _Job, opts: ApplyOptions) -> budget.BatchPlan:
 
     return budget.plan_batch(
         run, kept, job.dev, resident=resident, budget=opts.memory, most=opts.batch_size,
-        finish=labelling_bytes(voxels),
+        finish=labelling_bytes(job.out_shape),
     )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ THRESHOLD_TYPES: tuple[str, ...] = ("mask", "atlas")
 ALIASES = {"atls": "atlas"}
 COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 DEFAULT_THRESHOLD = 0.5
-SLAB_VOXELS = 1 << 20  # voxels per slab of a label map: its int64 winners take 8 MiB at most
+SLAB_VOXELS = 1 << 18  # voxels per slab of a label map (whole rows): its int64 winners take 2 MiB
 _USAGE = "use float32, uint8, int16, mask[:t1,t2,..] or atlas[:t1,t2,..]"
 
 
@@ -129,11 +129,16 @@ def to_output(
     return lut[np.where(passing.any(axis=0), win, 0)]
 
 
-def labelling_bytes(voxels: int) -> int:
-    """Most bytes a categorical atlas of ``voxels`` allocates besides the label map: in one slab,
-    the running maximum (float32), the winners (int64), and a comparison (bool) or the labels
+def labelling_bytes(shape: Sequence[int]) -> int:
+    """Most bytes a categorical atlas of spatial ``shape`` allocates besides the label map: in one
+    slab, the running maximum (float32), the winners (int64), and a comparison (bool) or the labels
     gathered for it (at most int16)."""
-    return min(voxels, SLAB_VOXELS) * (4 + 8 + 2)
+    return _slab_rows(shape) * int(np.prod(shape[1:])) * (4 + 8 + 2)
+
+
+def _slab_rows(shape: Sequence[int]) -> int:
+    """Rows of the first axis in one slab: as many as SLAB_VOXELS hold, at least one."""
+    return min(int(shape[0]), max(1, SLAB_VOXELS // max(1, int(np.prod(shape[1:])))))
 
 
 def _categorical_atlas(
@@ -150,7 +155,7 @@ def _categorical_atlas(
     lut_t = torch.as_tensor(lut, device=p.device)
     need = None if thr is None else torch.tensor([0.0, *thr], dtype=torch.float64, device=p.device)
     out = np.empty(p.shape[1:], dtype=lut.dtype)
-    step = max(1, SLAB_VOXELS // max(1, int(np.prod(p.shape[2:]))))
+    step = _slab_rows(p.shape[1:])
     for i in range(0, p.shape[1], step):
         win, best = _first_argmax(p[:, i : i + step])
         if need is not None:
