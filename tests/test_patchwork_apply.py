@@ -117,6 +117,10 @@ def test_options_are_checked():
         apply.ApplyOptions(level=5).check(3)
     with pytest.raises(FlexPatchError, match="generate"):
         apply.ApplyOptions(generate="grid").check(3)
+    for bad in (0, -5):
+        with pytest.raises(FlexPatchError, match="memory must be positive"):
+            apply.ApplyOptions(memory=bad).check(3)
+    apply.ApplyOptions(memory=None).check(3)
     assert apply.ApplyOptions(lazy=0.25).branches() == 4
 
 

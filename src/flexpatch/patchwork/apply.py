@@ -74,7 +74,8 @@ class ApplyOptions:
             raise FlexPatchError(f"generate must be tree or random, got {self.generate!r}")
         if self.lazy is not None and not 0 < self.lazy <= 1:
             raise FlexPatchError(f"lazy fraction must be in (0, 1], got {self.lazy}")
-        counts = (self.num_chunks, self.num_patches, self.batch_size, self.sampling_factor, self.memory or 1)
+        memory = 1 if self.memory is None else self.memory
+        counts = (self.num_chunks, self.num_patches, self.batch_size, self.sampling_factor, memory)
         if min(counts) <= 0:
             raise FlexPatchError(
                 "num_chunks, num_patches, batch_size, sampling_factor and memory must be positive"
@@ -180,6 +181,7 @@ def apply_image(
         if opts.batch_size == 1:
             raise FlexPatchError("out of memory at patchwork batch 1: nothing smaller to try")
         opts = replace(opts, batch_size=opts.batch_size // 2)
+        plans[key] = replace(plan, batch=opts.batch_size)  # the next case of this grid starts there
         stats.update(
             batch_size=opts.batch_size, memory_line=f"out of memory; retried at batch {opts.batch_size}"
         )

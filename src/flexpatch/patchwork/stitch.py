@@ -41,7 +41,7 @@ class Stitcher:
         scatter: ``nearest`` (DNP's default) or ``linear`` (multilinear splatting).
         normalized: the outputs add up to one over the channels (softmax probabilities): the
             first channel is not summed but recovered from the coverage, which saves one
-            ``(1, *shape)`` buffer while adding and another when finishing.
+            ``(1, *shape)`` buffer.
     """
 
     def __init__(
@@ -115,19 +115,18 @@ class Stitcher:
 
     def coverage(self) -> torch.Tensor:
         """The summed window weights per voxel, ``(1, *shape)`` (0 where no patch reached)."""
-        if self._finished and self.normalized:
-            raise FlexPatchError(
-                "a normalized stitcher's coverage is gone once it has finished: take it before"
-            )
-        return self._count.clone()
+        return self._coverage().clone()
 
     def covered(self) -> torch.Tensor:
         """Where any patch reached, ``(1, *shape)`` bool: a quarter of :meth:`coverage`'s bytes."""
-        if self._finished and self.normalized:
+        return self._coverage() > 0
+
+    def _coverage(self) -> torch.Tensor:
+        if self._finished and self.normalized:  # finish turned channel 0's slot into the background
             raise FlexPatchError(
                 "a normalized stitcher's coverage is gone once it has finished: take it before"
             )
-        return self._count > 0
+        return self._count
 
     def result(self) -> torch.Tensor:
         """The stitched output ``(C, *shape)``: the weighted mean, or DNP's suppressed mean."""
