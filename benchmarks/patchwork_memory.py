@@ -11,7 +11,9 @@ method segments one image of the mode's size, exactly as the benchmark's inferen
 The networks are untrained: memory does not depend on the weights, and lazy evaluation keeps a
 fixed number of patches. As on a GPU, the patchwork's image stays on the host (only its crops
 are counted) and the U-Net's image counts (it is moved to the device); the weights are left out,
-as the benchmark subtracts what the loaded model holds.
+as the benchmark subtracts what the loaded model holds. A last patchwork row runs ``predict
+--memory`` with the target as its budget: the batch is the planner's, and its prediction is
+checked against the count.
 
     python benchmarks/patchwork_memory.py --mode full    # 256^3: about 20 min on 2 CPU cores
     python benchmarks/patchwork_memory.py --mode smoke   # seconds; writes under .bench/ only
