@@ -243,8 +243,9 @@ def _check_divisible(size: Shape, divisor: Shape, spec: str) -> None:
 
 
 def one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape:
-    """One patch size, ``48`` (isotropic) or ``48x64x32`` with ``sep`` ``x``, checked against the
-    data's ``ndim`` and the network's ``divisor``; ``spec`` is the whole text, for the errors."""
+    """One patch size, ``48`` (isotropic) or one size per axis joined by ``sep`` (``48,64,32`` or
+    ``48x64x32``), checked against the data's ``ndim`` and the network's ``divisor``; ``spec`` is
+    the whole text, for the errors."""
     where = "" if text == spec else f" (in {spec!r})"
     values = _ints(text.replace(sep, ","), spec)
     if len(values) == 1:
