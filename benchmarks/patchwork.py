@@ -223,7 +223,8 @@ def infer_child(args: argparse.Namespace) -> None:
     files = sorted((Path(args.dataset) / "imagesTs").glob("*_0000.nii.gz"))
     vols = [read_image(f, 3) for f in files]
     if args.infer_child == "patchwork":
-        from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+        from flexpatch.patchwork.apply import ApplyOptions
+        from flexpatch.patchwork.predict import load_patchwork, segment_volume
 
         model = load_patchwork(args.model, str(device))
         lazy = None if args.lazy <= 0 else args.lazy

@@ -39,7 +39,8 @@ from flexpatch.data.io import Volume  # noqa: E402
 from flexpatch.infer.memory import measure_peak  # noqa: E402
 from flexpatch.infer.sliding_window import sliding_window  # noqa: E402
 from flexpatch.models import create_model  # noqa: E402
-from flexpatch.patchwork.apply import ApplyOptions, LoadedPatchwork, segment_volume  # noqa: E402
+from flexpatch.patchwork.apply import ApplyOptions  # noqa: E402
+from flexpatch.patchwork.predict import LoadedPatchwork, segment_volume  # noqa: E402
 from flexpatch.patchwork.train import build_net  # noqa: E402
 
 TARGET = 0.25  # issue 7: patchwork peak <= 1/4 of the large-patch U-Net's

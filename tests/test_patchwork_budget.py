@@ -100,8 +100,8 @@ def test_out_of_memory_halves_the_batch_with_the_same_output(ndim: int, monkeypa
 
     planned = apply_module._plan
 
-    def plan(job, opts):  # noqa: ANN001, ANN202
-        result = planned(job, opts)
+    def plan(job, opts, memory):  # noqa: ANN001, ANN202
+        result = planned(job, opts, memory)
         calls["planned"] = True  # the plan's own measurements run; the application then fails
         return result
 
@@ -144,7 +144,7 @@ def test_images_of_one_grid_are_planned_once(monkeypatch) -> None:
 
     calls = []
     planned = apply_module._plan
-    monkeypatch.setattr(apply_module, "_plan", lambda job, opts: calls.append(1) or planned(job, opts))
+    monkeypatch.setattr(apply_module, "_plan", lambda *args: calls.append(1) or planned(*args))
     net, scheme = _patchwork(2)
     plans: dict = {}
     opts = ApplyOptions(memory=10**12)

@@ -115,7 +115,8 @@ def test_bad_patchwork_input_is_one_line_and_exit_2(tiny_abdomen, tmp_path):
 
 def test_many_labels_train_with_candidate_sampling_and_decode_an_atlas(tiny_abdomen, tmp_path):
     """The label embedding path: E channels are stitched, classes assigned by maximal response."""
-    from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+    from flexpatch.patchwork.apply import ApplyOptions
+    from flexpatch.patchwork.predict import load_patchwork, segment_volume
     from flexpatch.patchwork.train import train_patchwork
 
     config = PatchworkConfig(
@@ -234,7 +235,8 @@ def test_core_training_refuses_a_one_voxel_bottleneck(tiny_abdomen, tmp_path, pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_patchwork_trains_with_bf16_autocast_and_predicts_on_cuda(tiny_abdomen, tmp_path):
     """The CUDA path: bf16 autocast in training, parent crops on the GPU, the same atlas as the CPU."""
-    from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+    from flexpatch.patchwork.apply import ApplyOptions
+    from flexpatch.patchwork.predict import load_patchwork, segment_volume
     from flexpatch.patchwork.train import train_patchwork
 
     config = PatchworkConfig(scheme={"depth": 2, "matrix": [[8, 8, 8]]}, block_options=TINY, rounds=2,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from flexpatch.data.dataset import load_case, load_dataset
-from flexpatch.patchwork.apply import ApplyOptions, load_patchwork, segment_volume
+from flexpatch.patchwork.apply import ApplyOptions
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import BEST
+from flexpatch.patchwork.predict import load_patchwork, segment_volume
 from flexpatch.patchwork.train import train_patchwork
 from flexpatch.train.loop import split_cases
 

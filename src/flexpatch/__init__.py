@@ -35,8 +35,8 @@ _LAZY = {
     "PatchworkConfig": "flexpatch.patchwork.config",
     "train_patchwork": "flexpatch.patchwork.train",
     "ApplyOptions": "flexpatch.patchwork.apply",
-    "load_patchwork": "flexpatch.patchwork.apply",
-    "predict_patchwork_files": "flexpatch.patchwork.apply",
+    "load_patchwork": "flexpatch.patchwork.predict",
+    "predict_patchwork_files": "flexpatch.patchwork.predict",
 }
 
 __all__ = ["FlexPatchError", "__version__", *_LAZY]

@@ -102,7 +102,8 @@ def predict_cli(
 ) -> None:  # fmt: skip
     """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
     from flexpatch.cli import _emit_json
-    from flexpatch.patchwork.apply import ApplyOptions, predict_patchwork_files
+    from flexpatch.patchwork.apply import ApplyOptions
+    from flexpatch.patchwork.predict import predict_patchwork_files
 
     given = {k: v for k, v in flags.items() if v is not None}
     level = given.pop("level", "last")

@@ -14,24 +14,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.within import is_out_of_memory
 from flexpatch.patchwork import budget, crop, generate
-from flexpatch.patchwork.files import BEST, CONFIG, WEIGHTS, load_meta
-from flexpatch.patchwork.losses import LabelEmbedding
-from flexpatch.patchwork.model import PatchworkNet
-from flexpatch.patchwork.outputs import labelling_bytes, parse_out_type, to_output, write_output
+from flexpatch.patchwork.outputs import labelling_bytes
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
-from flexpatch.runtime import check_writable, resolve_device
-from flexpatch.train.checkpoint import load_checkpoint
 
 
 @dataclass
@@ -164,7 +157,7 @@ def apply_image(
     if opts.memory is not None:
         plans = {} if plans is None else plans
         key = (shape, np.asarray(affine).tobytes(), str(job.dev), _options_key(opts))
-        plan = plans[key] = plans.get(key) or _plan(job, opts)
+        plan = plans[key] = plans.get(key) or _plan(job, opts, opts.memory)
         opts = replace(opts, batch_size=plan.batch)
         stats.update(batch_size=plan.batch, predicted_peak=plan.predicted, memory_line=plan.describe())
     start = time.perf_counter()
@@ -223,10 +216,14 @@ class _Job:
         )  # fmt: skip
 
 
-def _plan(job: _Job, opts: ApplyOptions) -> budget.BatchPlan:
-    """The batch within ``opts.memory`` (see :mod:`flexpatch.patchwork.budget`)."""
-    assert opts.memory is not None
-    levels = budget.simulate_levels(job.scheme, job.geom, job.widths, opts)
+def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
+    """The batch within ``memory`` bytes (see :mod:`flexpatch.patchwork.budget`)."""
+    # the levels as application draws them, each keeping its first patches where lazy evaluation
+    # would keep its best: the counts, all the plan needs, are the same
+    rng, levels = np.random.default_rng(opts.seed), []
+    for k in range(job.scheme.depth):
+        keep = np.arange(lazy_count(len(levels[-1]), opts.lazy)) if levels else None
+        levels.append(_draw_level(job, opts, rng, k, levels[-1] if levels else None, keep))
     voxels = int(np.prod(job.out_shape))
     mix = opts.level == "mix"
     resident = budget.resident_bytes(
@@ -256,14 +253,32 @@ def _plan(job: _Job, opts: ApplyOptions) -> budget.BatchPlan:
                 scratch.add(job.activation(y[:, : job.net.num_outputs]), job.to_out @ level.affine[sl])
 
     return budget.plan_batch(
-        run, kept, job.dev, resident=resident, budget=opts.memory, most=opts.batch_size,
+        run, kept, job.dev, resident=resident, budget=memory, most=opts.batch_size,
         finish=labelling_bytes(job.out_shape),
     )  # fmt: skip
 
 
+def _draw_level(
+    job: _Job,
+    opts: ApplyOptions,
+    rng: np.random.Generator,
+    k: int,
+    parents: generate.Level | None,
+    keep: np.ndarray | None,
+) -> generate.Level:
+    """Level ``k``'s patches: level 0's grid or random draws, else the children of ``keep``."""
+    if parents is None or keep is None:
+        return generate.first_level(
+            job.scheme, job.geom, job.widths, opts.generate, opts.num_patches, rng, opts.jitter
+        )
+    return generate.next_level(
+        job.scheme, job.geom, job.widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
+    )
+
+
 def _apply(job: _Job, opts: ApplyOptions) -> tuple[dict[int, Stitcher], dict[str, Any]]:
     """Every chunk's patches, coarse to fine, into one stitcher per scattered level."""
-    net, scheme, geom, widths = job.net, job.scheme, job.geom, job.widths
+    net, scheme = job.net, job.scheme
     stitchers = {k: job.stitcher(opts) for k in job.levels_out}
     rng = np.random.default_rng(opts.seed)
     counts: dict[str, Any] = {"patches": [0] * scheme.depth, "evaluated_voxels": 0}
@@ -271,15 +286,8 @@ def _apply(job: _Job, opts: ApplyOptions) -> tuple[dict[int, Stitcher], dict[str
         parents: generate.Level | None = None
         outputs: torch.Tensor | None = None
         for k in range(scheme.depth):
-            if k == 0:
-                level = generate.first_level(
-                    scheme, geom, widths, opts.generate, opts.num_patches, rng, opts.jitter
-                )
-            else:
-                keep = _keep(outputs, opts.lazy, job.categorical, net.num_outputs, job.to_logits)
-                level = generate.next_level(
-                    scheme, geom, widths, k, parents, keep, opts.generate, opts.branches(), rng, opts.jitter
-                )
+            keep = _keep(outputs, opts.lazy, job.categorical, net.num_outputs, job.to_logits) if k else None
+            level = _draw_level(job, opts, rng, k, parents, keep)
             sink = None
             if k in stitchers:
                 stitcher = stitchers[k]
@@ -376,158 +384,3 @@ def run_batch(
     rel = generate.relative_affines(parents.affine[pidx], level.affine[sl])
     parent = parent_out[torch.as_tensor(pidx, device=parent_out.device)]
     return net.forward_level(k, x, parent, torch.from_numpy(rel).float().to(dev))
-
-
-@dataclass
-class LoadedPatchwork:
-    """A trained patchwork: network, scheme, labels and (for many labels) the label embedding."""
-
-    net: PatchworkNet
-    scheme: Scheme
-    meta: dict[str, Any]
-    embedding: LabelEmbedding | None
-    device: torch.device
-    thresholds: list[float] | None = None  # per label, tuned on the validation cases (DNP's mask default)
-    plans: dict = field(default_factory=dict, repr=False)  # batches planned for --memory (apply_image)
-
-    @property
-    def categorical(self) -> bool:
-        return bool(self.meta["config"]["categorical"])
-
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.embedding is not None:
-            return logits  # responses are stitched; classes are decoded after stitching
-        return torch.softmax(logits, 1) if self.categorical else torch.sigmoid(logits)
-
-
-def load_patchwork(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedPatchwork:
-    """A trained patchwork: the best validation round's weights (``best``, when the run validated;
-    else the last) or the last round's (``last``)."""
-    if checkpoint not in ("best", "last"):
-        raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose best or last")
-    meta = load_meta(model_dir)
-    dev = resolve_device(device)
-    best = Path(model_dir) / BEST
-    path = best if checkpoint == "best" and best.is_file() else Path(model_dir) / WEIGHTS
-    state = load_checkpoint(path, map_location="cpu")
-    try:
-        scheme = Scheme.from_json(meta["scheme"])
-        net = PatchworkNet.from_config(meta["net"])
-        net.load_state_dict(state["net"])
-        embedding = None
-        if state.get("embedding") is not None:
-            cfg = meta["config"]
-            embedding = LabelEmbedding(len(meta["label_values"]) + 1, cfg["embedding_dim"])
-            embedding.load_state_dict(state["embedding"])
-            embedding.to(dev).eval()
-    except (FlexPatchError, KeyError, TypeError, RuntimeError) as err:
-        # a folder written by another flexpatch version, or edited by hand: one line, not a traceback
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise FlexPatchError(
-            f"{Path(model_dir) / CONFIG}: not a patchwork this version can load ({reason})"
-        ) from None
-    return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev, state.get("thresholds"))
-
-
-def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Applied:
-    """The stitched probabilities (or embedding responses) of one volume on the output grid."""
-    if volume.data.shape[0] != model.meta["in_channels"]:
-        expected = model.meta["in_channels"]
-        raise FlexPatchError(f"{volume.path}: {volume.data.shape[0]} channels, patchwork wants {expected}")
-    return apply_image(
-        model.net,
-        volume.data,
-        volume.affine,
-        model.scheme,
-        opts,
-        model.activation,
-        model.categorical,
-        model.device,
-        # with a label embedding the block outputs are features: rank patches by their class logits
-        None if model.embedding is None else model.embedding.logits,
-        normalized=model.categorical and model.embedding is None,
-        plans=model.plans,
-    )
-
-
-def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
-    """The atlas predict writes: the decoded label embedding, or the most probable label."""
-    values = model.meta["label_values"]
-    if model.embedding is not None:
-        idx = model.embedding.decode(values_out).cpu().numpy()
-        return np.array([0, *values])[idx].astype(np.int16)
-    return to_output(values_out, "atlas", model.categorical, values)
-
-
-def segment_volume(
-    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The output array (see :func:`to_output`), its world affine, and statistics.
-
-    A plain ``mask`` uses the thresholds tuned on the validation cases when the model has them
-    (DNP's default), else 0.5; ``mask:0.4,0.5`` sets them.
-    """
-    if parse_out_type(out_type) == ("mask", None) and model.thresholds:
-        out_type = "mask:" + ",".join(f"{t:g}" for t in model.thresholds)
-    applied = stitched(model, volume, opts)
-    values = model.meta["label_values"]
-    if model.embedding is not None:
-        if parse_out_type(out_type)[0] != "atlas":
-            raise FlexPatchError(
-                "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
-            )
-        array = label_map(model, applied.values)
-    else:
-        array = to_output(applied.values, out_type, model.categorical, values)
-    n = model.scheme.ndim
-    world = np.eye(4)
-    world[:n, :n] = volume.affine[:n, :n] @ applied.grid[:n, :n]
-    world[:n, 3] = volume.affine[:n, :n] @ applied.grid[:n, n] + volume.affine[:n, 3]
-    if n == 2:
-        world[2, 2], world[2, 3] = volume.affine[2, 2], volume.affine[2, 3]
-    return array, world, applied.stats
-
-
-def predict_patchwork_files(
-    model_dir: str | Path,
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    opts: ApplyOptions | None = None,
-    out_type: str = "atlas",
-    device: str = "auto",
-    progress: bool = True,
-    memory: str | int | None = None,
-) -> list[Path]:
-    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes).
-
-    ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
-    within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
-    """
-    from flexpatch.infer.planner import parse_budget
-    from flexpatch.infer.predictor import _read_case, group_inputs
-    from flexpatch.runtime import console, progress_bar
-
-    opts = opts or ApplyOptions()
-    parse_out_type(out_type)
-    model = load_patchwork(model_dir, device)
-    if memory is not None:
-        opts = replace(opts, memory=parse_budget(memory, model.device))
-    opts.check(model.scheme.depth)
-    cases = group_inputs(inputs, model.meta["in_channels"])
-    out_dir = Path(out_dir)
-    check_writable(out_dir)
-    names = {int(k): v for k, v in model.meta["label_names"].items()}
-    written, reported = [], None
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("patchwork", total=len(cases), info="")
-        for case, files in cases.items():
-            volume = _read_case(files, model.scheme.ndim)
-            array, affine, stats = segment_volume(model, volume, opts, out_type)
-            path = write_output(out_dir / f"{case}.nii.gz", array, affine, names, ndim=model.scheme.ndim)
-            opts.stats[case] = stats
-            if stats.get("memory_line") and stats["memory_line"] != reported:  # once per new choice
-                reported = stats["memory_line"]
-                console.print(reported, highlight=False, markup=False, soft_wrap=True)
-            written.append(path)
-            bar.update(task, advance=1, info=f"{case}: {sum(stats['patches'])} patches")
-    return written

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,10 +35,7 @@ from flexpatch.infer.memory import measure_peak, tensor_bytes
 from flexpatch.infer.planner import format_bytes
 from flexpatch.infer.within import is_out_of_memory
 from flexpatch.patchwork import generate
-from flexpatch.patchwork.scheme import Geometry, Scheme
-
-if TYPE_CHECKING:
-    from flexpatch.patchwork.apply import ApplyOptions
+from flexpatch.patchwork.scheme import Scheme
 
 FLOAT = 4  # bytes of the float32 outputs and sums
 
@@ -56,25 +53,6 @@ class BatchPlan:
             f"memory {format_bytes(self.budget)}: patchwork batch {self.batch}; "
             f"predicted peak {format_bytes(self.predicted)}"
         )
-
-
-def simulate_levels(
-    scheme: Scheme, geom: Geometry, widths: list[np.ndarray], opts: ApplyOptions
-) -> list[generate.Level]:
-    """The patches of every level as application draws them, with the first of each level's
-    patches kept where lazy evaluation would keep the best: the counts are the same."""
-    from flexpatch.patchwork.apply import lazy_count
-
-    rng = np.random.default_rng(opts.seed)
-    level = generate.first_level(scheme, geom, widths, opts.generate, opts.num_patches, rng, opts.jitter)
-    levels = [level]
-    for k in range(1, scheme.depth):
-        keep = np.arange(lazy_count(len(level), opts.lazy))
-        level = generate.next_level(
-            scheme, geom, widths, k, level, keep, opts.generate, opts.branches(), rng, opts.jitter
-        )
-        levels.append(level)
-    return levels
 
 
 def resident_bytes(

@@ -22,12 +22,12 @@ from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.models.registry import check_trainable
-from flexpatch.patchwork.apply import LoadedPatchwork
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS
 from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
 from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, count_labels
 from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.predict import LoadedPatchwork
 from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_table, load_state
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice

@@ -19,9 +19,10 @@ import torch
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import Volume
 from flexpatch.evaluate.metrics import segmentation_metrics
-from flexpatch.patchwork.apply import ApplyOptions, LoadedPatchwork, label_map, stitched
+from flexpatch.patchwork.apply import ApplyOptions
 from flexpatch.patchwork.losses import LabelEmbedding
 from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.predict import LoadedPatchwork, label_map, stitched
 from flexpatch.patchwork.scheme import Scheme
 
 

@@ -1,0 +1,183 @@
+"""A trained patchwork's folder: loading it, segmenting volumes with it, writing the outputs.
+
+The application itself (patches from coarse to fine, lazy evaluation, stitching) is
+:mod:`flexpatch.patchwork.apply`; this module gives it a model folder's network, scheme, labels
+and thresholds, and turns its stitched result into label maps, masks or probabilities on the
+input's world grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexpatch.data.io import Volume
+from flexpatch.errors import FlexPatchError
+from flexpatch.patchwork.apply import Applied, ApplyOptions, apply_image
+from flexpatch.patchwork.files import BEST, CONFIG, WEIGHTS, load_meta
+from flexpatch.patchwork.losses import LabelEmbedding
+from flexpatch.patchwork.model import PatchworkNet
+from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
+from flexpatch.patchwork.scheme import Scheme
+from flexpatch.runtime import check_writable, resolve_device
+from flexpatch.train.checkpoint import load_checkpoint
+
+
+@dataclass
+class LoadedPatchwork:
+    """A trained patchwork: network, scheme, labels and (for many labels) the label embedding."""
+
+    net: PatchworkNet
+    scheme: Scheme
+    meta: dict[str, Any]
+    embedding: LabelEmbedding | None
+    device: torch.device
+    thresholds: list[float] | None = None  # per label, tuned on the validation cases (DNP's mask default)
+    plans: dict = field(default_factory=dict, repr=False)  # batches planned for --memory (apply_image)
+
+    @property
+    def categorical(self) -> bool:
+        return bool(self.meta["config"]["categorical"])
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.embedding is not None:
+            return logits  # responses are stitched; classes are decoded after stitching
+        return torch.softmax(logits, 1) if self.categorical else torch.sigmoid(logits)
+
+
+def load_patchwork(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedPatchwork:
+    """A trained patchwork: the best validation round's weights (``best``, when the run validated;
+    else the last) or the last round's (``last``)."""
+    if checkpoint not in ("best", "last"):
+        raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose best or last")
+    meta = load_meta(model_dir)
+    dev = resolve_device(device)
+    best = Path(model_dir) / BEST
+    path = best if checkpoint == "best" and best.is_file() else Path(model_dir) / WEIGHTS
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        scheme = Scheme.from_json(meta["scheme"])
+        net = PatchworkNet.from_config(meta["net"])
+        net.load_state_dict(state["net"])
+        embedding = None
+        if state.get("embedding") is not None:
+            cfg = meta["config"]
+            embedding = LabelEmbedding(len(meta["label_values"]) + 1, cfg["embedding_dim"])
+            embedding.load_state_dict(state["embedding"])
+            embedding.to(dev).eval()
+    except (FlexPatchError, KeyError, TypeError, RuntimeError) as err:
+        # a folder written by another flexpatch version, or edited by hand: one line, not a traceback
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FlexPatchError(
+            f"{Path(model_dir) / CONFIG}: not a patchwork this version can load ({reason})"
+        ) from None
+    return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev, state.get("thresholds"))
+
+
+def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Applied:
+    """The stitched probabilities (or embedding responses) of one volume on the output grid."""
+    if volume.data.shape[0] != model.meta["in_channels"]:
+        expected = model.meta["in_channels"]
+        raise FlexPatchError(f"{volume.path}: {volume.data.shape[0]} channels, patchwork wants {expected}")
+    return apply_image(
+        model.net,
+        volume.data,
+        volume.affine,
+        model.scheme,
+        opts,
+        model.activation,
+        model.categorical,
+        model.device,
+        # with a label embedding the block outputs are features: rank patches by their class logits
+        None if model.embedding is None else model.embedding.logits,
+        normalized=model.categorical and model.embedding is None,
+        plans=model.plans,
+    )
+
+
+def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
+    """The atlas predict writes: the decoded label embedding, or the most probable label."""
+    values = model.meta["label_values"]
+    if model.embedding is not None:
+        idx = model.embedding.decode(values_out).cpu().numpy()
+        return np.array([0, *values])[idx].astype(np.int16)
+    return to_output(values_out, "atlas", model.categorical, values)
+
+
+def segment_volume(
+    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The output array (see :func:`to_output`), its world affine, and statistics.
+
+    A plain ``mask`` uses the thresholds tuned on the validation cases when the model has them
+    (DNP's default), else 0.5; ``mask:0.4,0.5`` sets them.
+    """
+    if parse_out_type(out_type) == ("mask", None) and model.thresholds:
+        out_type = "mask:" + ",".join(f"{t:g}" for t in model.thresholds)
+    applied = stitched(model, volume, opts)
+    values = model.meta["label_values"]
+    if model.embedding is not None:
+        if parse_out_type(out_type)[0] != "atlas":
+            raise FlexPatchError(
+                "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
+            )
+        array = label_map(model, applied.values)
+    else:
+        array = to_output(applied.values, out_type, model.categorical, values)
+    n = model.scheme.ndim
+    world = np.eye(4)
+    world[:n, :n] = volume.affine[:n, :n] @ applied.grid[:n, :n]
+    world[:n, 3] = volume.affine[:n, :n] @ applied.grid[:n, n] + volume.affine[:n, 3]
+    if n == 2:
+        world[2, 2], world[2, 3] = volume.affine[2, 2], volume.affine[2, 3]
+    return array, world, applied.stats
+
+
+def predict_patchwork_files(
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    opts: ApplyOptions | None = None,
+    out_type: str = "atlas",
+    device: str = "auto",
+    progress: bool = True,
+    memory: str | int | None = None,
+) -> list[Path]:
+    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes).
+
+    ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
+    within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
+    """
+    from flexpatch.infer.planner import parse_budget
+    from flexpatch.infer.predictor import _read_case, group_inputs
+    from flexpatch.runtime import console, progress_bar
+
+    opts = opts or ApplyOptions()
+    parse_out_type(out_type)
+    model = load_patchwork(model_dir, device)
+    if memory is not None:
+        opts = replace(opts, memory=parse_budget(memory, model.device))
+    opts.check(model.scheme.depth)
+    cases = group_inputs(inputs, model.meta["in_channels"])
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    names = {int(k): v for k, v in model.meta["label_names"].items()}
+    written, reported = [], None
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task("patchwork", total=len(cases), info="")
+        for case, files in cases.items():
+            volume = _read_case(files, model.scheme.ndim)
+            array, affine, stats = segment_volume(model, volume, opts, out_type)
+            path = write_output(out_dir / f"{case}.nii.gz", array, affine, names, ndim=model.scheme.ndim)
+            opts.stats[case] = stats
+            if stats.get("memory_line") and stats["memory_line"] != reported:  # once per new choice
+                reported = stats["memory_line"]
+                console.print(reported, highlight=False, markup=False, soft_wrap=True)
+            written.append(path)
+            bar.update(task, advance=1, info=f"{case}: {sum(stats['patches'])} patches")
+    return written
