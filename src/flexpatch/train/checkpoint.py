@@ -1,10 +1,20 @@
-"""Model folders: what ``train`` writes and ``predict`` reads (weights, config, plan, fingerprint)."""
+"""Model folders: what ``train`` writes and ``predict`` reads (weights, config, plan, fingerprint).
+
+Checkpoints are read with ``torch.load(weights_only=True)``: a model folder may come from a stranger,
+and full unpickling would run whatever code the file names. Only tensors, plain containers and
+NumPy arrays and scalars (the RNG states and the patchwork's hard-mining pool hold them) are let
+through; a file naming anything else is refused before any of it is built.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flexpatch.data.io import atomic_path
@@ -12,6 +22,16 @@ from flexpatch.errors import FlexPatchError
 
 LAST = "model_last.pt"
 BEST = "model_best.pt"
+
+# NumPy's array and scalar reconstruction: they build data from bytes and call nothing else.
+# NumPy 2 pickles name them under numpy._core, NumPy 1 under numpy.core: allow both spellings.
+_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+_NUMPY_DATA: list[Any] = [np.ndarray, np.dtype]
+for _name in ("_reconstruct", "scalar"):
+    _fn = getattr(_multiarray, _name)
+    _NUMPY_DATA += [(_fn, f"numpy._core.multiarray.{_name}"), (_fn, f"numpy.core.multiarray.{_name}")]
+# Their dtype classes (e.g. numpy.dtypes.UInt32DType) are named by pickles of some NumPy versions.
+_NUMPY_DATA += [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDG"]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -21,10 +41,26 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    if not path.exists():
+    """A checkpoint's contents, refusing (one line, naming the file) anything but data."""
+    if not path.is_file():
         raise FlexPatchError(f"{path}: checkpoint not found")
     try:
-        # our checkpoints hold RNG states (numpy arrays, tuples), so full unpickling is needed
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # a pickle of another protocol than torch's gets a warning that would break the one-line error
+        with torch.serialization.safe_globals(_NUMPY_DATA), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FlexPatchError(f"{path}: refused: {_refusal(e)}") from None
     except Exception as e:
         raise FlexPatchError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        kind = type(state).__name__
+        raise FlexPatchError(f"{path}: not a flexpatch checkpoint (holds a {kind}, not a dict)")
+    return state
+
+
+def _refusal(error: Exception) -> str:
+    """torch's weights-only refusal in a few words: which global the file wanted to load."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    named = f" ({found.group(1)})" if found else ""
+    return f"it names code{named}, not only weights and data; only open model folders you trust"
