@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, config in configs.items():
         t0 = time.perf_counter()
         model_dir = work / name.split()[0].lower()
-        train(data, model_dir, config, device=device)
+        train(data, model_dir, config, device=device, overwrite=True)
         timings[name] = time.perf_counter() - t0
         model = load_model(model_dir, device=device)
         divisor = model.divisor

@@ -204,13 +204,15 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
     # a 240 s budget), so a rough rate from them sizes a second probe of about 4% of the budget.
     def seconds(steps: int) -> float:
         folder = out / f"calibrate{steps}"
-        return train(ds, folder, config(10**6), device=device, progress=False, stop_after=steps).seconds
+        run = train(ds, folder, config(10**6), device=device, progress=False, stop_after=steps,
+                    overwrite=True)
+        return run.seconds
 
     short = seconds(2)
     rough = max((seconds(7) - short) / 5, 1e-4)
     extra = min(max(10, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
     steps = max(4, int(mode.budget / max((seconds(2 + extra) - short) / extra, 1e-4)))
-    done = train(ds, out / "model", config(steps), device=device, progress=True)
+    done = train(ds, out / "model", config(steps), device=device, progress=True, overwrite=True)
     return Result(f"U-Net {patch}^3", done.seconds, steps)
 
 

@@ -215,7 +215,7 @@ def tokens_and_transfer(m: dict, work: Path, device: str) -> dict:
         for token in m["tokens"]:
             model_dir = work / f"{kind}_t{token}"
             t0 = time.perf_counter()
-            train(data, model_dir, unetr_config(m, token), device=device, progress=False)
+            train(data, model_dir, unetr_config(m, token), device=device, progress=False, overwrite=True)
             out["dice"][(kind, token)] = lesion_dice(model_dir, data, device)
             print(
                 f"{kind} token {token}: Dice {out['dice'][(kind, token)]:.3f} "
@@ -230,6 +230,7 @@ def tokens_and_transfer(m: dict, work: Path, device: str) -> dict:
         unetr_config(m, out["pick"]["small"], init_from=str(source)),
         device=device,
         progress=False,
+        overwrite=True,
     )
     out["transfer"] = lesion_dice(target, data, device)
     out["scratch"] = out["dice"][("small", out["pick"]["small"])]

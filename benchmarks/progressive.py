@@ -157,7 +157,9 @@ def child(job: dict) -> None:
     config = TrainConfig.from_json(job["config"])
     memory = PeakMemory(job["device"])
     memory.start()
-    result = train(job["data"], job["model_dir"], config, device=job["device"], progress=False)
+    result = train(
+        job["data"], job["model_dir"], config, device=job["device"], progress=False, overwrite=True
+    )
     peak = memory.peak_mib()
     log = [json.loads(line) for line in (Path(job["model_dir"]) / "log.jsonl").read_text().splitlines()]
     model = load_model(job["model_dir"], device=job["device"], checkpoint="last")

@@ -221,7 +221,8 @@ def test_resume_needs_a_checkpoint_and_the_same_config(tiny_abdomen: Path, tmp_p
         train(tiny_abdomen, tmp_path / "none", tiny_config(), resume=True, device="cpu", progress=False)
     config = tiny_config(steps=2)
     train(tiny_abdomen, tmp_path, config, device="cpu", progress=False, stop_after=1)
-    with pytest.raises(FlexPatchError, match="different steps, lr"):
+    # more steps may be asked for on resume, another learning rate not
+    with pytest.raises(FlexPatchError, match="different lr"):
         train(tiny_abdomen, tmp_path, config.replace(steps=3, lr=0.5), resume=True, progress=False)
     # the saved config is used when none is given; workers may change
     result = train(tiny_abdomen, tmp_path, None, resume=True, device="cpu", progress=False)
@@ -233,11 +234,42 @@ def test_resume_needs_a_checkpoint_and_the_same_config(tiny_abdomen: Path, tmp_p
     assert again.steps == 2 and len(read_log(tmp_path)) == 2
 
 
+def test_resume_with_more_steps_extends_a_finished_run(tiny_abdomen: Path, tmp_path: Path) -> None:
+    train(tiny_abdomen, tmp_path, tiny_config(steps=2), device="cpu", progress=False)
+    with pytest.raises(FlexPatchError, match="2 steps are done already, steps=1"):
+        train(tiny_abdomen, tmp_path, resume=True, changes={"steps": 1}, device="cpu", progress=False)
+    with pytest.raises(FlexPatchError, match="cannot change lr"):
+        train(tiny_abdomen, tmp_path, resume=True, changes={"lr": 0.1}, device="cpu", progress=False)
+    longer = train(tiny_abdomen, tmp_path, resume=True, changes={"steps": 3}, device="cpu", progress=False)
+    assert longer.steps == 3 and [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+    assert load_checkpoint(tmp_path / LAST)["config"]["steps"] == 3
+
+
+def test_a_new_run_never_replaces_another_runs_folder(tiny_abdomen: Path, tmp_path: Path) -> None:
+    train(tiny_abdomen, tmp_path, tiny_config(steps=1), device="cpu", progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(FlexPatchError, match="not empty .* use --resume .* or --overwrite"):
+        train(tiny_abdomen, tmp_path, tiny_config(steps=2), device="cpu", progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # a folder that is not a model folder is not emptied, even with overwrite
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FlexPatchError, match="not a flexpatch model folder"):
+        train(tiny_abdomen, foreign, tiny_config(steps=1), device="cpu", progress=False, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    # a killed run's temporary file is cleaned up on the next run in that folder
+    (tmp_path / ".tmp-abc.pt").write_bytes(b"half")
+    train(tiny_abdomen, tmp_path, tiny_config(steps=1), device="cpu", progress=False, resume=True)
+    assert not (tmp_path / ".tmp-abc.pt").exists()
+
+
 def test_new_run_in_an_old_folder_measures_the_new_dataset(
     tiny_abdomen: Path, tiny_cells: Path, tmp_path: Path
 ) -> None:
     train(tiny_abdomen, tmp_path, tiny_config(steps=1), device="cpu", progress=False)
-    train(tiny_cells, tmp_path, tiny_config(steps=1), device="cpu", progress=False)
+    train(tiny_cells, tmp_path, tiny_config(steps=1), device="cpu", progress=False, overwrite=True)
     plan = json.loads((tmp_path / "plan.json").read_text())
     fingerprint = json.loads((tmp_path / "fingerprint.json").read_text())
     assert plan["ndim"] == 2 and len(fingerprint["median_spacing"]) == 2

@@ -80,7 +80,7 @@ def run_demo(
             workers=1,
             seed=0,
         )
-        train(data, model_dir, config, device=device, progress=progress)
+        train(data, model_dir, config, device=device, progress=progress, overwrite=True)
         model = load_model(model_dir, device=device)
         rows += run_sweep(model, ds.test, [(w,) * 3 for w in windows], progress=progress, label=label)
     write_rows(rows, out_dir)

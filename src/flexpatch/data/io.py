@@ -55,6 +55,10 @@ def suffix_of(path: Path) -> str:
     return path.suffix.lower()
 
 
+# Temporary files start so: hidden, and recognisable when a killed run left one behind.
+TEMP_PREFIX = ".tmp-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
@@ -66,7 +70,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     if not os.access(path.parent, os.W_OK):
         raise FlexPatchError(f"{path.parent}: output folder is not writable")
     # keep the full suffix so that writers (nibabel, PIL) pick the right format
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix_of(path), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix_of(path), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -40,6 +40,7 @@ from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
+from flexpatch.train.harness import claim_folder, resume_settings
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
 
@@ -179,36 +180,46 @@ def _truncate_log(log_path: Path, step: int) -> None:
     write_text(log_path, "".join(ln + "\n" for ln in keep))
 
 
-# Settings that leave a run's numbers unchanged: a resumed run may change them.
-RESUME_FREE = ("workers",)
+# Settings a resumed run may change: workers leave the numbers alone; more steps extend the run
+# (the learning-rate decay and a growing patch schedule then follow the new length from there).
+RESUME_FREE = ("workers", "steps")
 
 
-def resolve_config(out_dir: Path, config: TrainConfig | None, resume: bool) -> TrainConfig:
-    """The run's config: the given one, or on ``resume`` the saved one (a given one must match it)."""
+def resolve_config(
+    out_dir: Path, config: TrainConfig | None, resume: bool, changes: dict[str, Any] | None = None
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run's config and, on ``resume``, the checkpoint it continues.
+
+    On resume the config is the checkpoint's own (``config.json`` may belong to another run that
+    was stopped while rewriting the folder); a given ``config``, or ``changes``, may differ from it
+    only in :data:`RESUME_FREE`.
+    """
     if not resume:
-        return config or TrainConfig()
-    if not (out_dir / LAST).is_file():
-        raise FlexPatchError(f"{out_dir / LAST}: nothing to resume from")
-    saved = TrainConfig.from_json(load_json(out_dir / "config.json"))
-    if config is None:
-        return saved
-    # compare as JSON: a tuple given here equals the list read back from config.json
-    ours, theirs = (json.loads(json.dumps(c.to_json())) for c in (config, saved))
-    changed = [k for k in ours if k not in RESUME_FREE and ours[k] != theirs[k]]
-    if changed:
-        raise FlexPatchError(
-            f"{out_dir / 'config.json'}: cannot resume with a different {', '.join(changed)} "
-            f"(saved {', '.join(f'{k}={theirs[k]!r}' for k in changed)})"
-        )
-    return config
-
-
-def _restore(path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> tuple[int, float, Any, Divergence]:
-    """Load a ``model_last.pt`` into the run; returns its step, best Dice, RNG state and skipped-step
-    count (fresh for a checkpoint written before it was saved)."""
-    # on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
-    # copied onto the parameters' device by load_state_dict
+        return config or TrainConfig(), None
+    path = out_dir / LAST
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: nothing to resume from")
     state = load_checkpoint(path, map_location="cpu")
+    # checkpoints of older versions may lack their config: config.json is then the only record
+    saved = state.get("config") or load_json(out_dir / "config.json")
+    given = config.to_json() if config is not None else None
+    settings = resume_settings(path, saved, given, changes, RESUME_FREE)
+    try:
+        resolved = TrainConfig.from_json(settings)
+    except (TypeError, ValueError) as e:
+        raise FlexPatchError(f"{path}: its config does not fit this version ({e})") from None
+    if resolved.steps < int(state.get("step", 0)):
+        raise FlexPatchError(f"{path}: {state['step']} steps are done already, steps={resolved.steps}")
+    return resolved, state
+
+
+def _restore(
+    state: dict[str, Any], path: Path, net: torch.nn.Module, opt: Any, sched: Any
+) -> tuple[int, float, Any, Divergence]:
+    """Load a ``model_last.pt``'s state into the run; returns its step, best Dice, RNG state and
+    skipped-step count (fresh for a checkpoint written before it was saved)."""
+    # read on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
+    # copied onto the parameters' device by load_state_dict
     try:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -251,6 +262,8 @@ def train(
     device: str = "auto",
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
+    changes: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a model on patches of a dataset and write a self-contained model folder.
 
@@ -260,22 +273,29 @@ def train(
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
         out_dir: the model folder (weights, config.json, plan.json, fingerprint.json, log.jsonl).
-        config: the run's settings; on ``resume`` the saved config is used and this must be None or
-            equal to it (except ``workers``).
-        resume: continue from ``out_dir/model_last.pt`` exactly where it stopped.
+        config: the run's settings; on ``resume`` the checkpoint's config is used and this must be
+            None or equal to it (except ``workers`` and ``steps``).
+        resume: continue from ``out_dir/model_last.pt`` exactly where it stopped (with more
+            ``steps``, a finished run goes on).
             ``config.init_from`` loads matching weights from another model folder first
             (see :mod:`flexpatch.train.transfer`).
         device: ``auto``, ``cpu``, ``cuda``.
         progress: show progress bars (loss, validation Dice, it/s) on stderr.
         stop_after: stop (saving ``model_last.pt``) after this many steps, as an interruption would.
+        overwrite: replace the model folder of an earlier run (otherwise a non-empty ``out_dir`` is
+            refused unless ``resume``).
+        changes: on ``resume`` without ``config``, settings of :data:`RESUME_FREE` to change
+            (e.g. ``{"steps": 2000}`` to train a finished run longer).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     dev = resolve_device(device)
-    config = resolve_config(out_dir, config, resume)
+    config, saved = resolve_config(out_dir, config, resume, changes)
     ds, net = check_inputs(dataset_dir, out_dir, config)
     loaded = initialise(
         net, config, out_dir, resume
     )  # before the slow preprocessing: a bad source fails fast
+    # only now, with the inputs checked and any --init-from weights in memory, may a folder be emptied
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     plan, cases = prepare(ds, out_dir, config, progress, resume)
     save_json(out_dir / "config.json", config.to_json())
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
@@ -286,8 +306,8 @@ def train(
 
     start, best, rng, divergence = 0, -1.0, None, Divergence()
     log_path = out_dir / "log.jsonl"
-    if resume:
-        start, best, rng, divergence = _restore(out_dir / LAST, net, opt, sched)
+    if saved is not None:
+        start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched)
         _truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()

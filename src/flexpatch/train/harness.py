@@ -1,0 +1,92 @@
+"""What every training method shares around its steps: the model folder it may write, and resume.
+
+A run writes only into a folder that is new, empty, or its own (``resume``), unless the user says
+``overwrite``: a model folder from another run is never replaced by accident. On resume the run's
+config is the checkpoint's own (not ``config.json``, which another run may have half-rewritten);
+a given config must equal it except for the settings a method declares free (more steps or rounds,
+other workers), which then take the given value.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flexpatch.data.io import TEMP_PREFIX
+from flexpatch.errors import FlexPatchError
+from flexpatch.runtime import check_writable
+
+# Files whose presence marks a folder as written by a flexpatch training run (any method).
+_MARKS = ("config.json", "model.json", "fingerprint.json", "patchwork.json", "resume.pt", "cascade.json")
+
+
+def claim_folder(folder: Path, what: str, *, resume: bool, overwrite: bool) -> None:
+    """Make ``folder`` this run's, failing before any work when that would destroy another's files.
+
+    A new or empty folder is taken; with ``resume`` the folder is the run's own; with ``overwrite``
+    a model folder of an earlier flexpatch run is emptied first. Any other folder with files is
+    refused, naming one, even with ``overwrite``: it may hold what a user cannot get back.
+    Temporary files of a killed run are removed in every case.
+    """
+    check_writable(folder, what)
+    if not folder.is_dir():
+        return
+    for stale in folder.rglob(f"{TEMP_PREFIX}*"):
+        stale.unlink(missing_ok=True)
+    present = sorted(p.name for p in folder.iterdir())
+    if resume or not present:
+        return
+    named = f"{present[0]}{' ...' if len(present) > 1 else ''}"
+    if not overwrite:
+        raise FlexPatchError(
+            f"{folder}: {what} is not empty (holds {named}); "
+            "use --resume to continue its run or --overwrite to replace it"
+        )
+    if not any((folder / mark).is_file() for mark in _MARKS):
+        raise FlexPatchError(
+            f"{folder}: not a flexpatch model folder (holds {named}); --overwrite replaces only those"
+        )
+    for entry in folder.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def resume_settings(
+    path: Path,
+    saved: Mapping[str, Any],
+    given: Mapping[str, Any] | None,
+    changes: Mapping[str, Any] | None,
+    free: Iterable[str],
+) -> dict[str, Any]:
+    """The resumed run's settings (as JSON): ``saved`` (the checkpoint's own), with ``changes`` or a
+    whole ``given`` config that may differ from it only in the ``free`` settings.
+
+    Args:
+        path: the checkpoint, named in errors.
+        saved: the settings stored in the checkpoint.
+        given: a full config for the resumed run, or None.
+        changes: settings to change (only ``free`` ones), when ``given`` is None.
+        free: settings that leave the finished part of the run valid (steps, rounds, workers, ...).
+    """
+    free = tuple(free)
+    saved = _as_json(saved)
+    if given is None:
+        fixed = sorted(set(changes or {}) - set(free))
+        if fixed:
+            raise FlexPatchError(f"{path}: a resumed run cannot change {', '.join(fixed)}")
+        return {**saved, **_as_json(changes or {})}
+    ours = _as_json(given)
+    changed = [k for k in sorted(set(ours) | set(saved)) if k not in free and ours.get(k) != saved.get(k)]
+    if changed:
+        raise FlexPatchError(
+            f"{path}: cannot resume with a different {', '.join(changed)} "
+            f"(saved {', '.join(f'{k}={saved.get(k)!r}' for k in changed)})"
+        )
+    return ours
+
+
+def _as_json(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Compared as JSON: a tuple given here equals the list read back from a file."""
+    return json.loads(json.dumps(dict(settings)))
