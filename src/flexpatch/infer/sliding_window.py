@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from flexpatch.axes import nearest_valid, per_axis, round_up
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import WINDOW_KINDS, Patch, grid_starts, window_weights
 
@@ -34,22 +35,14 @@ PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
 __all__ = ["PAD_MODES", "sliding_window", "window_layout"]
 
 
-def _per_axis(value: int | Sequence[int], n: int, name: str) -> Shape:
-    """Broadcast an int to ``n`` axes, or check a sequence has ``n`` entries."""
-    values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(values) != n:
-        raise FlexPatchError(f"{name} {tuple(values)} has {len(values)} entries for a {n}D image")
-    return values
-
-
 def _check_divisible(patch: Shape, divisor: Shape) -> None:
     """Every patch side must be a multiple of the divisor; name the nearest valid sizes."""
     if any(d < 1 for d in divisor):
         raise FlexPatchError(f"divisor {divisor} must be >= 1 on every axis")
     if all(p % d == 0 for p, d in zip(patch, divisor, strict=True)):
         return
-    lower = tuple(max(d, p // d * d) for p, d in zip(patch, divisor, strict=True))
-    upper = tuple(-(-p // d) * d for p, d in zip(patch, divisor, strict=True))
+    pairs = [nearest_valid(p, d) for p, d in zip(patch, divisor, strict=True)]
+    lower, upper = tuple(b for b, _ in pairs), tuple(a for _, a in pairs)
     raise FlexPatchError(
         f"patch_size {patch} is not divisible by divisor {divisor}; nearest valid sizes: {lower} or {upper}"
     )
@@ -80,8 +73,8 @@ def window_layout(
     """
     spatial = tuple(int(s) for s in image_shape)
     n = len(spatial)
-    patch = _per_axis(patch_size, n, "patch_size")
-    div = _per_axis(divisor, n, "divisor")
+    patch = per_axis(patch_size, n, "patch_size")
+    div = per_axis(divisor, n, "divisor")
     if any(p <= 0 for p in patch):
         raise FlexPatchError(f"patch_size {patch} must be positive on every axis")
     if any(s <= 0 for s in spatial):
@@ -90,7 +83,7 @@ def window_layout(
         raise FlexPatchError(f"overlap must be in [0, 1), got {overlap}")
     _check_divisible(patch, div)
     covered = [p >= s for p, s in zip(patch, spatial, strict=True)]
-    padded = tuple(-(-s // d) * d if c else s for s, d, c in zip(spatial, div, covered, strict=True))
+    padded = tuple(round_up(s, d) if c else s for s, d, c in zip(spatial, div, covered, strict=True))
     window = tuple(q if c else p for p, q, c in zip(patch, padded, covered, strict=True))
     return window, padded, grid_starts(padded, window, overlap)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from flexpatch.axes import nearest_valid
 from flexpatch.models.registry import (
     ModelSpec,
     build,
@@ -12,7 +13,6 @@ from flexpatch.models.registry import (
     list_models,
     model_description,
     model_divisor,
-    nearest_valid,
     register_model,
 )
 

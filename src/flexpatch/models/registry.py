@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flexpatch.axes import nearest_valid, per_axis
 from flexpatch.errors import FlexPatchError
 
 if TYPE_CHECKING:
@@ -190,18 +191,6 @@ def model_divisor(name: str, ndim: int, **kwargs: Any) -> tuple[int, ...]:
     return _divisor(name, entry.divisor, ndim, _resolve(name, entry.builder, kwargs))
 
 
-def nearest_valid(size: int, divisor: int) -> tuple[int, int]:
-    """The multiples of ``divisor`` just below and above ``size`` (equal when it divides).
-
-    The lower one is at least ``divisor``, so both are usable sizes.
-    """
-    if divisor < 1:
-        raise FlexPatchError(f"divisor must be positive, got {divisor}")
-    below = max(divisor, size // divisor * divisor)
-    above = max(divisor, -(-size // divisor) * divisor)
-    return below, above
-
-
 def check_patch_size(
     patch: Sequence[int], divisor: Sequence[int], what: str = "patch size", *, model: str | None = None
 ) -> tuple[int, ...]:
@@ -285,9 +274,11 @@ def _jsonable(options: dict, name: str) -> dict:
 
 
 def _divisor(name: str, rule: DivisorRule, ndim: int, options: dict) -> tuple[int, ...]:
-    value = (rule,) * ndim if isinstance(rule, int) else tuple(int(d) for d in rule(ndim, options))
-    if len(value) != ndim or not all(d >= 1 for d in value):
-        raise FlexPatchError(f"model {name}: divisor rule gave {value}, expected {ndim} positive ints")
+    given = rule if isinstance(rule, int) else rule(ndim, options)
+    message = f"model {name}: divisor rule gave {given!r}, expected {ndim} positive ints"
+    value = per_axis(given, ndim, "divisor", message=message)
+    if not all(d >= 1 for d in value):
+        raise FlexPatchError(message)
     return value
 
 

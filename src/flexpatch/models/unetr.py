@@ -40,6 +40,7 @@ from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetOutBlock, Un
 from monai.networks.nets.vit import ViT
 from torch import nn
 
+from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
 from flexpatch.models.registry import ModelSpec, build, check_patch_size, register_model
 
@@ -58,13 +59,16 @@ _SKIP_BLOCK = re.compile(r"^(encoder\d+\.blocks\.)(\d+)(\..*)$")
 _CACHE_GRIDS = 4  # sliding windows use one grid, PGPS validation another: a few cover both
 
 
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(value)
+    return value
+
+
 def _per_axis(value: int | Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
     """``value`` repeated on every axis (an int) or checked to have ``ndim`` positive ints."""
-    values = (value,) * ndim if isinstance(value, int) else tuple(value)
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    if len(values) != ndim or not ok:
-        raise FlexPatchError(f"unetr {what} {value!r} must be a positive int or {ndim} positive ints")
-    return values
+    message = f"unetr {what} {value!r} must be a positive int or {ndim} positive ints"
+    return per_axis(value, ndim, what, cast=_positive_int, message=message)
 
 
 def decoder_strides(token_size: Sequence[int]) -> list[tuple[int, ...]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
 
 SYSTEMS = ("matrix", "world")
@@ -33,11 +34,10 @@ NORMALIZATIONS = ("none", "max", "mean", "m0s1", "patch_m0s1")
 def _axes(value: float | Sequence[float] | None, ndim: int, what: str) -> tuple[float, ...] | None:
     if value is None:
         return None
-    vals = (float(value),) * ndim if np.isscalar(value) else tuple(float(v) for v in value)
-    if len(vals) == 1:
-        vals = vals * ndim
-    if len(vals) != ndim or any(v <= 0 for v in vals):
-        raise FlexPatchError(f"{what} must be {ndim} positive numbers, got {value!r}")
+    message = f"{what} must be {ndim} positive numbers, got {value!r}"
+    vals = per_axis(value, ndim, what, cast=float, message=message)
+    if any(v <= 0 for v in vals):
+        raise FlexPatchError(message)
     return vals
 
 
@@ -84,13 +84,14 @@ class Scheme:
         matrix = self.matrix or ((32,) * n,)
         if all(isinstance(v, (int, np.integer)) for v in matrix):
             matrix = (tuple(int(v) for v in matrix),)  # one shape given flat
-        matrix = tuple(tuple(int(v) for v in (m if len(m) == n else tuple(m) * n)) for m in matrix)
-        if len(matrix) == 1:
-            matrix = matrix * d
-        if len(matrix) != d or any(len(m) != n or min(m) < 2 for m in matrix):
-            raise FlexPatchError(
-                f"matrix must be one shape or {d} shapes of {n} sizes >= 2, got {self.matrix}"
-            )
+        message = f"matrix must be one shape or {d} shapes of {n} sizes >= 2, got {self.matrix}"
+
+        def shape(m: Any) -> tuple[int, ...]:
+            return per_axis(m, n, "matrix", message=message)
+
+        matrix = per_axis(matrix, d, "matrix", cast=shape, message=message)
+        if any(min(m) < 2 for m in matrix):
+            raise FlexPatchError(message)
         object.__setattr__(self, "matrix", matrix)
         self._set_pair("fov", (1.0,) * n if self.fov_mm is None and self.fov_rel is None else None)
         self._set_pair(

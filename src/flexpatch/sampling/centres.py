@@ -13,18 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from flexpatch.axes import per_axis, round_up
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch
 
 Shape = tuple[int, ...]
 CENTRE_MODES: tuple[str, ...] = ("uniform", "balanced", "per_class")
-
-
-def _per_axis(value: int | Sequence[int], ndim: int, what: str) -> Shape:
-    values = (int(value),) * ndim if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
-    if len(values) != ndim:
-        raise FlexPatchError(f"{what} {values} has {len(values)} axes, expected {ndim}")
-    return values
 
 
 def fit_patch(patch: Sequence[int], image_shape: Sequence[int], divisor: int | Sequence[int]) -> Shape:
@@ -38,10 +32,8 @@ def fit_patch(patch: Sequence[int], image_shape: Sequence[int], divisor: int | S
     image_shape = tuple(int(n) for n in image_shape)
     if len(patch) != len(image_shape):
         raise FlexPatchError(f"patch {patch} and image {image_shape} differ in number of axes")
-    divs = _per_axis(divisor, len(patch), "divisor")
-    return tuple(
-        math.ceil(n / d) * d if p > n else p for p, n, d in zip(patch, image_shape, divs, strict=True)
-    )
+    divs = per_axis(divisor, len(patch), "divisor")
+    return tuple(round_up(n, d) if p > n else p for p, n, d in zip(patch, image_shape, divs, strict=True))
 
 
 def patch_at(centre: Sequence[int], patch: Sequence[int], image_shape: Sequence[int]) -> Patch:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from flexpatch.axes import per_axis, round_down
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.sampling.sizes import one_size, register_size_kind
 
@@ -207,7 +208,8 @@ def _validate(schedule: ProgressiveSchedule) -> None:
     for axis, (m, p) in enumerate(zip(top, pools, strict=True)):
         step = 2**p
         if m <= 0 or m % step:
-            below, above = m // step * step, (m // step + 1) * step
+            below = round_down(m, step)
+            above = below + step  # round_up(m, step) unless m is 0 (or a negative multiple)
             near = f"{below} or {above}" if below > 0 else f"{above}"
             raise FlexPatchError(
                 f"largest patch {format_shape(top)}: axis {axis} size {m} is not a positive multiple of "
@@ -244,8 +246,9 @@ def make_schedule(
             of ``2**pools``, a batch below 1 or fewer steps than stages.
     """
     top = tuple(int(m) for m in max_size)
-    per_axis = (int(pools),) * len(top) if isinstance(pools, int) else tuple(int(p) for p in pools)
-    return ProgressiveSchedule(top, per_axis, str(mode), int(batch), int(steps))
+    message = f"largest patch {top} and pools {pools!r} must have the same number of axes"
+    per_axis_pools = per_axis(pools, len(top), "pools", message=message)
+    return ProgressiveSchedule(top, per_axis_pools, str(mode), int(batch), int(steps))
 
 
 def _parse(

@@ -31,6 +31,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from flexpatch.axes import nearest_valid, per_axis, round_down, round_up
 from flexpatch.errors import FlexPatchError, format_shape
 
 Shape = tuple[int, ...]
@@ -105,8 +106,7 @@ class FixedSize:
 
 
 def _multiples(low: int, high: int, divisor: int) -> list[int]:
-    first = -(-low // divisor) * divisor
-    return list(range(max(first, divisor), high + 1, divisor))
+    return list(range(max(round_up(low, divisor), divisor), high + 1, divisor))
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class UniformSize:
             if lo > hi:
                 raise FlexPatchError(f"uniform size range {lo}-{hi} is empty (low > high)")
             if not _multiples(lo, hi, d):
-                below, above = lo // d * d, -(-hi // d) * d
+                below, above = round_down(lo, d), round_up(hi, d)
                 near = f"sizes {below} or {above}" if below > 0 else f"size {above}"
                 raise FlexPatchError(
                     f"uniform size range {lo}-{hi} holds no multiple of {d}: nearest valid {near}"
@@ -236,8 +236,8 @@ def _ints(text: str, spec: str) -> list[int]:
 def _check_divisible(size: Shape, divisor: Shape, spec: str) -> None:
     for s, d in zip(size, divisor, strict=True):
         if s % d:
-            below, above = s // d * d, (s // d + 1) * d
-            near = f"sizes {below} or {above}" if below > 0 else f"size {above}"
+            below, above = nearest_valid(s, d)
+            near = f"sizes {below} or {above}" if below != above else f"size {above}"
             where = "" if spec == str(s) else f" (in {spec!r})"
             raise FlexPatchError(f"patch size {s}{where} is not divisible by {d}: nearest valid {near}")
 
@@ -248,13 +248,10 @@ def one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape
     the whole text, for the errors."""
     where = "" if text == spec else f" (in {spec!r})"
     values = _ints(text.replace(sep, ","), spec)
-    if len(values) == 1:
-        values = values * ndim
-    if len(values) != ndim:
-        raise FlexPatchError(f"patch size {text!r}{where} has {len(values)} axes but the data are {ndim}D")
-    if any(v <= 0 for v in values):
+    message = f"patch size {text!r}{where} has {len(values)} axes but the data are {ndim}D"
+    size = per_axis(values, ndim, "patch size", message=message)
+    if any(v <= 0 for v in size):
         raise FlexPatchError(f"patch size {text!r}{where} must be positive on every axis")
-    size = tuple(values)
     _check_divisible(size, divisor, spec)
     return size
 
@@ -262,11 +259,9 @@ def one_size(text: str, ndim: int, divisor: Shape, spec: str, sep: str) -> Shape
 def _parse_uniform(body: str, ndim: int, divisor: Shape, isotropic: bool) -> UniformSize:
     kind = "uniform-iso" if isotropic else "uniform"
     spec = f"{kind}:{body}"
-    ranges = body.split(",")
-    if len(ranges) == 1:
-        ranges = ranges * ndim
-    if len(ranges) != ndim:
-        raise FlexPatchError(f"patch size {spec!r} gives {len(ranges)} ranges but the data are {ndim}D")
+    parts = body.split(",")
+    message = f"patch size {spec!r} gives {len(parts)} ranges but the data are {ndim}D"
+    ranges = per_axis(parts, ndim, "patch size ranges", cast=str, message=message)
     lows, highs = [], []
     for r in ranges:
         parts = r.split("-")
@@ -311,11 +306,10 @@ def parse_patch_spec(
         FlexPatchError: unknown kind, wrong number of axes, non-positive or
             non-divisible size (naming the nearest valid ones), or an empty range.
     """
-    divs = (int(divisor),) * ndim if isinstance(divisor, int) else tuple(int(d) for d in divisor)
-    if len(divs) == 1:
-        divs = divs * ndim
-    if len(divs) != ndim or any(d <= 0 for d in divs):
-        raise FlexPatchError(f"size divisor {divs} must be positive with {ndim} axes")
+    message = f"size divisor {divisor!r} must be positive with {ndim} axes"
+    divs = per_axis(divisor, ndim, "size divisor", message=message)
+    if any(d <= 0 for d in divs):
+        raise FlexPatchError(message)
     spec = spec.strip().replace(" ", "")
     if not spec:
         raise FlexPatchError("patch size spec is empty")
