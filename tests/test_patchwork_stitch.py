@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from flexpatch.accumulator import Accumulator
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, extract, window_weights
-from flexpatch.patchwork.stitch import Stitcher, mix_levels, scatter_linear
+from flexpatch.patchwork.stitch import Stitcher, mix_levels
 
 
 def _line(ndim: int, size: int) -> tuple[int, ...]:
@@ -93,7 +94,7 @@ def test_linear_splat_weights_hand_made() -> None:
     out_sum, weight = torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)
     affine = np.eye(3)[None].copy()
     affine[0, :2, 2] = [1.25, 2.5]  # one patch voxel at (1.25, 2.5)
-    scatter_linear(out_sum, weight, torch.full((1, 1, 1, 1), 2.0), affine, torch.ones(1, 1))
+    Accumulator(out_sum, weight).add(torch.full((1, 1, 1, 1), 2.0), affine, "linear", torch.ones(1, 1))
     expected = torch.zeros(4, 5)
     expected[1, 2] = expected[1, 3] = 0.375
     expected[2, 2] = expected[2, 3] = 0.125

@@ -145,6 +145,21 @@ def _pad_box(image: torch.Tensor, patch: Patch, padding: str) -> torch.Tensor:
     return F.pad(inner[None].float(), pads, mode="replicate")[0].to(image.dtype)
 
 
+def patch_grid(affines: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Where every voxel of a patch lands: ``affines`` ``(B, n+1, n+1)`` applied to the voxel index
+    grid of ``shape``, in C order. Returns ``(B, prod(shape), n)`` in the affines' dtype and device.
+
+    The one place that maps patch voxels to image positions, for extraction (:func:`extract`) and
+    every put-back (:mod:`flexpatch.accumulator`): computed alike, a nearest-neighbour sample and
+    a nearest-voxel scatter of one patch round every voxel the same way. Pass float64 affines
+    (float32 on MPS, which has no float64) so that rounding at large indices stays exact.
+    """
+    n = len(shape)
+    axes = [torch.arange(int(s), dtype=affines.dtype, device=affines.device) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
+    return torch.einsum("pj,bij->bpi", idx, affines[:, :n, :n]) + affines[:, None, :n, n]
+
+
 def _affine_grid(affines: torch.Tensor, shape: Shape, spatial: Shape) -> torch.Tensor:
     """grid_sample grids (align_corners=True) of patches ``shape`` at ``affines`` ``(B, n+1, n+1)``.
 
@@ -153,10 +168,7 @@ def _affine_grid(affines: torch.Tensor, shape: Shape, spatial: Shape) -> torch.T
     """
     n, device = len(spatial), affines.device
     gdtype = torch.float32 if device.type == "mps" else torch.float64
-    a = affines.to(gdtype)
-    axes = [torch.arange(s, dtype=gdtype, device=device) for s in shape]
-    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
-    pos = torch.einsum("pj,bij->bpi", idx, a[:, :n, :n]) + a[:, None, :n, n]
+    pos = patch_grid(affines.to(gdtype), shape)
     scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
     return (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
 
@@ -257,53 +269,17 @@ def accumulate(
         window: ``(*patch_shape)`` weights (see :func:`window_weights`); None means ones.
 
     Boxes are added by slicing (the parts outside the image are dropped); other
-    affines are scattered to their nearest image voxel, as DNP does.
+    affines are scattered to their nearest image voxel, as DNP does. This is the
+    ``nearest`` mode and ``sum`` fusion of :class:`flexpatch.accumulator.Accumulator`.
     """
     shape = _check_same_shape(patches)
-    if window is None:
-        window = torch.ones(shape, dtype=out_sum.dtype, device=out_sum.device)
-    spatial = tuple(out_sum.shape[1:])
-    for b, p in enumerate(patches):
-        if p.is_box:
-            src, dst = _clip_box(p, spatial)
-            if dst is None:
-                continue
-            out_sum[(slice(None), *dst)].addcmul_(outputs[(b, slice(None), *src)], window[src])
-            weight_sum[(slice(None), *dst)] += window[src]
-        else:
-            _scatter_nearest(out_sum, weight_sum, outputs[b], p, window)
+    if tuple(outputs.shape[2:]) != shape:
+        raise FlexPatchError(f"outputs {tuple(outputs.shape)} do not match patches of shape {shape}")
+    # imported here: the accumulator is built on this module (extract, patch_grid), not below it
+    from flexpatch.accumulator import Accumulator
 
-
-def _clip_box(p: Patch, spatial: Shape) -> tuple[tuple[slice, ...], tuple[slice, ...] | None]:
-    """Source (patch) and destination (image) slices of the part of a box inside the image."""
-    src, dst = [], []
-    for s, w, n in zip(p.start, p.shape, spatial):
-        a, b = max(s, 0), min(s + w, n)
-        if b <= a:
-            return (), None
-        src.append(slice(a - s, b - s))
-        dst.append(slice(a, b))
-    return tuple(src), tuple(dst)
-
-
-def _scatter_nearest(
-    out_sum: torch.Tensor, weight_sum: torch.Tensor, output: torch.Tensor, p: Patch, window: torch.Tensor
-) -> None:
-    n = p.ndim
-    spatial = out_sum.shape[1:]
-    axes = [torch.arange(s, dtype=torch.float64, device=out_sum.device) for s in p.shape]
-    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, n)
-    a = torch.as_tensor(p.affine, dtype=torch.float64, device=out_sum.device)
-    pos = torch.round(idx @ a[:n, :n].T + a[:n, n]).long()
-    ok = torch.all((pos >= 0) & (pos < torch.tensor(spatial, device=pos.device)), dim=1)
-    flat = torch.zeros(len(pos), dtype=torch.long, device=pos.device)
-    for d in range(n):
-        flat = flat * spatial[d] + pos[:, d]
-    flat = flat[ok]
-    w = window.reshape(-1)[ok].to(out_sum.dtype)
-    vals = output.reshape(output.shape[0], -1)[:, ok].to(out_sum.dtype) * w
-    out_sum.view(out_sum.shape[0], -1).index_add_(1, flat, vals)
-    weight_sum.view(1, -1).index_add_(1, flat, w[None])
+    affines = np.stack([p.affine for p in patches])
+    Accumulator(out_sum, weight_sum).add(outputs, affines, "nearest", window)
 
 
 def window_weights(
