@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexpatch.axes import round_up
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import atomic_path, write_text
 from flexpatch.errors import FlexPatchError, format_shape
@@ -49,7 +50,7 @@ def random_sizes(
 ) -> list[tuple[int, ...]]:
     """``count`` anisotropic sizes, each axis uniform over the valid multiples in [low, high]."""
     g = torch.Generator().manual_seed(seed)
-    choices = [torch.arange(-(-low // d) * d, high + 1, d) for d in divisor]
+    choices = [torch.arange(round_up(low, d), high + 1, d) for d in divisor]
     if any(len(c) == 0 for c in choices):
         raise FlexPatchError(f"no valid size in [{low}, {high}] for divisor {tuple(divisor)}")
     return [tuple(int(c[torch.randint(len(c), (1,), generator=g)]) for c in choices) for _ in range(count)]

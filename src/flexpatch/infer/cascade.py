@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from flexpatch.axes import per_axis
 from flexpatch.data.io import Volume, load_json, save_json, suffix_of
 from flexpatch.data.preprocess import restore
 from flexpatch.errors import FlexPatchError
@@ -184,7 +185,7 @@ def crop_resize(
     """
     if not boxes:
         raise FlexPatchError("crop_resize needs at least one box")
-    shape = (int(size),) * boxes[0].ndim if isinstance(size, int) else tuple(int(s) for s in size)
+    shape = per_axis(size, boxes[0].ndim, "crop_resize size")
     if image.ndim != boxes[0].ndim + 1:
         raise FlexPatchError(f"image {tuple(image.shape)} is not (C, *spatial) for {boxes[0].ndim}D boxes")
     return extract(image, [b.patch(shape) for b in boxes], mode=mode, padding="border")

@@ -25,7 +25,6 @@ What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.i
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from flexpatch.axes import round_down, round_up
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.memory import MemoryModel
 from flexpatch.infer.sliding_window import window_layout
@@ -145,7 +145,7 @@ def initial_patch(median_shape: Sequence[int], spacing: Sequence[float], divisor
     voxels = 256**3 if len(inverse) == 3 else 2048**2
     start = np.round(inverse * (voxels / np.prod(inverse)) ** (1 / len(inverse)))
     capped = np.minimum(start, np.asarray(median_shape, dtype=np.float64))
-    return tuple(max(d, math.ceil(c / d) * d) for c, d in zip(capped, divisor, strict=True))
+    return tuple(max(d, round_up(int(c), d)) for c, d in zip(capped, divisor, strict=True))
 
 
 def shrink(patch: Sequence[int], reference: Sequence[int], divisor: Sequence[int]) -> Shape | None:
@@ -328,9 +328,7 @@ def plan_window(
     """
     allowed = budget * (1 - headroom)
     shape = tuple(int(s) for s in image_shape)
-    top = (
-        tuple(window) if window else tuple(math.ceil(s / d) * d for s, d in zip(shape, divisor, strict=True))
-    )
+    top = tuple(window) if window else tuple(round_up(s, d) for s, d in zip(shape, divisor, strict=True))
     if max_window is not None and not window:
         top = tuple(min(t, m) for t, m in zip(top, max_window, strict=True))
     stitches = [str(torch.device(s)) for s in ([stitch_device] if stitch_device else (mm.device, "cpu"))]
@@ -442,4 +440,4 @@ def plan_dataset(
 def _token_window(tokens: TokenPlan, patch: Shape) -> TokenPlan:
     """The token plan with the window its ViT would take here: the largest multiple of the token
     within the planned patch (a UNETR's patch itself, a multiple of its token by its divisor)."""
-    return replace(tokens, window=tuple(max(t, p // t * t) for t, p in zip(tokens.token_size, patch)))
+    return replace(tokens, window=tuple(max(t, round_down(p, t)) for t, p in zip(tokens.token_size, patch)))

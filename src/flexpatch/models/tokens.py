@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from flexpatch.axes import round_nearest
 from flexpatch.errors import FlexPatchError, format_shape
 
 ALLOWED_TOKENS: tuple[int, ...] = (4, 8, 12, 16, 24, 32)
@@ -120,7 +121,7 @@ def plan_tokens(
     in_voxels = tuple(diameter / s for s in spacing)
     sides = window or (None,) * ndim
     tokens = tuple(snap_token(d, allowed, w) for d, w in zip(in_voxels, sides, strict=True))
-    chosen = tuple(window) if window else tuple(max(t, round(DEFAULT_WINDOW / t) * t) for t in tokens)
+    chosen = tuple(window) if window else tuple(max(t, round_nearest(DEFAULT_WINDOW, t)) for t in tokens)
     return TokenPlan(
         class_name,
         int(entry["count"]),

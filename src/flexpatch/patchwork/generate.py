@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork.scheme import Geometry, Scheme
 
@@ -64,8 +65,9 @@ class Augment:
         frames = np.tile(np.eye(ndim), (count, 1, 1))
         if not self.active:
             return frames
-        scale = np.exp(rng.standard_normal((count, ndim)) * np.broadcast_to(self.dscale, (ndim,)))
-        flips = np.broadcast_to(np.asarray(self.flip or (0,) * ndim, dtype=bool), (ndim,))
+        dscale = np.asarray(per_axis(self.dscale, ndim, "dscale", cast=float))
+        scale = np.exp(rng.standard_normal((count, ndim)) * dscale)
+        flips = np.asarray(per_axis(self.flip or False, ndim, "flip", cast=bool))
         sign = np.where(flips & (rng.random((count, ndim)) < 0.5), -1.0, 1.0)
         diag = np.einsum("ni,ij->nij", scale * sign, np.eye(ndim))
         return rotations(rng, count, ndim, self.dphi) @ diag @ rotations(rng, count, ndim, self.dphi)

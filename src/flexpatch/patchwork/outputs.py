@@ -20,6 +20,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import torch
 
+from flexpatch.axes import per_axis
 from flexpatch.data.io import NIFTI_SUFFIXES, suffix_of, write_image
 from flexpatch.errors import FlexPatchError
 
@@ -71,9 +72,8 @@ def _thresholds(given: list[float] | None, count: int, default: float | None) ->
     """One threshold per label: a single value broadcasts, None falls back to ``default``."""
     if given is None:
         return None if default is None else np.full(count, default)
-    if len(given) not in (1, count):
-        raise FlexPatchError(f"got {len(given)} thresholds for {count} labels; give 1 or {count}")
-    return np.broadcast_to(np.asarray(given, dtype=np.float64), (count,))
+    message = f"got {len(given)} thresholds for {count} labels; give 1 or {count}"
+    return np.asarray(per_axis(given, count, "thresholds", cast=float, message=message), dtype=np.float64)
 
 
 def _label_dtype(values: Sequence[int]) -> type:

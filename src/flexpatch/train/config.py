@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -114,8 +115,7 @@ class TrainConfig:
         """``val_patch`` with a single value used on all ``ndim`` axes; None: the largest training patch."""
         if self.val_patch is None:
             return None
-        patch = tuple(int(v) for v in self.val_patch)
-        return patch * ndim if len(patch) == 1 else patch
+        return per_axis(self.val_patch, ndim, "val_patch")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
