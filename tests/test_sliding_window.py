@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
+from flexpatch.accumulator import grid_coverage
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, accumulate, window_weights
-from flexpatch.infer.sliding_window import _weight_sum, sliding_window, window_layout
+from flexpatch.infer.sliding_window import sliding_window, window_layout
 
 torch.set_num_threads(1)
 
@@ -69,7 +70,7 @@ def test_golden_1d_layout_and_weights():
     window, padded, starts = window_layout((1, 5), (1, 3), overlap=0.5)
     # step int(3 * 0.5) = 1 -> starts 0, 1, 2 along the long axis; one position along the short one
     assert (window, padded, starts) == ((1, 3), (1, 5), [(0, 0), (0, 1), (0, 2)])
-    weight_sum = _weight_sum(torch.ones(window), starts, padded)
+    weight_sum = grid_coverage(torch.ones(window), starts, padded)
     assert weight_sum.tolist() == [[[1.0, 2.0, 3.0, 2.0, 1.0]]]
     image = torch.arange(5, dtype=torch.float32).reshape(1, 1, 1, 5)
     ones = sliding_window(lambda x: torch.ones_like(x), image, (1, 3), overlap=0.5, blend="gaussian")
@@ -88,7 +89,7 @@ def test_weight_sum_equals_per_window_accumulation(blend):
     expected_out, expected = torch.zeros(1, *padded), torch.zeros(1, *padded)
     patches = [Patch.box(s, window) for s in starts]
     accumulate(expected_out, expected, torch.zeros(len(patches), 1, *window), patches, weights)
-    torch.testing.assert_close(_weight_sum(weights, starts, padded), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grid_coverage(weights, starts, padded), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_layout_window_larger_than_image():

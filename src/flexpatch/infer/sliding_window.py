@@ -11,8 +11,10 @@ measured on a 3D U-Net).
 Speed and memory: the weight sum depends only on the layout, so it is built once per
 call, axis by axis (the grid is a Cartesian product of per-axis starts), and only after
 the first case's forwards, so it never sits beside the activations (peak one ``(1, *S)``
-buffer below MONAI's). Each window's output is added with one fused ``addcmul_``; the
-weighted mean is one ``div_`` at the end. Measured against MONAI: BENCHMARKS.md.
+buffer below MONAI's). Putting outputs back is the geometry core's accumulator
+(:class:`~flexpatch.accumulator.Accumulator`, box mode, sum fusion, no coverage of its own: the
+layout's :func:`~flexpatch.accumulator.grid_coverage` replaces it): one fused ``addcmul_`` per
+window, and the weighted mean is one ``div_`` at the end. Measured against MONAI: BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from flexpatch.accumulator import Accumulator, grid_coverage, mean_
 from flexpatch.axes import nearest_valid, per_axis, round_up
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import WINDOW_KINDS, Patch, grid_starts, window_weights
+from flexpatch.geometry import WINDOW_KINDS, grid_starts, window_weights
 
 Shape = tuple[int, ...]
-Boxes = list[tuple[slice, ...]]
+Starts = list[Shape]
 PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
 
 __all__ = ["PAD_MODES", "sliding_window", "window_layout"]
@@ -86,24 +89,6 @@ def window_layout(
     padded = tuple(round_up(s, d) if c else s for s, d, c in zip(spatial, div, covered, strict=True))
     window = tuple(q if c else p for p, q, c in zip(patch, padded, covered, strict=True))
     return window, padded, grid_starts(padded, window, overlap)
-
-
-def _weight_sum(weights: torch.Tensor, starts: Sequence[Shape], padded: Shape) -> torch.Tensor:
-    """Sum of the window weights over all windows: ``(1, *padded)``, float32.
-
-    The starts are a Cartesian product of per-axis starts, so shifting-and-adding one
-    axis at a time gives the same sum with a handful of adds instead of one per window.
-    """
-    acc = weights.float()
-    for axis in range(len(padded)):
-        size = acc.shape[axis]
-        shape = list(acc.shape)
-        shape[axis] = padded[axis]
-        spread = acc.new_zeros(shape)
-        for start in sorted({s[axis] for s in starts}):
-            spread.narrow(axis, start, size).add_(acc)
-        acc = spread
-    return acc[None]
 
 
 def _pad_case(case: torch.Tensor, padded: Shape, mode: str) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -165,18 +150,18 @@ class _Stitcher:
         self.stitch = stitch
         self.deferred = stitch != net_device
         self.async_copy = stitch.type == "cpu" and net_device.type == "cuda"
-        # (moved outputs, their copy's event, boxes, buffer) of the batch still to add
-        self.pending: tuple[torch.Tensor, torch.cuda.Event | None, Boxes, torch.Tensor] | None = None
+        # (moved outputs, their copy's event, window starts, buffer) of the batch still to add
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None, Starts, torch.Tensor] | None = None
 
     @functools.cached_property
     def weights(self) -> torch.Tensor:
         """The window weights, made at the first add: after the first forward, not beside it."""
         return self.make_weights()
 
-    def add(self, buffer: torch.Tensor, y: torch.Tensor, boxes: Boxes) -> None:
-        """Add ``y`` (one output per box) into ``buffer`` (``(C, *padded)``)."""
+    def add(self, buffer: torch.Tensor, y: torch.Tensor, starts: Starts) -> None:
+        """Add ``y`` (one output per window start) into ``buffer`` (``(C, *padded)``)."""
         if not self.deferred:
-            self._add_now(buffer, y, boxes)
+            self._add_now(buffer, y, starts)
             return
         event = None
         if self.async_copy:
@@ -187,21 +172,20 @@ class _Stitcher:
         else:
             moved = y.to(self.stitch, non_blocking=True)
         self.flush()
-        self.pending = (moved, event, boxes, buffer)
+        self.pending = (moved, event, starts, buffer)
 
     def flush(self) -> None:
         """Add the batch still in flight, if any."""
         if self.pending is None:
             return
-        moved, event, boxes, buffer = self.pending
+        moved, event, starts, buffer = self.pending
         self.pending = None
         if event is not None:
             event.synchronize()
-        self._add_now(buffer, moved, boxes)
+        self._add_now(buffer, moved, starts)
 
-    def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, boxes: Boxes) -> None:
-        for o, box in zip(y, boxes, strict=True):
-            buffer[(slice(None), *box)].addcmul_(o, self.weights)
+    def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, starts: Starts) -> None:
+        Accumulator(buffer).add_boxes(y, starts, self.weights)
 
 
 class _Output:
@@ -226,7 +210,7 @@ class _Output:
         return self.tensor.new_zeros((channels, *self.padded))
 
     def finish(self, n: int, buffer: torch.Tensor, weight_sum: torch.Tensor, crop: tuple[slice, ...]) -> None:
-        buffer.div_(weight_sum)
+        mean_(buffer, weight_sum)
         if self.tensor is not None and self.padded != self.spatial:
             self.tensor[n] = buffer[(slice(None), *crop)]
 
@@ -234,19 +218,19 @@ class _Output:
 def _blend_case(
     net: Callable[[torch.Tensor], torch.Tensor],
     case: torch.Tensor,
-    boxes: Boxes,
+    starts: Starts,
+    window: Shape,
     batch_size: int,
     make_buffer: Callable[[int], torch.Tensor],
     stitcher: _Stitcher,
     advance: Callable[[int], None],
 ) -> torch.Tensor:
     """Run the net over one case's windows; return the weighted sum ``(C_out, *padded)``."""
-    window = tuple(b.stop - b.start for b in boxes[0])
     buffer: torch.Tensor | None = None
-    for b0 in range(0, len(boxes), batch_size):
-        batch = boxes[b0 : b0 + batch_size]
+    for b0 in range(0, len(starts), batch_size):
+        batch = starts[b0 : b0 + batch_size]
         # views stacked once per batch: one copy, no per-window allocation
-        x = torch.stack([case[(slice(None), *box)] for box in batch])
+        x = torch.stack([case[(slice(None), *(slice(s, s + w) for s, w in zip(st, window)))] for st in batch])
         y = _check_output(net(x), len(batch), window)
         if buffer is None:
             buffer = make_buffer(y.shape[1])
@@ -313,12 +297,11 @@ def sliding_window(
     window, padded, starts = window_layout(spatial, patch_size, overlap, divisor)
     net_device = torch.device(device) if device is not None else image.device
     stitch = torch.device(stitch_device) if stitch_device is not None else image.device
-    boxes = [Patch.box(s, window).slices() for s in starts]
     n_cases = image.shape[0]
     if n_cases == 0:
         raise FlexPatchError(f"image {tuple(image.shape)} has no cases (N = 0)")
     output = _Output(n_cases, spatial, padded, out_dtype, stitch)
-    with torch.inference_mode(), _progress_bar(progress, n_cases * len(boxes)) as advance:
+    with torch.inference_mode(), _progress_bar(progress, n_cases * len(starts)) as advance:
         stitcher = _Stitcher(
             lambda: window_weights(window, blend, sigma_scale, device=stitch, dtype=out_dtype),
             stitch,
@@ -328,11 +311,11 @@ def sliding_window(
         for n in range(n_cases):
             case, crop = _pad_case(image[n].to(net_device), padded, pad_mode)
             buffer = _blend_case(
-                net, case, boxes, batch_size, lambda c, n=n: output.buffer(n, c), stitcher, advance
+                net, case, starts, window, batch_size, lambda c, n=n: output.buffer(n, c), stitcher, advance
             )
             if weight_sum is None:
                 # made once the first case's forwards are done, so it never adds to their peak memory
-                weight_sum = _weight_sum(stitcher.weights, starts, padded)
+                weight_sum = grid_coverage(stitcher.weights, starts, padded)
             output.finish(n, buffer, weight_sum, crop)
     if output.tensor is None:
         raise FlexPatchError(f"image {tuple(image.shape)} produced no output")
