@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from flexpatch.accumulator import Accumulator
 from flexpatch.axes import per_axis
 from flexpatch.data.io import Volume, load_json, save_json, suffix_of
 from flexpatch.data.preprocess import restore
@@ -207,24 +208,21 @@ def paste_back(target: torch.Tensor, crop: torch.Tensor, box: Box, fuse: str = "
     """Resize ``crop`` ``(C, *s)`` to the box and fuse it into ``target`` ``(C, *S)`` in place.
 
     Float crops are resized linearly, others by nearest neighbour. ``or``: target is boolean
-    and a float crop is thresholded at 0.5 (the paper); ``max`` / ``min``: elementwise.
+    and a float crop is thresholded at 0.5 (the paper); ``max`` / ``min``: elementwise. The
+    fusion is the geometry core's accumulator (box mode); the cascade chooses the resize and
+    refuses boxes that leave the image, which its own rules never make.
     """
     spatial = tuple(target.shape[1:])
     if target.ndim != box.ndim + 1 or crop.shape[0] != target.shape[0]:
         raise FlexPatchError(f"crop {tuple(crop.shape)} does not fit target {tuple(target.shape)}")
     if any(s < 0 or s + w > n for s, w, n in zip(box.start, box.size, spatial, strict=True)):
         raise FlexPatchError(f"box start {box.start} size {box.size} leaves the image {spatial}")
+    if fuse not in ("or", "max", "min"):
+        raise FlexPatchError(f"unknown fusion {fuse!r}; choose one of or, max, min")
     if fuse == "or" and target.dtype != torch.bool:
         raise FlexPatchError(f"fuse 'or' needs a boolean target, got {target.dtype}")
     crop = resize(crop, box.size, "linear" if crop.is_floating_point() else "nearest").to(target.device)
-    region = target[(slice(None), *box.slices())]
-    if fuse == "or":
-        region |= crop >= 0.5 if crop.is_floating_point() else crop.bool()
-    elif fuse in ("max", "min"):
-        op = torch.maximum if fuse == "max" else torch.minimum
-        region.copy_(op(region, crop.to(region.dtype)))
-    else:
-        raise FlexPatchError(f"unknown fusion {fuse!r}; choose one of or, max, min")
+    Accumulator(target, fusion=fuse).add_boxes(crop[None], [box.start])
 
 
 @torch.no_grad()
