@@ -168,11 +168,12 @@ def _train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     from flexpatch.patchwork.train import train_patchwork as run
 
     # rounds 2 to 5 time the steady state (round 1 also forks the workers and crops inline)
-    run(ds, out / "calibrate", pw_config(mode, CALIBRATION_ROUNDS), device=device, progress=False)
+    run(ds, out / "calibrate", pw_config(mode, CALIBRATION_ROUNDS), device=device, progress=False,
+        overwrite=True)
     log = json.loads((out / "calibrate" / "log.json").read_text())
     per_round = (log[-1]["seconds"] - log[0]["seconds"]) / (CALIBRATION_ROUNDS - 1)
     rounds = max(2, int(mode.budget / per_round))
-    done = run(ds, out / "model", pw_config(mode, rounds), device=device, progress=True)
+    done = run(ds, out / "model", pw_config(mode, rounds), device=device, progress=True, overwrite=True)
     return Result("patchwork", done["seconds"], rounds)
 
 

@@ -291,7 +291,7 @@ def run_task(task: Task, mode: str, work: Path, device: torch.device, fresh: boo
         if done.is_file() and (saved := json.loads(done.read_text()))["key"] == key:
             rows += saved["rows"]
             continue
-        trained = train_cascade(data, folder, config, device=str(device))
+        trained = train_cascade(data, folder, config, device=str(device), overwrite=True)
         cascade = load_cascade(trained["model_dir"], device=str(device))
         val = {"baseline": trained["baseline_val_dice"], "cascade": trained["best_val_dice"]}
         new = [

@@ -246,6 +246,20 @@ def test_failing_prediction_leaves_no_partial_files(
     assert nib.load(str(out / "phantom_test_000.nii.gz")).shape == (32, 32, 32)
 
 
+def test_a_folder_written_before_method_json_loads_with_the_same_window(
+    model3d: LoadedModel, tmp_path: Path
+) -> None:
+    old = shutil.copytree(model3d.model_dir, tmp_path / "old")
+    (old / "method.json").unlink()
+    legacy = load_model(old, device="cpu")
+    assert legacy.train_patch == model3d.train_patch == (16, 16, 16)
+    assert legacy.fixed_size == model3d.fixed_size is True
+    # a folder of another method is refused by the sliding-window loader in one line
+    (old / "method.json").write_text(json.dumps({"method": "patchwork", "format": 1}))
+    with pytest.raises(FlexPatchError, match="a patchwork model folder, not a sliding-window model"):
+        load_model(old, device="cpu")
+
+
 def test_unusable_model_folders(model3d: LoadedModel, tmp_path: Path) -> None:
     with pytest.raises(FlexPatchError, match="model folder not found"):
         load_model(tmp_path / "nothing")

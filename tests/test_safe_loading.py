@@ -60,7 +60,9 @@ def test_a_payload_is_refused_and_never_runs(tmp_path: Path, how: str) -> None:
         torch.save(state, path)
     else:
         path.write_bytes(pickle.dumps(state))
-    with pytest.raises(FlexPatchError, match="refused: it names code") as e:
+    # torch's own files name the payload's function; a bare pickle is not even read that far
+    needle = "refused: it names code" if how == "torch.save" else "unreadable checkpoint"
+    with pytest.raises(FlexPatchError, match=needle) as e:
         load_checkpoint(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +25,10 @@ from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.planner import WindowChoice
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
 from flexpatch.runtime import check_writable, console, progress_bar, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
-from flexpatch.train.config import TrainConfig
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 CHECKPOINTS = {"best": BEST, "last": LAST}
@@ -41,9 +42,10 @@ class LoadedModel:
     net: torch.nn.Module
     spec: ModelSpec
     plan: Plan
-    config: TrainConfig
+    config: dict[str, Any]  # the training run's settings, as saved in config.json
     device: torch.device
     model_dir: Path
+    method: dict[str, Any]  # method.json: the default window and whether the patch size was fixed
     # the calibrated inference memory model, its prober, the measured peaks of the network's
     # calls by (window, batch), and the last line that reported a choice
     _memory: dict = field(default_factory=dict, repr=False)
@@ -55,28 +57,12 @@ class LoadedModel:
     @property
     def train_patch(self) -> tuple[int, ...]:
         """The largest training patch: the default window."""
-        from flexpatch.sampling import parse_patch_spec
-
-        return tuple(
-            self.config.validation_patch(self.plan.ndim)
-            or parse_patch_spec(
-                self.config.patch,
-                self.plan.ndim,
-                self.divisor,
-                batch=self.config.batch,
-                steps=self.config.steps,
-            ).max_size()
-        )
+        return tuple(self.method["window"])
 
     @property
     def fixed_size(self) -> bool:
         """Trained at one patch size (FP): other windows may lose accuracy (nnU-Net's warning)."""
-        from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
-
-        spec = parse_patch_spec(
-            self.config.patch, self.plan.ndim, self.divisor, batch=self.config.batch, steps=self.config.steps
-        )
-        return isinstance(spec, FixedSize)
+        return bool(self.method["fixed_size"])
 
     def plan_window(
         self,
@@ -232,15 +218,18 @@ class LoadedModel:
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
     """Rebuild a trained model from its folder (model.json, plan.json, config.json, weights)."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FlexPatchError(f"{model_dir}: model folder not found")
+    method = read_method(model_dir)
+    if method["method"] != "sliding-window":
+        raise FlexPatchError(f"{model_dir}: a {method['method']} model folder, not a sliding-window model")
     spec = ModelSpec.from_json(load_json(model_dir / "model.json"))
     plan = Plan.from_json(load_json(model_dir / "plan.json"))
-    config = TrainConfig.from_json(load_json(model_dir / "config.json"))
+    config = load_json(model_dir / "config.json")
     if checkpoint not in CHECKPOINTS:
         raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}")
     dev = resolve_device(device)
     net = build(spec)
+    if "window" not in method:
+        method.update(_legacy_window(model_dir, config, plan.ndim, tuple(net.divisor)))
     path = model_dir / CHECKPOINTS[checkpoint]
     state = load_checkpoint(path, map_location="cpu")
     try:
@@ -249,7 +238,21 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: weights do not fit {model_dir / 'model.json'} ({reason})") from None
     net.to(dev).eval()
-    return LoadedModel(net, spec, plan, config, dev, model_dir)
+    return LoadedModel(net, spec, plan, config, dev, model_dir, method)
+
+
+def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: tuple[int, ...]) -> dict:
+    """For a folder written before method.json: the default window and fixed size from its config."""
+    from flexpatch.axes import per_axis
+    from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
+
+    try:
+        spec = parse_patch_spec(config["patch"], ndim, divisor, batch=config["batch"], steps=config["steps"])
+        val = config.get("val_patch")
+    except (KeyError, TypeError) as e:
+        raise FlexPatchError(f"{model_dir / 'config.json'}: unreadable training settings ({e})") from None
+    window = per_axis(val, ndim, "val_patch") if val else spec.max_size()
+    return {"window": list(window), "fixed_size": isinstance(spec, FixedSize)}
 
 
 def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[Path]]:

@@ -9,9 +9,8 @@ stopped.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
+from flexpatch.methods import write_method
 from flexpatch.models.registry import check_trainable
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS
@@ -33,6 +33,7 @@ from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
+from flexpatch.train.harness import claim_folder, resume_settings
 from flexpatch.train.loop import split_cases
 from flexpatch.train.step import Divergence, guarded_step
 
@@ -155,6 +156,7 @@ def train_patchwork(
     progress: bool = True,
     resume: bool = False,
     changes: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a patchwork on a dataset's training cases; write ``patchwork.json`` and the weights.
 
@@ -163,11 +165,14 @@ def train_patchwork(
     (written every ``save_every`` rounds) with its saved config; a given ``config`` must equal it
     but for :data:`RESUME_FREE` (``rounds`` to train longer, ``workers``, ``save_every``, ``val_every``);
     without one, ``changes`` may set those on the saved config (the checkpoint is read once).
+    A non-empty ``out_dir`` is refused unless ``resume`` or ``overwrite`` (see
+    :func:`flexpatch.train.harness.claim_folder`).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     saved = load_resume(out_dir, config, changes) if resume else None
     config = saved["config"] if saved else (config or PatchworkConfig())
     ds = check_training_inputs(dataset_dir, out_dir, config)
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     dev = resolve_device(device)
     values, ignore = label_table(ds, config)
     scheme = config.scheme_obj(ds.ndim)
@@ -282,22 +287,14 @@ def load_resume(
     if not path.is_file():
         raise FlexPatchError(f"{path}: nothing to resume from")
     saved = load_checkpoint(path)
+    if not isinstance(saved.get("config"), dict):
+        raise FlexPatchError(f"{path}: not a patchwork resume checkpoint (no config)")
+    given = asdict(config) if config is not None else None
+    settings = resume_settings(path, saved["config"], given, changes, RESUME_FREE)
     try:
-        theirs = PatchworkConfig(**saved["config"])
-    except (KeyError, TypeError) as err:
+        config = PatchworkConfig(**settings)
+    except TypeError as err:
         raise FlexPatchError(f"{path}: not a patchwork resume checkpoint ({err})") from None
-    if config is None:
-        not_free = sorted(set(changes or {}) - set(RESUME_FREE))
-        if not_free:
-            raise FlexPatchError(f"{path}: a resumed run cannot change {', '.join(not_free)}")
-        config = replace(theirs, **(changes or {}))
-    ours, old = (json.loads(json.dumps(asdict(c))) for c in (config, theirs))
-    changed = [k for k in ours if k not in RESUME_FREE and ours[k] != old[k]]
-    if changed:
-        raise FlexPatchError(
-            f"{path}: cannot resume with a different {', '.join(changed)} "
-            f"(saved {', '.join(f'{k}={old[k]!r}' for k in changed)})"
-        )
     if config.rounds < saved["next_round"]:
         raise FlexPatchError(f"{path}: {saved['next_round']} rounds are done already, rounds={config.rounds}")
     saved["config"] = config
@@ -385,6 +382,7 @@ def save_model(
     }
     save_checkpoint(out_dir / WEIGHTS, weights(trainer, run))
     save_json(out_dir / "log.json", run.log)
+    write_method(out_dir, "patchwork")  # no sliding window: the scheme's levels tile the image
     save_json(out_dir / CONFIG, meta)  # last: its presence means the model folder is complete
     log = run.log
     return {

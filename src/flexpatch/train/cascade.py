@@ -37,11 +37,13 @@ from flexpatch.infer.cascade import (
     rough_probabilities,
     segment,
 )
+from flexpatch.methods import write_method
 from flexpatch.models import build, check_patch_size, create_model
 from flexpatch.runtime import check_writable, console, progress_bar, resolve_device, seed_everything
 from flexpatch.sampling import derive_seed
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig, config_from_json
+from flexpatch.train.harness import claim_folder
 from flexpatch.train.loop import make_optimizer, prepare, split_cases
 from flexpatch.train.step import Divergence, advance, guarded_step
 
@@ -316,6 +318,7 @@ def train_cascade(
     config: CascadeConfig | None = None,
     device: str = "auto",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the rough and the fine network of a segment-then-segment cascade.
 
@@ -325,6 +328,8 @@ def train_cascade(
         config: the run's settings.
         device: ``auto``, ``cpu``, ``cuda``.
         progress: show progress bars on stderr.
+        overwrite: replace the cascade folder of an earlier run (a non-empty ``out_dir`` is refused
+            otherwise).
 
     Returns:
         ``model_dir``, ``steps`` (both stages), ``best_val_dice`` (the cascade),
@@ -335,6 +340,7 @@ def train_cascade(
     dev = resolve_device(device)
     ds = load_dataset(dataset_dir)
     rough = _check(ds, out_dir, config)
+    claim_folder(out_dir, "model folder", resume=False, overwrite=overwrite)
     t0 = time.perf_counter()
     plan, paths = prepare(ds, out_dir, config.stage("rough"), progress)
     (out_dir / CASCADE_FILE).unlink(missing_ok=True)  # an old run's marker must not outlive it
@@ -376,6 +382,8 @@ def train_cascade(
         out_dir,
         progress,
     )
+    # no sliding window: the rough net sees the whole image resized, the fine net one crop per object
+    write_method(out_dir, "segment-then-segment")
     # last: the file marks a complete cascade folder (load_cascade reads its top-level fields)
     meta = {"method": "segment-then-segment", "input_size": config.input_size, "fuse": config.fuse}
     save_json(

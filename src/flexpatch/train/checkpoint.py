@@ -50,7 +50,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise FlexPatchError(f"{path}: refused: {_refusal(e)}") from None
+        # weights-only unpickling stops at the first global it does not allow: name it
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if named:
+            raise FlexPatchError(
+                f"{path}: refused: it names code ({named.group(1)}), not only weights and data; "
+                "only open model folders you trust"
+            ) from None
+        raise FlexPatchError(f"{path}: unreadable checkpoint (not a torch checkpoint of weights)") from None
     except Exception as e:
         raise FlexPatchError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict):
@@ -58,9 +65,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise FlexPatchError(f"{path}: not a flexpatch checkpoint (holds a {kind}, not a dict)")
     return state
 
-
-def _refusal(error: Exception) -> str:
-    """torch's weights-only refusal in a few words: which global the file wanted to load."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    named = f" ({found.group(1)})" if found else ""
-    return f"it names code{named}, not only weights and data; only open model folders you trust"

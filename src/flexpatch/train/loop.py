@@ -24,6 +24,7 @@ from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, prep
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.methods import write_method
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.registry import check_trainable
 from flexpatch.runtime import (
@@ -37,7 +38,7 @@ from flexpatch.runtime import (
 )
 from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_loader, parse_patch_spec
 from flexpatch.sampling.progressive import ProgressiveSchedule
-from flexpatch.sampling.sizes import smallest_sizes
+from flexpatch.sampling.sizes import FixedSize, smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import claim_folder, resume_settings
@@ -291,16 +292,21 @@ def train(
     dev = resolve_device(device)
     config, saved = resolve_config(out_dir, config, resume, changes)
     ds, net = check_inputs(dataset_dir, out_dir, config)
+    if overwrite and config.init_from and Path(config.init_from).resolve() == out_dir.resolve():
+        raise FlexPatchError(f"{out_dir}: cannot start from the weights of the folder --overwrite replaces")
+    # with the inputs checked: a mistake must not cost the folder an earlier run wrote
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     loaded = initialise(
         net, config, out_dir, resume
     )  # before the slow preprocessing: a bad source fails fast
-    # only now, with the inputs checked and any --init-from weights in memory, may a folder be emptied
-    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     plan, cases = prepare(ds, out_dir, config, progress, resume)
     save_json(out_dir / "config.json", config.to_json())
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
     save_json(out_dir / "model.json", net.spec.to_json())
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
+    val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
+    # the default inference window and the size kind, so that predicting needs no training code
+    write_method(out_dir, "sliding-window", val_patch, fixed_size=isinstance(sizes, FixedSize))
     net.to(dev)
     opt, sched = make_optimizer(net, config, loaded)
 
@@ -328,7 +334,6 @@ def train(
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
     run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes), divergence)
-    val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     if end < config.steps or not (out_dir / BEST).exists():
         save_checkpoint(out_dir / LAST, run.state(end))
