@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from flexpatch.errors import FlexPatchError
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -77,23 +89,87 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-class _Progress(Progress):
-    """A progress bar that vanishes when its block raises.
+PLAIN_INTERVAL = 10.0  # seconds between plain progress lines off a terminal
 
-    Off a terminal rich prints the final bar and a blank line on exit; after an error
-    they would stand beside the CLI's one-line message on stderr.
+
+class ProgressBar(Progress):
+    """rich's progress bar on a terminal; elsewhere (a log file, a pipe) plain lines.
+
+    Off a terminal rich draws nothing until the end, so a long run into a log file would be
+    silent: there the bar prints one line per task every ``interval`` seconds and once at
+    the end instead (description, n/total, percentage, elapsed time and the ``info`` field).
+
+    A bar vanishes when its block raises: after an error only the CLI's one-line message
+    stands on stderr.
     """
+
+    def __init__(
+        self,
+        *columns: str | ProgressColumn,
+        console: Console,
+        disable: bool = False,
+        transient: bool = False,
+        interval: float = PLAIN_INTERVAL,
+    ) -> None:
+        self.plain = not disable and not console.is_terminal and not console.is_jupyter
+        super().__init__(*columns, console=console, disable=disable or self.plain, transient=transient)
+        self.interval = float(interval)
+        self._last_line = self.get_time()
+
+    def add_task(self, description: str, *args: Any, **fields: Any) -> TaskID:
+        fields.setdefault("info", "")  # every column layout may show it
+        return super().add_task(description, *args, **fields)
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._plain_lines()
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._plain_lines()
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         if exc_type is None:
             super().__exit__(exc_type, exc_val, exc_tb)
+            if not self.live.transient:
+                self._plain_lines(final=True)
         elif not self.disable:
             self.live.transient = True
             self.live.stop()
 
+    def _plain_lines(self, final: bool = False) -> None:
+        if not self.plain:
+            return
+        with self._lock:
+            now = self.get_time()
+            if not final and now - self._last_line < self.interval:
+                return
+            self._last_line = now
+            lines = [plain_line(task) for task in self.tasks if task.visible]
+        stream = self.console.file
+        for line in lines:
+            stream.write(line + "\n")
+        stream.flush()
 
-def progress_bar(disable: bool = False) -> Progress:
-    """A rich progress bar; tasks carry a free-text field ``info`` (loss, Dice, it/s)."""
+
+def plain_line(task: Task) -> str:
+    """``train: 1200/5000 (24%) 0:02:00  loss 0.412``: one task's progress as plain text."""
+    done = _count(task.completed)
+    count = done if task.total is None else f"{done}/{_count(task.total)} ({task.percentage:.0f}%)"
+    elapsed = timedelta(seconds=int(task.elapsed or 0))
+    info = str(task.fields.get("info", "")).strip()
+    return f"{task.description}: {count} {elapsed}" + (f"  {info}" if info else "")
+
+
+def _count(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def progress_bar(
+    disable: bool = False, *, transient: bool = False, interval: float = PLAIN_INTERVAL
+) -> ProgressBar:
+    """The progress bar of every command, on stderr; tasks carry a free-text field ``info``
+    (loss, Dice, it/s). ``transient``: gone when done (plain lines: no final line)."""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -101,4 +177,15 @@ def progress_bar(disable: bool = False) -> Progress:
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    return _Progress(*columns, console=console, disable=disable)
+    return ProgressBar(*columns, console=console, disable=disable, transient=transient, interval=interval)
+
+
+def track(
+    items: Sequence[T], description: str, disable: bool = False, transient: bool = False
+) -> Iterator[T]:
+    """``items`` one by one, with a :func:`progress_bar` over them (rich's ``track``, on stderr)."""
+    with progress_bar(disable, transient=transient) as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)

@@ -408,9 +408,9 @@ def make_phantom(
     jobs += [("Ts", f"phantom_test_{j:03d}", (seed, 1, j)) for j in range(test_cases)]
     steps: Iterable = jobs
     if progress:
-        from rich.progress import track
+        from flexpatch.runtime import track
 
-        steps = track(jobs, description=f"phantom {kind} {shape}")
+        steps = track(jobs, f"phantom {kind} {shape}")
     for split, case, key in steps:
         rng = np.random.default_rng(key)
         if kind == "abdomen":

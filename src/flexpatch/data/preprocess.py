@@ -397,6 +397,6 @@ def _cached_key(path: Path) -> str | None:
 
 
 def _track(items: Sequence[Any], what: str, progress: bool) -> Any:
-    from rich.progress import track
+    from flexpatch.runtime import track
 
-    return track(items, description=what, disable=not progress, transient=True)
+    return track(items, what, disable=not progress, transient=True)

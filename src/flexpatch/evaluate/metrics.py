@@ -206,13 +206,12 @@ def evaluate_folders(
         hd95: also compute HD95.
         progress: show a progress bar on stderr.
     """
-    from rich.console import Console
-    from rich.progress import track
+    from flexpatch.runtime import track
 
     names = _class_names(labels)
     pairs = _pair(Path(pred_dir), Path(label_dir))
     results: dict[str, dict[int, dict[str, float]]] = {}
-    bar = track(pairs, description="evaluating", disable=not progress, console=Console(stderr=True))
+    bar = track(pairs, "evaluating", disable=not progress)
     for case, pred_path, label_path in bar:
         label = read_label(label_path)
         pred = read_label(pred_path, ndim=label.ndim)
