@@ -111,13 +111,13 @@ def _pad_case(case: torch.Tensor, padded: Shape, mode: str) -> tuple[torch.Tenso
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(k)``; a rich bar over windows when enabled, else a no-op."""
+    """Yield ``advance(k)``; the runtime's bar over windows when enabled (gone when done), else a no-op."""
     if not enabled:
         yield lambda k: None
         return
-    from rich.progress import Progress  # only when asked: keeps import light
+    from flexpatch.runtime import progress_bar  # only when asked: keeps import light
 
-    with Progress(transient=True) as bar:
+    with progress_bar(transient=True) as bar:
         task = bar.add_task("sliding window", total=total)
         yield lambda k: bar.advance(task, k)
 
