@@ -18,6 +18,7 @@ an image may be one 4D file holding all channels.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,7 +332,7 @@ def _msd_case(root: Path, entry: Any, n_channels: int, ending: str, path: Path, 
     image_rel = entry.get("image") if isinstance(entry, dict) else entry
     if not isinstance(image_rel, str):
         raise FlexPatchError(f"{path}: case entry {entry!r} has no 'image' file")
-    image = root / image_rel
+    image = _inside(root, image_rel, path)
     cid = _strip(image.name, ending) if image.name.endswith(ending) else image.stem
     if image.is_file():
         images: tuple[Path, ...] = (image,)
@@ -341,12 +342,21 @@ def _msd_case(root: Path, entry: Any, n_channels: int, ending: str, path: Path, 
     if labelled:
         if not isinstance(entry, dict) or not isinstance(entry.get("label"), str):
             raise FlexPatchError(f"{path}: training case {image_rel!r} has no 'label' file")
-        label: Path | None = root / entry["label"]
+        label: Path | None = _inside(root, entry["label"], path)
         if not label.is_file():
             raise FlexPatchError(f"{label}: label file of case '{cid}' not found")
     else:
         label = _test_label(root, image.name)
     return Case(cid, images, label)
+
+
+def _inside(root: Path, relative: str, path: Path) -> Path:
+    """``root / relative``, refused when the name leads out of the dataset folder (``../``, an
+    absolute path): a dataset.json must not make us read other files. Symlinks are followed: a
+    user's own links to shared storage are a common, legitimate layout."""
+    if os.path.isabs(relative) or os.path.normpath(relative).split(os.sep)[0] == "..":
+        raise FlexPatchError(f"{path}: file {relative!r} lies outside the dataset folder {root}")
+    return root / relative
 
 
 def _finish(

@@ -111,6 +111,9 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as e:  # nibabel raises many types for corrupt or truncated files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: not a readable NIfTI file ({reason})") from None
+    if data.dtype.kind not in "biuf":  # complex, RGB (structured) or object voxels
+        kind = f"voxels of type {data.dtype} (complex or RGB)"
+        raise FlexPatchError(f"{path}: {kind}; flexpatch reads real scalar images")
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
@@ -177,6 +180,10 @@ def read_label(path: str | Path, ndim: int | None = None) -> Volume:
         raise FlexPatchError(f"{path}: label map has non-integer values")
     if data.min() < 0:
         raise FlexPatchError(f"{path}: label map has negative values")
+    top = np.iinfo(np.int16).max
+    if data.max() > top:  # checked before the cast, which would wrap 65537 round to 1
+        fix = "number the labels 0, 1, 2, ..."
+        raise FlexPatchError(f"{path}: label value {int(data.max())} is beyond {top}; {fix}")
     return Volume(data.astype(np.int16), vol.affine, vol.ndim, path)
 
 

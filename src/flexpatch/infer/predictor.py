@@ -260,7 +260,12 @@ def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if suffix_of(p) in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES)
+            # dot files: macOS resource forks (._case.nii.gz), temporaries of a killed run (.tmp-*)
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if suffix_of(p) in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES and not p.name.startswith(".")
+            )
             if not found:
                 raise FlexPatchError(f"{item}: no image files (.nii.gz, .nii, .png, .tif) in this folder")
             files += found
