@@ -17,7 +17,7 @@ import pytest
 from flexpatch.data.dataset import load_dataset
 from flexpatch.data.io import read_image, read_label, write_image
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.predictor import group_inputs
+from flexpatch.infer.predictor import cases_for, group_inputs
 from test_dataset import make_msd
 
 
@@ -75,3 +75,15 @@ def test_dot_files_in_an_input_folder_are_skipped(tmp_path: Path) -> None:
     for name in ("case_0000.nii.gz", "._case_0000.nii.gz", ".tmp-abc.nii.gz"):
         (tmp_path / name).write_bytes(b"x")
     assert group_inputs([tmp_path], 1) == {"case": [tmp_path / "case_0000.nii.gz"]}
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_an_output_folder_holding_an_input_is_refused(tmp_path: Path, where: str) -> None:
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    (images / "case_0000.nii.gz").write_bytes(b"x")
+    out = images if where == "same" else tmp_path
+    with pytest.raises(FlexPatchError, match="output folder holds the input .*case_0000"):
+        cases_for([images], 1, out)
+    assert (images / "case_0000.nii.gz").read_bytes() == b"x"
+    assert cases_for([images], 1, images / "pred") == {"case": [images / "case_0000.nii.gz"]}

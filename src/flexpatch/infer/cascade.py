@@ -34,11 +34,11 @@ from flexpatch.infer.predictor import (
     PROBABILITIES,
     LoadedModel,
     _read_case,
-    group_inputs,
+    cases_for,
     load_model,
     save_like,
 )
-from flexpatch.runtime import check_writable, progress_bar
+from flexpatch.runtime import progress_bar
 
 CASCADE_FILE = "cascade.json"
 FUSIONS = ("or", "max")
@@ -377,9 +377,8 @@ def predict_cascade_files(
     if fuse is not None:
         _check_fuse(fuse)  # before the first case, not after it
     plan = cascade.rough.plan
-    cases = group_inputs(inputs, plan.in_channels)
+    cases = cases_for(inputs, plan.in_channels, out_dir)
     out_dir = Path(out_dir)
-    check_writable(out_dir)
     written, boxes = [], {}
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("baseline" if baseline else "segment-then-segment", total=len(cases), info="")

@@ -255,6 +255,20 @@ def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: 
     return {"window": list(window), "fixed_size": isinstance(spec, FixedSize)}
 
 
+def cases_for(inputs: Sequence[str | Path], channels: int, out_dir: str | Path) -> dict[str, list[Path]]:
+    """The cases of a prediction run (see :func:`group_inputs`), checked against its output folder
+    before any work: the folder must be writable and must not hold an input, which an output of
+    the same name would replace."""
+    cases = group_inputs(inputs, channels)
+    out = Path(out_dir).resolve()
+    check_writable(out)
+    for files in cases.values():
+        for f in files:
+            if f.resolve().is_relative_to(out):
+                raise FlexPatchError(f"{out_dir}: output folder holds the input {f}; choose another --out")
+    return cases
+
+
 def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[Path]]:
     """Case id -> channel files. Folders are expanded; nnU-Net's ``CASE_0000`` suffixes group channels."""
     files: list[Path] = []
@@ -326,9 +340,8 @@ def predict_files(
 
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)
-    cases = group_inputs(inputs, lm.plan.in_channels)
+    cases = cases_for(inputs, lm.plan.in_channels, out_dir)
     out_dir = Path(out_dir)
-    check_writable(out_dir)  # before the slow part, not after the first case
     written: list[Path] = []
     with progress_bar(disable=not progress) as bar:
         what = window if memory is None or patch_size is not None else "within the memory budget"

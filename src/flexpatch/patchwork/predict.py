@@ -24,7 +24,7 @@ from flexpatch.patchwork.losses import LabelEmbedding
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
 from flexpatch.patchwork.scheme import Scheme
-from flexpatch.runtime import check_writable, resolve_device
+from flexpatch.runtime import resolve_device
 from flexpatch.train.checkpoint import load_checkpoint
 
 
@@ -154,7 +154,7 @@ def predict_patchwork_files(
     within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
     """
     from flexpatch.infer.planner import parse_budget
-    from flexpatch.infer.predictor import _read_case, group_inputs
+    from flexpatch.infer.predictor import _read_case, cases_for
     from flexpatch.runtime import console, progress_bar
 
     opts = opts or ApplyOptions()
@@ -163,9 +163,8 @@ def predict_patchwork_files(
     if memory is not None:
         opts = replace(opts, memory=parse_budget(memory, model.device))
     opts.check(model.scheme.depth)
-    cases = group_inputs(inputs, model.meta["in_channels"])
+    cases = cases_for(inputs, model.meta["in_channels"], out_dir)
     out_dir = Path(out_dir)
-    check_writable(out_dir)
     names = {int(k): v for k, v in model.meta["label_names"].items()}
     written, reported = [], None
     with progress_bar(disable=not progress) as bar:
