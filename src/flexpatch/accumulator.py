@@ -244,14 +244,17 @@ def _scatter_nearest(
     pos = torch.round(patch_grid(a[None], output.shape[1:])[0]).long()
     ok = _inside(pos, spatial)
     flat = _ravel(pos[ok], spatial)
-    vals = output.reshape(output.shape[0], -1)[:, ok].to(values.dtype)
+    vals = output.reshape(output.shape[0], -1)[:, ok]
     flat_values = values.view(values.shape[0], -1)
-    if acc.fusion == "or":
+    if acc.fusion == "or":  # thresholded before any cast to bool, as in the box path
         # every write is True, so voxels that several patch voxels reach need no reduction
         c, p = (vals >= 0.5 if vals.is_floating_point() else vals.bool()).nonzero(as_tuple=True)
         flat_values.index_put_((c, flat[p]), torch.ones((), dtype=torch.bool, device=values.device))
-    elif acc.fusion in ("max", "min"):
-        flat_values.index_reduce_(1, flat, vals, "amax" if acc.fusion == "max" else "amin")
+        return
+    vals = vals.to(values.dtype)
+    if acc.fusion in ("max", "min"):
+        index = flat.expand(len(vals), -1)
+        flat_values.scatter_reduce_(1, index, vals, "amax" if acc.fusion == "max" else "amin")
     else:
         w = None if window is None else window.reshape(-1)[ok].to(values.dtype)
         flat_values.index_add_(1, flat, vals if w is None else vals * w)
