@@ -1,16 +1,17 @@
-"""Small runtime helpers shared by training and inference: devices, RNG state, progress bars."""
+"""Small runtime helpers shared by training and inference: devices, random streams and RNG state,
+progress bars."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -25,12 +26,17 @@ from rich.progress import (
 
 from flexpatch.errors import FlexPatchError
 
+if TYPE_CHECKING:
+    import torch  # imported where used: the torch-free data layer uses this module too
+
 console = Console(stderr=True)
 T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present; an unavailable CUDA request is a user error, not a crash."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -62,7 +68,35 @@ def check_writable(folder: str | Path, what: str = "output folder") -> None:
         raise FlexPatchError(f"{folder}: {what} is not writable (permission denied on {existing})")
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts``, stable across processes and Python runs (unlike ``hash``)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator(*parts: int | str) -> torch.Generator:
+    """The CPU ``torch.Generator`` of a random stream: one int seeds it as it is; several parts
+    (a name for the stream, the seed, the step...) are hashed by :func:`derive_seed`.
+
+    ``generator(seed)`` is ``torch.Generator().manual_seed(seed)``;
+    ``generator("flexpatch-step", seed, step)`` gives every step its own stream.
+    """
+    import torch
+
+    if len(parts) == 1 and isinstance(parts[0], int):
+        return torch.Generator().manual_seed(parts[0])
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def numpy_rng(*keys: int) -> np.random.Generator:
+    """The numpy generator of a random stream: ``default_rng(seed)``, or of the tuple of
+    ``keys`` (the seed, a round, a case...), which numpy's ``SeedSequence`` mixes itself."""
+    return np.random.default_rng(keys[0] if len(keys) == 1 else keys)
+
+
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -70,6 +104,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop touches, so that ``--resume`` continues exactly."""
+    import torch
+
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -81,6 +117,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     # generators take their state as a CPU byte tensor, wherever a checkpoint was mapped to

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from flexpatch.data.io import write_image, write_text
 from flexpatch.errors import FlexPatchError
+from flexpatch.runtime import numpy_rng, track
 
 ABDOMEN_LABELS = {
     "background": 0,
@@ -408,11 +409,9 @@ def make_phantom(
     jobs += [("Ts", f"phantom_test_{j:03d}", (seed, 1, j)) for j in range(test_cases)]
     steps: Iterable = jobs
     if progress:
-        from flexpatch.runtime import track
-
         steps = track(jobs, f"phantom {kind} {shape}")
     for split, case, key in steps:
-        rng = np.random.default_rng(key)
+        rng = numpy_rng(*key)
         if kind == "abdomen":
             image, label = abdomen_case(shape, rng, lesion_radius, spacing)
             image = np.round(image).astype(np.int16)  # whole HU, as scanners store CT: half the file size

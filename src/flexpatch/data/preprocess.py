@@ -25,6 +25,7 @@ from scipy import ndimage
 from flexpatch.data.dataset import DatasetInfo, load_case
 from flexpatch.data.io import Volume, atomic_path, save_json
 from flexpatch.errors import FlexPatchError
+from flexpatch.runtime import numpy_rng, track
 
 NORMALIZATIONS = ("ct", "zscore", "none")
 # nnU-Net draws at most this many foreground voxels in all for its intensity percentiles
@@ -118,7 +119,7 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
     sizes of its connected components (full connectivity) in voxels and in mm^3
     (mm^2 for 2D) over all cases, with their mean and median.
     """
-    rng = np.random.default_rng(1234)  # fixed: the same dataset gives the same fingerprint
+    rng = numpy_rng(1234)  # fixed: the same dataset gives the same fingerprint
     cap = max(1, MAX_INTENSITY_SAMPLES // len(ds.training))
     parts = []
     counts = np.zeros(ds.num_classes, dtype=np.int64)
@@ -397,6 +398,4 @@ def _cached_key(path: Path) -> str | None:
 
 
 def _track(items: Sequence[Any], what: str, progress: bool) -> Any:
-    from flexpatch.runtime import track
-
     return track(items, what, disable=not progress, transient=True)

@@ -21,7 +21,7 @@ from flexpatch.data.io import atomic_path, write_text
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.metrics import segmentation_metrics
 from flexpatch.infer.predictor import LoadedModel
-from flexpatch.runtime import progress_bar
+from flexpatch.runtime import generator, progress_bar
 
 
 def parse_sizes(spec: str, ndim: int, divisor: Sequence[int]) -> list[tuple[int, ...]]:
@@ -49,7 +49,7 @@ def random_sizes(
     count: int, low: int, high: int, divisor: Sequence[int], seed: int = 0
 ) -> list[tuple[int, ...]]:
     """``count`` anisotropic sizes, each axis uniform over the valid multiples in [low, high]."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     choices = [torch.arange(round_up(low, d), high + 1, d) for d in divisor]
     if any(len(c) == 0 for c in choices):
         raise FlexPatchError(f"no valid size in [{low}, {high}] for divisor {tuple(divisor)}")

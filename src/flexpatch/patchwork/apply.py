@@ -25,6 +25,7 @@ from flexpatch.patchwork import budget, crop, generate
 from flexpatch.patchwork.outputs import labelling_bytes
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
+from flexpatch.runtime import numpy_rng
 
 
 @dataclass
@@ -220,7 +221,7 @@ def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
     """The batch within ``memory`` bytes (see :mod:`flexpatch.patchwork.budget`)."""
     # the levels as application draws them, each keeping its first patches where lazy evaluation
     # would keep its best: the counts, all the plan needs, are the same
-    rng, levels = np.random.default_rng(opts.seed), []
+    rng, levels = numpy_rng(opts.seed), []
     for k in range(job.scheme.depth):
         keep = np.arange(lazy_count(len(levels[-1]), opts.lazy)) if levels else None
         levels.append(_draw_level(job, opts, rng, k, levels[-1] if levels else None, keep))
@@ -280,7 +281,7 @@ def _apply(job: _Job, opts: ApplyOptions) -> tuple[dict[int, Stitcher], dict[str
     """Every chunk's patches, coarse to fine, into one stitcher per scattered level."""
     net, scheme = job.net, job.scheme
     stitchers = {k: job.stitcher(opts) for k in job.levels_out}
-    rng = np.random.default_rng(opts.seed)
+    rng = numpy_rng(opts.seed)
     counts: dict[str, Any] = {"patches": [0] * scheme.depth, "evaluated_voxels": 0}
     for _ in range(opts.num_chunks):
         parents: generate.Level | None = None

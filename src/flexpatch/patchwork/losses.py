@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexpatch.errors import FlexPatchError
+from flexpatch.runtime import generator
 
 SMOOTH = 1e-5
 DECODE_CHUNK = 1 << 16  # voxels per chunk in LabelEmbedding.decode: bounds the (chunk, K) logit buffer
@@ -164,7 +165,7 @@ class LabelEmbedding(nn.Module):
         super().__init__()
         if num_classes < 2 or dim < 1:
             raise FlexPatchError(f"LabelEmbedding needs num_classes >= 2, dim >= 1; got {num_classes}, {dim}")
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator(seed)
         self.num_classes = num_classes
         self.dim = dim
         self.weight = nn.Parameter(torch.randn(num_classes, dim, generator=gen) / math.sqrt(dim))

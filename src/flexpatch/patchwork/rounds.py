@@ -20,6 +20,7 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.runtime import numpy_rng
 
 IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
 
@@ -78,7 +79,7 @@ def draw_case(
     state: CaseState, scheme: Scheme, config: PatchworkConfig, round_idx: int, case_idx: int
 ) -> dict[str, torch.Tensor]:
     """One image's patch set for a round: crops, labels and parent affines per level."""
-    rng = np.random.default_rng((config.seed, round_idx, case_idx))
+    rng = numpy_rng(config.seed, round_idx, case_idx)
     levels = generate.draw_chains(
         scheme, state.geom, state.widths, config.num_patches, rng, state.sampler, config.augment()
     )

@@ -31,7 +31,7 @@ from flexpatch.patchwork.predict import LoadedPatchwork
 from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_table, load_state
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
-from flexpatch.runtime import check_writable, progress_bar, resolve_device, seed_everything
+from flexpatch.runtime import check_writable, generator, progress_bar, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.train.harness import claim_folder, resume_settings
 from flexpatch.train.loop import split_cases
@@ -90,7 +90,7 @@ class Trainer:
         )
         params = list(net.parameters()) + (list(self.embedding.parameters()) if self.embedding else [])
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.gen = torch.Generator().manual_seed(config.seed)
+        self.gen = generator(config.seed)
 
     def level_loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = logits[:, : self.net.num_outputs]

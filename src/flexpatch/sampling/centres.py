@@ -16,6 +16,7 @@ import torch
 from flexpatch.axes import per_axis, round_up
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch
+from flexpatch.runtime import numpy_rng
 
 Shape = tuple[int, ...]
 CENTRE_MODES: tuple[str, ...] = ("uniform", "balanced", "per_class")
@@ -70,7 +71,7 @@ def compute_class_locations(
     """
     flat = np.flatnonzero(label > 0)
     values = label.reshape(-1)[flat]
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     out: dict[int, np.ndarray] = {}
     for c in np.unique(values):
         idx = flat[values == c]

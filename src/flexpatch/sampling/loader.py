@@ -13,7 +13,6 @@ of loader workers, and resuming at ``start_step=k`` gives exactly batches
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import multiprocessing
 import random
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import extract
+from flexpatch.runtime import derive_seed, generator
 from flexpatch.sampling.centres import CENTRE_MODES, compute_class_locations, draw_centre, fit_patch, patch_at
 from flexpatch.sampling.sizes import SizeSampler, batch_for_step, size_for_step
 
@@ -72,12 +72,6 @@ class SamplingConfig:
             raise FlexPatchError(f"foreground ratio must be in [0, 1], got {self.foreground_ratio}")
         if self.pad_mode not in PAD_MODES:
             raise FlexPatchError(f"unknown pad mode {self.pad_mode!r}; choose one of {', '.join(PAD_MODES)}")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from ``parts``, stable across processes and Python runs (unlike ``hash``)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -166,7 +160,7 @@ class PatchStream(IterableDataset):
 
     def batch(self, step: int) -> dict[str, Any]:
         """Batch ``step`` of the stream: a pure function of the seed and ``step``."""
-        g = torch.Generator().manual_seed(derive_seed("flexpatch-step", self.seed, step))
+        g = generator("flexpatch-step", self.seed, step)
         drawn = tuple(int(s) for s in size_for_step(self.sizes, step, g))
         for s, d in zip(drawn, self.cfg.divisor, strict=True):
             if s % d:

@@ -39,8 +39,14 @@ from flexpatch.infer.cascade import (
 )
 from flexpatch.methods import write_method
 from flexpatch.models import build, check_patch_size, create_model
-from flexpatch.runtime import check_writable, console, progress_bar, resolve_device, seed_everything
-from flexpatch.sampling import derive_seed
+from flexpatch.runtime import (
+    check_writable,
+    console,
+    generator,
+    progress_bar,
+    resolve_device,
+    seed_everything,
+)
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig, config_from_json
 from flexpatch.train.harness import claim_folder
@@ -255,7 +261,7 @@ def _train_stage(
     with progress_bar(disable=not progress) as bar, (out_dir / "log.jsonl").open("a") as log:
         task = bar.add_task(stage, total=tc.steps, info="")
         for step in range(1, tc.steps + 1):
-            g = torch.Generator().manual_seed(derive_seed("flexpatch-sts", stage, config.seed, step))
+            g = generator("flexpatch-sts", stage, config.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
             x, y = sample(cases, config.input_size, idx, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
