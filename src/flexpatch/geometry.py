@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
 
 Shape = tuple[int, ...]
@@ -303,9 +304,7 @@ def window_weights(
         raise FlexPatchError(f"unknown window kind {kind!r}; choose one of {', '.join(WINDOW_KINDS)}")
     if kind == "constant":
         return torch.ones(shape, device=device, dtype=dtype)
-    scales = (
-        [float(sigma_scale)] * len(shape) if np.isscalar(sigma_scale) else [float(s) for s in sigma_scale]
-    )
+    scales = per_axis(sigma_scale, len(shape), "sigma_scale", cast=float)
     profiles = []
     for size, scale in zip(shape, scales):
         x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
@@ -335,8 +334,8 @@ def grid_starts(
     as the image along an axis gives one position there.
     """
     n = len(image_shape)
-    overlaps = [float(overlap)] * n if np.isscalar(overlap) else [float(o) for o in overlap]
-    per_axis: list[list[int]] = []
+    overlaps = per_axis(overlap, n, "overlap", cast=float)
+    axis_starts: list[list[int]] = []
     for size, w, o in zip(image_shape, patch_shape, overlaps):
         if not 0.0 <= o < 1.0:
             raise FlexPatchError(f"overlap must be in [0, 1), got {o}")
@@ -344,6 +343,6 @@ def grid_starts(
             raise FlexPatchError(f"window {tuple(patch_shape)} exceeds image {tuple(image_shape)}")
         step = w if w == size else max(int(w * (1 - o)), 1)
         count = 1 if w == size else math.ceil((size - w) / step) + 1
-        per_axis.append([min(i * step, size - w) for i in range(count)])
-    mesh = np.meshgrid(*per_axis, indexing="ij")
+        axis_starts.append([min(i * step, size - w) for i in range(count)])
+    mesh = np.meshgrid(*axis_starts, indexing="ij")
     return [tuple(int(v) for v in row) for row in np.stack([m.ravel() for m in mesh], axis=1)]
