@@ -1,11 +1,14 @@
-"""The one progress reporter: rich on a terminal, plain lines in a log file or pipe."""
+"""runtime: the one progress reporter (rich on a terminal, plain lines in a log file or pipe) and
+the one spelling of a random stream."""
 
 from __future__ import annotations
 
 import io
 import re
 
+import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from flexpatch import runtime
@@ -72,3 +75,14 @@ def test_rich_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     with runtime.progress_bar(interval=0) as bar:
         bar.update(bar.add_task("train", total=2), completed=2, info="loss 0.5")
     assert not bar.plain and "loss 0.5" in buffer.getvalue() and "train: " not in buffer.getvalue()
+
+
+def test_random_streams_are_the_spellings_they_replace() -> None:
+    assert runtime.derive_seed("a", 1) == 6890064810516425771  # golden: streams stay the same across versions
+    plain = torch.Generator().manual_seed(7)
+    assert torch.equal(torch.rand(4, generator=runtime.generator(7)), torch.rand(4, generator=plain))
+    hashed = torch.Generator().manual_seed(runtime.derive_seed("flexpatch-step", 7, 2))
+    step = runtime.generator("flexpatch-step", 7, 2)
+    assert torch.equal(torch.rand(4, generator=step), torch.rand(4, generator=hashed))
+    assert np.array_equal(runtime.numpy_rng(5).random(3), np.random.default_rng(5).random(3))
+    assert np.array_equal(runtime.numpy_rng(5, 1, 2).random(3), np.random.default_rng((5, 1, 2)).random(3))
