@@ -154,6 +154,81 @@ def test_help_is_instant_and_every_entry_point_works() -> None:
         assert subprocess.run([script, "--help"], capture_output=True).returncode == 0
 
 
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["predict", "M", "IN", "--out", "O", "--overlap", "abc"], ["flexpatch predict: ", "'--overlap'"]),
+        (["train", "DS", "--out", "M", "--nosuch", "1"], ["flexpatch train: ", "No such option: --nosuch"]),
+        (["predict", "M", "--out", "O"], ["flexpatch predict: ", "Missing argument"]),
+        (["nosuch"], ["flexpatch: ", "No such command 'nosuch'"]),
+    ],
+    ids=["bad-float", "unknown-option", "missing-argument", "unknown-command"],
+)
+def test_command_line_mistakes_are_one_line_errors(args: list[str], needles: list[str]) -> None:
+    """What the parser refuses follows the error contract too: one line, exit code 2, no usage box."""
+    proc = run_cli(*args)
+    assert_one_line_error(proc, *needles)
+    assert proc.stdout == ""
+
+
+def test_help_of_a_command_exits_0() -> None:
+    proc = run_cli("predict", "--help")
+    assert proc.returncode == 0 and "--overlap" in proc.stdout and proc.stderr == ""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "ph"
+    args = ["phantom", out, "--cases", 2000, "--shape", "32,32,32", "--test-cases", 0, "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flexpatch", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # Ctrl-C as a terminal sends it (a non-interactive shell's background job would ignore SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "labelsTr" / "phantom_000.nii.gz").exists():  # the command is running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.splitlines() == ["interrupted"] and stdout == "", stderr
+
+
+def test_cli_modules_import_only_downward() -> None:
+    """The command modules share ``flexpatch.cli.common``; none imports the package that assembles them."""
+    import ast
+
+    import flexpatch.cli
+
+    package = Path(flexpatch.cli.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        assert "flexpatch.cli" not in names, f"{path.name} imports the package that imports it"
+        imports[path.stem] = {n.split(".")[2] for n in names if n.startswith("flexpatch.cli.")} & {
+            p.stem for p in package.glob("*.py")
+        }
+    done: set[str] = set()
+    while len(done) < len(imports):  # peel off modules whose imports are all done: a cycle never peels
+        ready = {m for m, deps in imports.items() if m not in done and deps <= done}
+        assert ready, f"import cycle among {sorted(set(imports) - done)}"
+        done |= ready
+    assert imports["common"] == set()
+
+
 # ---------------------------------------------------------------- bad datasets for train
 
 

@@ -1,4 +1,4 @@
-"""The patchwork parts of ``flexpatch train`` and ``flexpatch predict`` (seed 04)."""
+"""The deep neural patchwork parts of ``flexpatch train`` and ``flexpatch predict``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from flexpatch.cli.common import emit_json, parse_floats, parse_ints
 from flexpatch.errors import FlexPatchError
 
 SCHEME_KEYS = (
@@ -58,7 +59,6 @@ def train_cli(
     **flags: Any,
 ) -> None:
     """``train --patchwork``: scheme flags as typed (``"32"``, ``"0.9,0.9,0.8"``), the rest as values."""
-    from flexpatch.cli import parse_floats, parse_ints
     from flexpatch.patchwork.train import train_patchwork
 
     for key, text in scheme.items():
@@ -83,10 +83,8 @@ def resume_cli(dataset_dir: Path, out: Path, device: str, as_json: bool, **overr
 
 
 def _report(result: dict[str, Any], as_json: bool) -> None:
-    from flexpatch.cli import _emit_json
-
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         best = result["best_val_dice"]
         typer.echo(
@@ -101,7 +99,6 @@ def predict_cli(
     as_json: bool, memory: str | None = None,
 ) -> None:  # fmt: skip
     """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
-    from flexpatch.cli import _emit_json
     from flexpatch.patchwork.apply import ApplyOptions
     from flexpatch.patchwork.predict import predict_patchwork_files
 
@@ -112,6 +109,6 @@ def predict_cli(
         model_dir, inputs, out, opts, out_type, device, progress=not as_json, memory=memory
     )
     if as_json:
-        _emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": opts.stats})
+        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": opts.stats})
     else:
         typer.echo(f"wrote {len(written)} patchwork outputs to {out}")

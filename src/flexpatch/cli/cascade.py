@@ -1,4 +1,4 @@
-"""The segment-then-segment part of ``flexpatch train`` (seed 05): ``--cascade sts``."""
+"""The segment-then-segment cascade part of ``flexpatch train``: ``--cascade sts``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from flexpatch.cli.common import emit_json, finite
 from flexpatch.errors import FlexPatchError
 
 
@@ -21,7 +22,6 @@ def train_cli(
     as_json: bool,
 ) -> None:
     """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
-    from flexpatch.cli import _emit_json, _finite
     from flexpatch.train.cascade import CascadeConfig, train_cascade
 
     if kind != "sts":
@@ -39,7 +39,7 @@ def train_cli(
         raise FlexPatchError(f"--cascade-options: {e}") from None
     result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
     if as_json:
-        _emit_json({k: _finite(v) if isinstance(v, float) else v for k, v in result.items()})
+        emit_json({k: finite(v) if isinstance(v, float) else v for k, v in result.items()})
     else:
         typer.echo(
             f"trained cascade in {result['seconds']:.0f} s; validation Dice {result['best_val_dice']:.3f} "

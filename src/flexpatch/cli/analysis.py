@@ -1,7 +1,6 @@
 """CLI commands that evaluate and analyse: metrics, sweeps, model comparison, schedules, plans.
 
-Registered on the one ``flexpatch`` app (see ``flexpatch.cli``); heavy imports stay
-inside the commands.
+Registered on the ``flexpatch`` app by ``flexpatch.cli``; heavy imports stay inside the commands.
 """
 
 from __future__ import annotations
@@ -11,11 +10,10 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.cli import DeviceOpt, JsonOpt, _emit_json, app, parse_ints, parse_options
+from flexpatch.cli.common import DeviceOpt, JsonOpt, emit_json, parse_ints, parse_options
 from flexpatch.errors import FlexPatchError, format_shape
 
 
-@app.command()
 def sweep(
     model_dir: Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")],
     dataset_dir: Annotated[
@@ -70,25 +68,24 @@ def sweep(
     plot_sweep(rows, out / "sweep.png", per_class=True)
     summary = summarize(rows)
     if as_json:
-        _emit_json({"report": str(out), "summary": summary})
+        emit_json({"report": str(out), "summary": summary})
         return
     for size, means in next(iter(summary.values())).items():
         typer.echo(f"{size:>14s}  mean Dice {means['mean']:.3f}")
     typer.echo(f"report in {out} (sweep.csv, sweep.json, sweep.png)")
 
 
-@app.command()
 def compare(
     reports: Annotated[list[Path], typer.Argument(help="Report folders written by flexpatch sweep.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Seed 01's Table 1 (all sizes) and Table 2 (isotropic sizes), with Wilcoxon signed-rank tests."""
+    """Table 1 (all sizes) and Table 2 (isotropic sizes) of mean Dice, with Wilcoxon signed-rank tests."""
     from flexpatch.evaluate.stats import compare as run_compare
     from flexpatch.evaluate.stats import markdown_table
 
     result = run_compare(reports)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
         return
     typer.echo(f"{result['n_cases']} cases, {result['n_sizes']} sizes\n\nTable 1: mean Dice over all sizes")
     typer.echo(markdown_table(result["table1_all_sizes"], result["wilcoxon_all_sizes"]))
@@ -96,7 +93,6 @@ def compare(
     typer.echo(markdown_table(result["table2_isotropic"], result["wilcoxon_isotropic"]))
 
 
-@app.command()
 def schedule(
     max_size: Annotated[str, typer.Option("--max", help="Largest (planned) patch, e.g. 128,128,128.")],
     pools: Annotated[str, typer.Option(help="Poolings per axis, e.g. 5,5,5 (or one number).")],
@@ -105,12 +101,12 @@ def schedule(
     steps: Annotated[int, typer.Option(help="Training steps in total.")] = 1000,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the progressive patch-size schedule (seed 03): stages, patch and batch sizes, steps."""
+    """Show the schedule of progressively growing patch sizes: stages, patch and batch sizes, steps."""
     from flexpatch.sampling.progressive import make_schedule
 
     plan = make_schedule(parse_ints(max_size, "max size"), parse_ints(pools, "pools"), mode, batch, steps)
     if as_json:
-        _emit_json(plan.to_json())
+        emit_json(plan.to_json())
         return
     typer.echo(f"{plan.describe()}: {len(plan.stages())} stages, batch at the largest patch {batch}")
     for st in plan.stages():
@@ -120,7 +116,6 @@ def schedule(
         )
 
 
-@app.command()
 def plan(
     dataset_dir: Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")],
     memory: Annotated[str, typer.Option(help="Memory budget on the device: 8GB, 2GiB, 512MB or auto.")],
@@ -153,7 +148,7 @@ def plan(
     """
 
     from flexpatch.data.io import save_json
-    from flexpatch.infer.planner import format_bytes, plan_dataset
+    from flexpatch.infer.planner import plan_dataset
     from flexpatch.runtime import check_writable
 
     target = out or Path(dataset_dir) / "flexpatch_plan.json"
@@ -165,8 +160,15 @@ def plan(
     result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}"
     save_json(target, result)
     if as_json:
-        _emit_json({**result, "plan_file": str(target)})
-        return
+        emit_json({**result, "plan_file": str(target)})
+    else:
+        _print_plan(result, model, target)
+
+
+def _print_plan(result: dict, model: str, target: Path) -> None:
+    """The plan in words: budget, training patch, inference window, token size, where it was written."""
+    from flexpatch.infer.planner import format_bytes
+
     train, infer, x = result["train"], result["infer"], format_shape
     typer.echo(
         f"{model} on {result['device']} ({result['dtype']}), budget {format_bytes(result['budget_bytes'])}"
@@ -194,7 +196,6 @@ def _peaks(choice: dict) -> str:
     return text if choice["measured"] is None else f"{text}, measured {format_bytes(choice['measured'])}"
 
 
-@app.command()
 def evaluate(
     pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
     label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
@@ -223,6 +224,9 @@ def evaluate(
     if out is not None:
         report.write(out)
     if as_json:
-        _emit_json(report.to_json())
+        emit_json(report.to_json())
     else:
         console.print(report.table())
+
+
+COMMANDS = (sweep, compare, schedule, plan, evaluate)

@@ -1,0 +1,77 @@
+"""The ``flexpatch`` command: a thin typer layer over the library.
+
+``app`` is built here from the command modules (``data``, ``train``, ``predict``, ``demo``,
+``analysis``), each of which lists its commands in ``COMMANDS``; they share ``common`` and never
+import this module. Heavy modules (torch, MONAI) are imported inside the commands so that
+``flexpatch --help`` is instant.
+
+Every user error, whether the library's ``FlexPatchError`` or a value, option or argument the
+command line parser refuses, is printed as one line on stderr with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from flexpatch.cli import analysis, data, demo, predict, train
+from flexpatch.cli.common import fail
+from flexpatch.errors import FlexPatchError
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
+
+__all__ = ["app", "main"]
+
+INTERRUPTED = 130  # the shell's code for Ctrl-C, which typer also returns for it
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="flexpatch: medical image segmentation that stays accurate at any patch size.",
+)
+for _module in (data, train, predict, demo, analysis):
+    for _command in _module.COMMANDS:
+        app.command()(_command)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    try:
+        code = app(standalone_mode=False)  # parser errors come back as exceptions, not usage boxes
+    except UsageError as e:
+        _usage_error(e)
+    except ClickException as e:
+        fail(e.format_message(), e.exit_code)
+    except FlexPatchError as e:
+        fail(str(e))
+    except OSError as e:  # disk full, permission denied: the user's machine, not a bug
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+    except typer.Abort:  # end of input at a prompt
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    if code == INTERRUPTED:
+        typer.echo("interrupted", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(e: Any) -> None:
+    """``error: flexpatch predict: Invalid value for '--overlap': ... (see 'flexpatch predict --help')``."""
+    if type(e).__name__ == "NoArgsIsHelpError":  # bare ``flexpatch``: the help was the answer
+        if e.format_message().strip():
+            typer.echo(e.format_message())
+        sys.exit(e.exit_code)
+    names, ctx = [], e.ctx
+    while ctx is not None and ctx.parent is not None:  # the command path, whatever the program name
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    where = " ".join(["flexpatch", *reversed(names)])
+    message = " ".join(e.format_message().split()).rstrip(".")
+    fail(f"{where}: {message} (see '{where} --help')", e.exit_code)

@@ -1,0 +1,175 @@
+"""``flexpatch predict``: sliding window at any patch size, segment-then-segment cascade, or patchwork,
+whichever the model folder holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
+
+from flexpatch.cli.common import DeviceOpt, JsonOpt, emit_json, parse_ints
+from flexpatch.cli.patchwork import predict_cli as patchwork_predict_cli
+from flexpatch.errors import FlexPatchError
+
+# The options of ``predict``, one type each, so that its signature reads as a table.
+ModelArg = Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")]
+InputsArg = Annotated[
+    list[Path], typer.Argument(help="Image files or folders (nnU-Net CASE_0000 naming groups channels).")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for CASE.nii.gz label maps.")]
+PatchSizeOpt = Annotated[
+    str | None, typer.Option(help="Window, e.g. 48,48,48 or 48 (default: training size).")
+]
+BlendOpt = Annotated[
+    str | None, typer.Option(help="gaussian, constant, cos or cos2 (default gaussian; patchwork: cos).")
+]
+BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
+StitchDeviceOpt = Annotated[str | None, typer.Option(help="Where outputs are accumulated (default: device).")]
+ProbabilitiesOpt = Annotated[
+    bool, typer.Option("--probabilities", help="Also write probabilities/CASE.nii.gz (classes last).")
+]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget on the device (8GB, 2GiB, auto): picks the window (unless --patch-size) "
+        "and the window batch (at most --batch), and retries smaller on out-of-memory. "
+        "Patchwork: picks the patch batch (at most --batch)."
+    ),
+]
+LazyOpt = Annotated[
+    float | None, typer.Option(help="Patchwork: fraction of patches per level that get children.")
+]
+GenerateOpt = Annotated[str, typer.Option(help="Patchwork: tree (covering) or random patches.")]
+NumPatchesOpt = Annotated[int, typer.Option(help="Patchwork: level-0 patches of random generation.")]
+BranchFactorOpt = Annotated[
+    int | None, typer.Option(help="Patchwork: children per parent (random; default round(1/lazy)).")
+]
+NumChunksOpt = Annotated[int, typer.Option(help="Patchwork: repetitions of the whole process.")]
+JitterOpt = Annotated[float, typer.Option(help="Patchwork: tree positions jittered by this fraction.")]
+AlphaOpt = Annotated[float, typer.Option(help="Patchwork: sparse suppression alpha.")]
+LevelOpt = Annotated[str, typer.Option(help="Patchwork: level to scatter: last, mix or an index.")]
+OutTypeOpt = Annotated[str, typer.Option(help="Patchwork: atlas[:t..], mask[:t..], float32, uint8 or int16.")]
+SamplingFactorOpt = Annotated[
+    float, typer.Option(help="Patchwork: output voxel size = input voxel size / factor.")
+]
+FuseOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Cascade: 'or' of the thresholded masks (as the segment-then-segment paper) "
+        "or 'max' of the probabilities."
+    ),
+]
+BaselineOpt = Annotated[
+    bool,
+    typer.Option(
+        "--baseline",
+        help="Cascade: the rough network alone on the image resized to S (the paper's baseline).",
+    ),
+]
+
+
+def predict(
+    model_dir: ModelArg,
+    inputs: InputsArg,
+    out: OutOpt,
+    patch_size: PatchSizeOpt = None,
+    overlap: float = 0.5,
+    blend: BlendOpt = None,
+    batch: BatchOpt = 4,
+    device: DeviceOpt = "auto",
+    stitch_device: StitchDeviceOpt = None,
+    probabilities: ProbabilitiesOpt = False,
+    memory: MemoryOpt = None,
+    lazy: LazyOpt = None,
+    generate: GenerateOpt = "tree",
+    num_patches: NumPatchesOpt = 16,
+    branch_factor: BranchFactorOpt = None,
+    num_chunks: NumChunksOpt = 1,
+    jitter: JitterOpt = 0.0,
+    alpha: AlphaOpt = 0.0,
+    level: LevelOpt = "last",
+    out_type: OutTypeOpt = "atlas",
+    sampling_factor: SamplingFactorOpt = 1.0,
+    fuse: FuseOpt = None,
+    baseline: BaselineOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
+    args = SimpleNamespace(**locals())
+    from flexpatch.infer.cascade import is_cascade
+    from flexpatch.patchwork.files import is_patchwork
+
+    args.patch = parse_ints(patch_size, "patch size") if patch_size else None
+    if is_patchwork(model_dir):
+        _predict_patchwork(args)
+        return
+    args.blend = blend or "gaussian"
+    if is_cascade(model_dir):
+        written = _predict_cascade(args)
+    elif fuse is not None or baseline:
+        raise FlexPatchError(f"{model_dir}: --fuse and --baseline are for segment-then-segment models")
+    else:
+        written = _predict_windows(args)
+    if as_json:
+        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
+    else:
+        typer.echo(f"wrote {len(written)} segmentations to {out}")
+
+
+def _predict_patchwork(args: SimpleNamespace) -> None:
+    """A patchwork model folder: its own generation, stitching and output options."""
+    flags = dict(
+        lazy=args.lazy, generate=args.generate, num_patches=args.num_patches,
+        branch_factor=args.branch_factor, num_chunks=args.num_chunks, jitter=args.jitter, alpha=args.alpha,
+        level=args.level, window=args.blend or "cos", sampling_factor=args.sampling_factor,
+        batch_size=args.batch,
+    )  # fmt: skip
+    patchwork_predict_cli(
+        args.model_dir, args.inputs, args.out, flags, args.out_type, args.device, args.as_json, args.memory
+    )
+
+
+def _predict_cascade(args: SimpleNamespace) -> list[Path]:
+    """A segment-then-segment model folder: the rough network, then the fine one on each crop."""
+    from flexpatch.infer.cascade import predict_cascade_files
+
+    if args.memory is not None:
+        raise FlexPatchError(
+            f"{args.model_dir}: --memory is for sliding-window models and patchworks, not cascades"
+        )
+    return predict_cascade_files(
+        args.model_dir,
+        args.inputs,
+        args.out,
+        fuse=args.fuse,
+        baseline=args.baseline,
+        device=args.device,
+        batch_size=args.batch,
+        save_probabilities=args.probabilities,
+        progress=not args.as_json,
+    )
+
+
+def _predict_windows(args: SimpleNamespace) -> list[Path]:
+    """A single network: sliding window at ``--patch-size`` (or the one ``--memory`` allows)."""
+    from flexpatch.infer.predictor import predict_files
+
+    return predict_files(
+        args.model_dir,
+        args.inputs,
+        args.out,
+        args.patch,
+        args.overlap,
+        args.blend,
+        args.batch,
+        args.device,
+        args.stitch_device,
+        args.probabilities,
+        progress=not args.as_json,
+        memory=args.memory,
+    )
+
+
+COMMANDS = (predict,)

@@ -1,0 +1,289 @@
+"""``flexpatch train``: one network (plain or hypernetwork), a segment-then-segment cascade, or a
+deep neural patchwork; the cascade and patchwork runs are in ``cli.cascade`` and ``cli.patchwork``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any
+
+import typer
+
+from flexpatch.cli.cascade import train_cli as cascade_train_cli
+from flexpatch.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    emit_json,
+    finite,
+    parse_floats,
+    parse_ints,
+    parse_options,
+)
+from flexpatch.cli.patchwork import resume_cli as patchwork_resume_cli
+from flexpatch.cli.patchwork import train_cli as patchwork_train_cli
+from flexpatch.errors import FlexPatchError, format_shape
+
+# The options of ``train``, one type each, so that its signature reads as a table.
+DatasetArg = Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Model folder to write.")]
+ModelOpt = Annotated[str | None, typer.Option(help="Registered model name (flexpatch models); default unet.")]
+PatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="64,64,64 | 64 | uniform:32-192 | uniform-iso:32-192 | list:32x32x32,64x64x64 | "
+        "progressive:resource|performance|random (with --max-patch); default 64,64,64."
+    ),
+]
+MaxPatchOpt = Annotated[
+    str | None, typer.Option(help="Largest patch of a progressive schedule, e.g. 128,128,128.")
+]
+OptionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Model options as JSON, e.g. '{\"token_size\": 8}' for unetr; over a --plan's. "
+        "Patchwork: the blocks' options, over the --patchwork-options file's, key by key."
+    ),
+]
+HyperOpt = Annotated[
+    bool, typer.Option("--hyper", help="Wrap the model in the patch-size hypernetwork (HN).")
+]
+HyperSubsetOpt = Annotated[
+    str, typer.Option(help="HN: predict 'all' weights, 'norm+last', or 'auto' (all up to 5M params).")
+]
+CascadeOpt = Annotated[
+    str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
+]
+InputSizeOpt = Annotated[int, typer.Option(help="Cascade: network input size S per axis.")]
+CascadeOptionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help='Cascade: other settings as JSON, e.g. \'{"jitter": 8, "fine_from_rough": false, '
+        '"min_side": 3, "fuse": "max"}\' (see CascadeConfig).'
+    ),
+]
+PatchworkOpt = Annotated[
+    bool,
+    typer.Option("--patchwork", help="Train a deep neural patchwork (nested patches, coarse to fine)."),
+]
+DepthOpt = Annotated[int | None, typer.Option(help="Patchwork: levels, coarse to fine (default 3).")]
+MatrixOpt = Annotated[
+    str | None, typer.Option(help="Patchwork: matrix per level, e.g. 32 or 32,32,32 (default 32).")
+]
+FovRelOpt = Annotated[
+    str | None, typer.Option(help="Patchwork: coarsest patch relative to the image, e.g. 0.9.")
+]
+FovMmOpt = Annotated[str | None, typer.Option(help="Patchwork: coarsest patch in mm.")]
+DestvoxRelOpt = Annotated[
+    str | None, typer.Option(help="Patchwork: finest voxel relative to the image's (default 1).")
+]
+DestvoxMmOpt = Annotated[str | None, typer.Option(help="Patchwork: finest voxel in mm.")]
+RoundsOpt = Annotated[
+    int | None, typer.Option(help="Patchwork: rounds of freshly drawn patch sets (default 20).")
+]
+NumPatchesOpt = Annotated[
+    int | None, typer.Option(help="Patchwork: chains drawn per image and round (default 16).")
+]
+HardMiningOpt = Annotated[
+    float | None, typer.Option(help="Patchwork: keep 1-1/(1+h) of the hardest patches per round.")
+]
+PatchworkOptionsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Patchwork: JSON file with any other option (see README), e.g. augmentation."),
+]
+BatchOpt = Annotated[int | None, typer.Option(help="Patches per step; default 2.")]
+OptimizerOpt = Annotated[str, typer.Option(help="adamw or sgd (both with poly decay).")]
+ValEveryOpt = Annotated[int, typer.Option(help="Validate every N steps.")]
+ValPatchOpt = Annotated[str | None, typer.Option(help="Validation window (default: largest training patch).")]
+WorkersOpt = Annotated[int, typer.Option(help="Data-loading processes.")]
+SpacingOpt = Annotated[str | None, typer.Option(help="Target spacing in mm (default: the dataset's median).")]
+AmpOpt = Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt (patchwork: resume.pt).")
+]
+PlanOpt = Annotated[
+    Path | None, typer.Option("--plan", help="A plan from flexpatch plan: its model, patch and batch.")
+]
+InitFromOpt = Annotated[
+    Path | None, typer.Option(help="Model folder whose matching weights start the run (transfer).")
+]
+FreezeLoadedOpt = Annotated[
+    bool, typer.Option("--freeze-loaded", help="Keep the weights loaded by --init-from fixed.")
+]
+LoadedLrScaleOpt = Annotated[
+    float, typer.Option(help="Learning-rate factor for the weights loaded by --init-from.")
+]
+
+
+def train(
+    dataset_dir: DatasetArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    patch: PatchOpt = None,
+    max_patch: MaxPatchOpt = None,
+    options: OptionsOpt = None,
+    hyper: HyperOpt = False,
+    hyper_subset: HyperSubsetOpt = "auto",
+    cascade: CascadeOpt = None,
+    input_size: InputSizeOpt = 64,
+    cascade_options: CascadeOptionsOpt = None,
+    patchwork: PatchworkOpt = False,
+    depth: DepthOpt = None,
+    matrix: MatrixOpt = None,
+    fov_rel: FovRelOpt = None,
+    fov_mm: FovMmOpt = None,
+    destvox_rel: DestvoxRelOpt = None,
+    destvox_mm: DestvoxMmOpt = None,
+    rounds: RoundsOpt = None,
+    num_patches: NumPatchesOpt = None,
+    hard_mining: HardMiningOpt = None,
+    patchwork_options: PatchworkOptionsOpt = None,
+    steps: int = 1000,
+    batch: BatchOpt = None,
+    lr: float = 1e-3,
+    optimizer: OptimizerOpt = "adamw",
+    val_every: ValEveryOpt = 100,
+    val_patch: ValPatchOpt = None,
+    workers: WorkersOpt = 2,
+    foreground_ratio: float = 0.33,
+    spacing: SpacingOpt = None,
+    seed: int = 0,
+    amp: AmpOpt = True,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    plan: PlanOpt = None,
+    init_from: InitFromOpt = None,
+    freeze_loaded: FreezeLoadedOpt = False,
+    loaded_lr_scale: LoadedLrScaleOpt = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork."""
+    args = SimpleNamespace(**locals())
+    from flexpatch.patchwork.files import RESUME
+
+    if patchwork or (resume and (out / RESUME).is_file()):
+        _train_patchwork(args)
+        return
+    if cascade_options and cascade is None:
+        raise FlexPatchError("--cascade-options is for --cascade sts")
+    args.model, args.model_kwargs, args.patch, args.batch = _from_plan(plan, model, patch, batch)
+    args.model_kwargs.update(parse_options(options))
+    if hyper:
+        args.model_kwargs["hyper"] = {"subset": hyper_subset}
+    if cascade is not None:
+        _train_cascade(args)
+    else:
+        _train_network(args)
+
+
+def _train_patchwork(args: SimpleNamespace) -> None:
+    """``--patchwork``, or ``--resume`` of one: as the core trainer, the saved config, only longer
+    (``--rounds``) or with other workers."""
+    if args.resume:
+        patchwork_resume_cli(
+            args.dataset_dir, args.out, args.device, args.as_json, rounds=args.rounds, workers=args.workers
+        )
+        return
+    keys = ("depth", "matrix", "fov_rel", "fov_mm", "destvox_rel", "destvox_mm")
+    scheme = {k: getattr(args, k) for k in keys}
+    patchwork_train_cli(
+        args.dataset_dir, args.out, scheme, args.patchwork_options, args.device, args.as_json,
+        block=args.model, rounds=args.rounds, num_patches=args.num_patches, hard_mining=args.hard_mining,
+        batch_size=args.batch, lr=args.lr if args.lr != 1e-3 else None, seed=args.seed or None,
+        workers=args.workers, block_options=parse_options(args.options) or None,
+    )  # fmt: skip
+
+
+def _train_cascade(args: SimpleNamespace) -> None:
+    """``--cascade sts``: the rough and the fine network, both at ``--input-size``."""
+    if args.init_from is not None:
+        raise FlexPatchError("--init-from is for single networks, not --cascade")
+    flags = dict(input_size=args.input_size, model=args.model, model_kwargs=args.model_kwargs,
+                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)  # fmt: skip
+    options = parse_options(args.cascade_options, "--cascade-options")
+    cascade_train_cli(args.dataset_dir, args.out, args.cascade, flags, options, args.device, args.as_json)
+
+
+def _train_network(args: SimpleNamespace) -> None:
+    """One network, plain or hypernetwork, with the core trainer; ``--resume`` continues its run."""
+    from flexpatch.train.config import TrainConfig
+    from flexpatch.train.loop import train as run
+
+    patch = args.patch
+    if patch.startswith("progressive") and args.max_patch:
+        patch = f"{patch}:{format_shape(parse_ints(args.max_patch, 'max patch'))}"
+    config = None
+    if not args.resume:
+        config = TrainConfig(
+            model=args.model,
+            model_kwargs=args.model_kwargs,
+            patch=patch,
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            optimizer=args.optimizer,
+            val_every=args.val_every,
+            val_patch=parse_ints(args.val_patch, "validation patch") if args.val_patch else None,
+            workers=args.workers,
+            foreground_ratio=args.foreground_ratio,
+            target_spacing=parse_floats(args.spacing, "target spacing") if args.spacing else None,
+            seed=args.seed,
+            amp=args.amp,
+            init_from=str(args.init_from) if args.init_from else None,
+            freeze_loaded=args.freeze_loaded,
+            loaded_lr_scale=args.loaded_lr_scale,
+        )
+    result = run(args.dataset_dir, args.out, config, resume=args.resume, device=args.device,
+                 progress=not args.as_json)  # fmt: skip
+    _report(result, args.init_from, args.as_json)
+
+
+def _report(result: Any, init_from: Path | None, as_json: bool) -> None:
+    """The run in one line, or as JSON: steps, best validation Dice, last loss, what --init-from loaded."""
+    summary = {
+        "model_dir": str(result.out_dir),
+        "steps": result.steps,
+        "best_val_dice": finite(result.best_dice),
+        "last_loss": finite(result.last_loss),
+        "seconds": round(result.seconds, 1),
+    }
+    if (result.out_dir / "transfer.json").is_file() and init_from:
+        from flexpatch.data.io import load_json
+
+        transfer = load_json(result.out_dir / "transfer.json")
+        summary["init_from"] = {"loaded": len(transfer["loaded"]), "skipped": transfer["skipped"]}
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(
+            f"trained {result.steps} steps in {result.seconds:.0f} s; "
+            f"best validation Dice {result.best_dice:.3f}"
+        )
+
+
+def _from_plan(
+    path: Path | None, model: str | None, patch: str | None, batch: int | None
+) -> tuple[str, dict, str, int]:
+    """Model, model options, patch and batch: given ones first, then the plan's, then the defaults."""
+    if path is None:
+        return model or "unet", {}, patch or "64,64,64", batch or 2
+    from flexpatch.data.io import load_json
+
+    saved = load_json(path)
+    try:
+        planned, options = str(saved["model"]), dict(saved["model_kwargs"])
+        planned_patch, planned_batch = (
+            ",".join(map(str, saved["train"]["patch"])),
+            int(saved["train"]["batch"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise FlexPatchError(
+            f"{path}: not a plan written by flexpatch plan (model, model_kwargs, train)"
+        ) from None
+    if model is not None and model != planned:
+        raise FlexPatchError(
+            f"{path}: plans model {planned!r}, not {model!r}; plan again with --model {model}"
+        )
+    return planned, options, patch or planned_patch, batch or planned_batch
+
+
+COMMANDS = (train,)
