@@ -161,10 +161,11 @@ def make_data(task: Task, work: Path) -> Path:
     stamp.unlink(missing_ok=True)
     common = dict(cases=task.cases, shape=(task.shape,) * task.ndim, ndim=task.ndim, seed=0)
     if task.kind == "cells":
-        make_phantom(out, kind="cells", test_cases=task.test, **common)
+        make_phantom(out, kind="cells", test_cases=task.test, overwrite=True, **common)
     else:
         abdomen = make_phantom(
             work / "abdomen",
+            overwrite=True,
             kind="abdomen",
             test_cases=task.test,
             spacing=(task.spacing,) * task.ndim,

@@ -441,3 +441,23 @@ def test_predict_rejects_an_unwritable_output_and_a_missing_model(
     assert_one_line_error(proc, str(unwritable))
     proc = run_cli("predict", tmp_path / "no_model", image, "--out", tmp_path / "p", "--device", "cpu")
     assert_one_line_error(proc, "no_model", "model folder not found")
+
+
+def test_train_never_replaces_a_folder_unasked_and_resume_steps_extends(flow: dict, tmp_path: Path) -> None:
+    model = shutil.copytree(flow["model"], tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    args = ["--patch", "16", "--steps", 1, "--batch", 1, "--workers", 0, "--device", "cpu"]
+    assert_one_line_error(run_cli("train", flow["ds"], "--out", model, *args), "not empty", "--overwrite")
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    both = run_cli("train", flow["ds"], "--out", model, "--resume", "--overwrite", "--device", "cpu")
+    assert_one_line_error(both, "--resume continues the folder's run, --overwrite replaces it")
+    longer = invoke("train", flow["ds"], "--out", model, "--resume", "--steps", 3, "--json")
+    assert longer["steps"] == 3
+    assert [json.loads(x)["step"] for x in (model / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    replaced = invoke("train", flow["ds"], "--out", model, *args, "--overwrite", "--json")
+    assert replaced["steps"] == 1 and not (model / "transfer.json").exists()
+
+
+def test_phantom_never_writes_into_another_dataset(flow: dict) -> None:
+    proc = run_cli("phantom", flow["ds"], "--cases", 1, "--shape", "16,16,16")
+    assert_one_line_error(proc, "holds a phantom already; --overwrite replaces it")

@@ -108,7 +108,9 @@ def test_more_cases_leave_earlier_cases_unchanged(tmp_path):
 
 def test_rerun_with_fewer_cases_removes_stale_ones(tmp_path):
     make_phantom(tmp_path, cases=3, test_cases=2, shape=(16, 16, 16), progress=False)
-    make_phantom(tmp_path, cases=1, test_cases=1, shape=(16, 16, 16), progress=False)
+    with pytest.raises(FlexPatchError, match="holds a phantom already; --overwrite replaces it"):
+        make_phantom(tmp_path, cases=1, test_cases=1, shape=(16, 16, 16), progress=False)
+    make_phantom(tmp_path, cases=1, test_cases=1, shape=(16, 16, 16), progress=False, overwrite=True)
     assert [p.name for p in (tmp_path / "imagesTr").iterdir()] == ["phantom_000_0000.nii.gz"]
     assert [p.name for p in (tmp_path / "labelsTs").iterdir()] == ["phantom_test_000.nii.gz"]
 
@@ -210,3 +212,13 @@ def test_case_functions_validate_too():
         cells_case((32,), rng)
     with pytest.raises(FlexPatchError, match="radius"):
         cells_case((32, 32), rng, radius=(3.0, 1.0))
+
+
+def test_a_folder_holding_something_else_is_never_written_into(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"name": "Dataset001_Real", "labels": {}}')
+    small = dict(cases=1, test_cases=0, shape=(16,) * 3, progress=False)
+    for overwrite in (False, True):
+        with pytest.raises(FlexPatchError, match="holds dataset.json, not a phantom; write the phantom"):
+            make_phantom(tmp_path, **small, overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset.json"]
+    assert "Real" in (tmp_path / "dataset.json").read_text()

@@ -20,6 +20,7 @@ def train_cli(
     options: dict[str, Any],
     device: str,
     as_json: bool,
+    overwrite: bool = False,
 ) -> None:
     """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
     from flexpatch.train.cascade import CascadeConfig, train_cascade
@@ -37,7 +38,7 @@ def train_cli(
         config = CascadeConfig(**flags, **options)
     except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
         raise FlexPatchError(f"--cascade-options: {e}") from None
-    result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json)
+    result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json, overwrite=overwrite)
     if as_json:
         emit_json({k: finite(v) if isinstance(v, float) else v for k, v in result.items()})
     else:

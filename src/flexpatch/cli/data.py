@@ -19,6 +19,9 @@ def phantom(
     seed: int = 0,
     test_cases: Annotated[int | None, typer.Option(help="Test cases (imagesTs/labelsTs).")] = None,
     spacing: Annotated[str | None, typer.Option(help="Voxel size in mm, e.g. 2,2,2.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier phantom in OUT_DIR (nothing else is).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the built-in phantom as an nnU-Net raw dataset (nothing is downloaded)."""
@@ -35,6 +38,7 @@ def phantom(
         test_cases,
         spacing=sp,
         progress=not as_json,
+        overwrite=overwrite,
     )
     if as_json:
         emit_json({"dataset_dir": str(out)})

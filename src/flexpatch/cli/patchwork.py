@@ -56,6 +56,7 @@ def train_cli(
     options_file: Path | None,
     device: str,
     as_json: bool,
+    overwrite: bool = False,
     **flags: Any,
 ) -> None:
     """``train --patchwork``: scheme flags as typed (``"32"``, ``"0.9,0.9,0.8"``), the rest as values."""
@@ -67,7 +68,9 @@ def train_cli(
         elif text is not None:
             flags[key] = text
     config = make_config(flags, read_options(options_file))
-    result = train_patchwork(dataset_dir, out, config, device=device, progress=not as_json)
+    result = train_patchwork(
+        dataset_dir, out, config, device=device, progress=not as_json, overwrite=overwrite
+    )
     _report(result, as_json)
 
 

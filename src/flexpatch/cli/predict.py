@@ -98,20 +98,17 @@ def predict(
 ) -> None:
     """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
     args = SimpleNamespace(**locals())
-    from flexpatch.infer.cascade import is_cascade
-    from flexpatch.patchwork.files import is_patchwork
+    from flexpatch.methods import method_of
 
     args.patch = parse_ints(patch_size, "patch size") if patch_size else None
-    if is_patchwork(model_dir):
+    method = method_of(model_dir).name  # method.json says which method wrote the folder
+    if method == "patchwork":
         _predict_patchwork(args)
         return
     args.blend = blend or "gaussian"
-    if is_cascade(model_dir):
-        written = _predict_cascade(args)
-    elif fuse is not None or baseline:
+    if method != "segment-then-segment" and (fuse is not None or baseline):
         raise FlexPatchError(f"{model_dir}: --fuse and --baseline are for segment-then-segment models")
-    else:
-        written = _predict_windows(args)
+    written = _PREDICT[method](args)
     if as_json:
         emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
     else:
@@ -171,5 +168,8 @@ def _predict_windows(args: SimpleNamespace) -> list[Path]:
         memory=args.memory,
     )
 
+
+# The CLI's part of each registered method (flexpatch.methods): its flags in, files out.
+_PREDICT = {"segment-then-segment": _predict_cascade, "sliding-window": _predict_windows}
 
 COMMANDS = (predict,)

@@ -25,6 +25,7 @@ from flexpatch.errors import FlexPatchError, format_shape
 
 # The options of ``train``, one type each, so that its signature reads as a table.
 DatasetArg = Annotated[Path, typer.Argument(help="nnU-Net raw or MSD dataset folder.")]
+DEFAULT_STEPS = 1000
 OutOpt = Annotated[Path, typer.Option("--out", help="Model folder to write.")]
 ModelOpt = Annotated[str | None, typer.Option(help="Registered model name (flexpatch models); default unet.")]
 PatchOpt = Annotated[
@@ -98,8 +99,20 @@ WorkersOpt = Annotated[int, typer.Option(help="Data-loading processes.")]
 SpacingOpt = Annotated[str | None, typer.Option(help="Target spacing in mm (default: the dataset's median).")]
 AmpOpt = Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")]
 ResumeOpt = Annotated[
-    bool, typer.Option("--resume", help="Continue from MODEL_DIR/model_last.pt (patchwork: resume.pt).")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue from MODEL_DIR/model_last.pt (patchwork: resume.pt); with --steps (patchwork: "
+        "--rounds) a finished run goes on longer.",
+    ),
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace the model folder of an earlier run (else a non-empty --out is refused)."
+    ),
+]
+StepsOpt = Annotated[int | None, typer.Option(help="Optimiser steps in total (default 1000).")]
 PlanOpt = Annotated[
     Path | None, typer.Option("--plan", help="A plan from flexpatch plan: its model, patch and batch.")
 ]
@@ -137,7 +150,7 @@ def train(
     num_patches: NumPatchesOpt = None,
     hard_mining: HardMiningOpt = None,
     patchwork_options: PatchworkOptionsOpt = None,
-    steps: int = 1000,
+    steps: StepsOpt = None,
     batch: BatchOpt = None,
     lr: float = 1e-3,
     optimizer: OptimizerOpt = "adamw",
@@ -150,6 +163,7 @@ def train(
     amp: AmpOpt = True,
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     plan: PlanOpt = None,
     init_from: InitFromOpt = None,
     freeze_loaded: FreezeLoadedOpt = False,
@@ -160,6 +174,8 @@ def train(
     args = SimpleNamespace(**locals())
     from flexpatch.patchwork.files import RESUME
 
+    if resume and overwrite:
+        raise FlexPatchError(f"{out}: --resume continues the folder's run, --overwrite replaces it")
     if patchwork or (resume and (out / RESUME).is_file()):
         _train_patchwork(args)
         return
@@ -189,7 +205,7 @@ def _train_patchwork(args: SimpleNamespace) -> None:
         args.dataset_dir, args.out, scheme, args.patchwork_options, args.device, args.as_json,
         block=args.model, rounds=args.rounds, num_patches=args.num_patches, hard_mining=args.hard_mining,
         batch_size=args.batch, lr=args.lr if args.lr != 1e-3 else None, seed=args.seed or None,
-        workers=args.workers, block_options=parse_options(args.options) or None,
+        workers=args.workers, block_options=parse_options(args.options) or None, overwrite=args.overwrite,
     )  # fmt: skip
 
 
@@ -197,10 +213,14 @@ def _train_cascade(args: SimpleNamespace) -> None:
     """``--cascade sts``: the rough and the fine network, both at ``--input-size``."""
     if args.init_from is not None:
         raise FlexPatchError("--init-from is for single networks, not --cascade")
+    if args.resume:
+        raise FlexPatchError(f"{args.out}: --resume is not built for cascades yet; retrain with --overwrite")
     flags = dict(input_size=args.input_size, model=args.model, model_kwargs=args.model_kwargs,
-                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)  # fmt: skip
+                 steps=args.steps or DEFAULT_STEPS, batch=args.batch, lr=args.lr, seed=args.seed)  # fmt: skip
     options = parse_options(args.cascade_options, "--cascade-options")
-    cascade_train_cli(args.dataset_dir, args.out, args.cascade, flags, options, args.device, args.as_json)
+    cascade_train_cli(
+        args.dataset_dir, args.out, args.cascade, flags, options, args.device, args.as_json, args.overwrite
+    )
 
 
 def _train_network(args: SimpleNamespace) -> None:
@@ -217,7 +237,7 @@ def _train_network(args: SimpleNamespace) -> None:
             model=args.model,
             model_kwargs=args.model_kwargs,
             patch=patch,
-            steps=args.steps,
+            steps=args.steps or DEFAULT_STEPS,
             batch=args.batch,
             lr=args.lr,
             optimizer=args.optimizer,
@@ -232,8 +252,10 @@ def _train_network(args: SimpleNamespace) -> None:
             freeze_loaded=args.freeze_loaded,
             loaded_lr_scale=args.loaded_lr_scale,
         )
+    # on resume, --steps (when given) extends the run; every other setting is the checkpoint's
+    changes = {"steps": args.steps} if args.resume and args.steps is not None else None
     result = run(args.dataset_dir, args.out, config, resume=args.resume, device=args.device,
-                 progress=not args.as_json)  # fmt: skip
+                 progress=not args.as_json, overwrite=args.overwrite, changes=changes)  # fmt: skip
     _report(result, args.init_from, args.as_json)
 
 

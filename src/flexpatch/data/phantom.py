@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from flexpatch.data.io import write_image, write_text
 from flexpatch.errors import FlexPatchError
-from flexpatch.runtime import numpy_rng, track
+from flexpatch.runtime import check_writable, numpy_rng, track
 
 ABDOMEN_LABELS = {
     "background": 0,
@@ -347,14 +347,31 @@ def _affine(shape: tuple[int, ...], spacing: tuple[float, ...]) -> np.ndarray:
     return affine
 
 
-def _remove_stale(out: Path) -> None:
-    """Delete the cases of an earlier phantom in ``out`` so counts never mix two runs."""
+def _is_phantom(out: Path) -> bool:
+    """Whether ``out`` holds a phantom this function wrote (its dataset.json says so)."""
     try:
         old = json.loads((out / "dataset.json").read_text())
     except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and str(old.get("name", "")).startswith("phantom_") and "seed" in old
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    """A phantom goes into a new or empty folder, or with ``overwrite`` over an earlier phantom;
+    a folder holding anything else (a real dataset) is never written into."""
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not present:
         return
-    if not (isinstance(old, dict) and old.get("name", "").startswith("phantom_") and "seed" in old):
-        return
+    named = f"{present[0]}{' ...' if len(present) > 1 else ''}"
+    if not _is_phantom(out):
+        raise FlexPatchError(f"{out}: folder holds {named}, not a phantom; write the phantom elsewhere")
+    if not overwrite:
+        raise FlexPatchError(f"{out}: holds a phantom already; --overwrite replaces it")
+    _remove_stale(out)
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete the cases of an earlier phantom in ``out`` so counts never mix two runs."""
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         for f in (out / sub).glob("phantom_*.nii.gz"):
             f.unlink()
@@ -371,6 +388,7 @@ def make_phantom(
     lesion_radius: tuple[float, float] = (2.0, 5.0),
     spacing: Sequence[float] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic nnU-Net v2 raw dataset and return its folder.
 
@@ -379,7 +397,7 @@ def make_phantom(
     earlier ones. ``dataset.json`` is written last: its presence means the set is complete.
 
     Args:
-        out_dir: dataset folder (created; an earlier phantom there is replaced).
+        out_dir: dataset folder: new or empty, or holding an earlier phantom (with ``overwrite``).
         cases: training cases (``imagesTr``/``labelsTr``, ids ``phantom_000``...).
         shape: matrix shape; default 96 per axis for abdomen, 256^2 or 64^3 for cells.
         ndim: 3, or 2 (abdomen: one axial slice; cells: a 2D image).
@@ -390,6 +408,7 @@ def make_phantom(
         lesion_radius: liver lesion radii in voxels (abdomen only).
         spacing: voxel size in mm; default 2.0 (abdomen) or 1.0 (cells).
         progress: show a progress bar.
+        overwrite: replace an earlier phantom in ``out_dir`` (a folder with anything else is refused).
     """
     if kind not in KINDS:
         raise FlexPatchError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -403,7 +422,8 @@ def make_phantom(
         )
     _check_range(lesion_radius, "lesion_radius")
     out = Path(out_dir)
-    _remove_stale(out)
+    check_writable(out, "dataset folder")
+    _claim(out, overwrite)
     affine = _affine(shape, spacing)
     jobs = [("Tr", f"phantom_{i:03d}", (seed, 0, i)) for i in range(cases)]
     jobs += [("Ts", f"phantom_test_{j:03d}", (seed, 1, j)) for j in range(test_cases)]
