@@ -88,9 +88,9 @@ class Accumulator:
         the buffer are dropped. ``window`` ``(*m)`` weights the ``sum`` fusion (None: ones).
         """
         shape = self._check(outputs, len(starts), window)
-        spatial = tuple(self.values.shape[1:])
+        spatial = self.values.shape[1:]  # a torch.Size is a tuple: no conversion per call
         for o, start in zip(outputs, starts):
-            self._put_box(o, tuple(map(int, start)), shape, spatial, window)
+            self._put_box(o, tuple(start), shape, spatial, window)
 
     def add(
         self,
@@ -146,10 +146,10 @@ class Accumulator:
                 f"outputs {tuple(outputs.shape)} do not fit {count} patches of a buffer "
                 f"{tuple(self.values.shape)}: expected ({count}, {c}, {n} spatial axes)"
             )
-        shape = tuple(outputs.shape[2:])
-        if window is not None and (self.fusion != "sum" or tuple(window.shape) != shape):
+        shape = outputs.shape[2:]  # a torch.Size is a tuple: no conversion, cheap per batch
+        if window is not None and (self.fusion != "sum" or window.shape != shape):
             raise FlexPatchError(
-                f"window {tuple(window.shape)} needs fusion 'sum' and the patch shape {shape} "
+                f"window {tuple(window.shape)} needs fusion 'sum' and the patch shape {tuple(shape)} "
                 f"(fusion is {self.fusion!r})"
             )
         return shape
@@ -157,28 +157,35 @@ class Accumulator:
     def _put_box(
         self, o: torch.Tensor, start: Shape, shape: Shape, spatial: Shape, window: torch.Tensor | None
     ) -> None:
+        # per box, the Python around the one fused op is what a sliding window's speed hangs on:
+        # the slicing is cached, and the common case (a weighted sum) dispatches no further
         src, dst = _clip(start, shape, spatial)
         if dst is None:
             return
         if src is not None:  # only a box crossing the border is sliced: a view costs microseconds
-            o = o[(slice(None), *src)]
-            window = None if window is None else window[src]
-        _fuse(self.values[(slice(None), *dst)], o, window, self.fusion)
+            o = o[src]
+            window = None if window is None else window[src[1:]]
+        region = self.values[dst]
+        if window is not None and self.fusion == "sum":
+            region.addcmul_(o, window)
+        else:
+            _fuse(region, o, window, self.fusion)
         if self.coverage is not None:
-            self.coverage[(slice(None), *dst)] += 1 if window is None else window
+            self.coverage[dst] += 1 if window is None else window
 
 
 @functools.lru_cache(maxsize=4096)
 def _clip(
     start: Shape, shape: Shape, spatial: Shape
 ) -> tuple[tuple[slice, ...] | None, tuple[slice, ...] | None]:
-    """Patch (source) and buffer (destination) slices of the part of a box inside the buffer.
+    """Indices ``(:, *slices)`` into a ``(C, *m)`` output (source) and a ``(C, *spatial)`` buffer
+    (destination) of the part of a box inside the buffer.
 
     The source is None when the box lies wholly inside, the destination None when wholly outside.
     Cached: a sliding window puts the same boxes back for every case.
     """
-    src, dst, inside = [], [], True
-    for s, w, n in zip(start, shape, spatial):
+    src, dst, inside = [slice(None)], [slice(None)], True
+    for s, w, n in zip(map(int, start), shape, spatial):
         a, b = max(s, 0), min(s + w, n)
         if b <= a:
             return None, None

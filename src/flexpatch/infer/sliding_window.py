@@ -152,6 +152,7 @@ class _Stitcher:
         self.async_copy = stitch.type == "cpu" and net_device.type == "cuda"
         # (moved outputs, their copy's event, window starts, buffer) of the batch still to add
         self.pending: tuple[torch.Tensor, torch.cuda.Event | None, Starts, torch.Tensor] | None = None
+        self.accumulator: Accumulator | None = None  # one per case's buffer, not one per batch
 
     @functools.cached_property
     def weights(self) -> torch.Tensor:
@@ -185,7 +186,9 @@ class _Stitcher:
         self._add_now(buffer, moved, starts)
 
     def _add_now(self, buffer: torch.Tensor, y: torch.Tensor, starts: Starts) -> None:
-        Accumulator(buffer).add_boxes(y, starts, self.weights)
+        if self.accumulator is None or self.accumulator.values is not buffer:
+            self.accumulator = Accumulator(buffer)
+        self.accumulator.add_boxes(y, starts, self.weights)
 
 
 class _Output:
