@@ -26,6 +26,7 @@ from flexpatch.infer.cascade import (
 )
 from flexpatch.infer.predictor import load_model
 from flexpatch.train.cascade import CascadeConfig, train_cascade
+from flexpatch.train.checkpoint import LAST, load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -208,9 +209,14 @@ def test_cascade_of_known_networks_recovers_the_objects(ndim: int, fuse: str) ->
     assert baseline.boxes == [] and sorted(wrong) == sorted(faces)
 
 
-def tiny_cascade(dataset: Path, out: Path, **changes) -> dict:
+def tiny_cascade(
+    dataset: Path, out: Path, resume: bool = False, stop_after: int | None = None, **changes
+) -> dict:
     base = dict(input_size=16, steps=3, batch=2, jitter=4, val_every=3, model_kwargs=TINY, min_side=2)
-    return train_cascade(dataset, out, CascadeConfig(**{**base, **changes}), device="cpu", progress=False)
+    config = CascadeConfig(**{**base, **changes})
+    return train_cascade(
+        dataset, out, config, device="cpu", progress=False, resume=resume, stop_after=stop_after
+    )
 
 
 def test_cascade_trains_and_predicts_2d(tiny_cells: Path, tmp_path: Path) -> None:
@@ -253,7 +259,7 @@ def test_cascade_trains_and_predicts_3d_multiclass(tiny_abdomen: Path, tmp_path:
 
 def test_fine_network_starts_from_the_rough_one(tiny_cells: Path, tmp_path: Path) -> None:
     tiny_cascade(tiny_cells, tmp_path / "sts", steps=1, val_every=1, lr=1e-12)
-    rough, fine = (torch.load(tmp_path / "sts" / s / "model_last.pt")["model"] for s in ("rough", "fine"))
+    rough, fine = (load_checkpoint(tmp_path / "sts" / s / LAST)["model"] for s in ("rough", "fine"))
     # a learning rate of 1e-12 moves no weight visibly: the fine net still holds the rough one's
     assert all(torch.allclose(rough[k], fine[k], atol=1e-6) for k in rough)
 
@@ -266,3 +272,30 @@ def test_bad_input_size_fails_before_preprocessing(tiny_cells: Path, tmp_path: P
         CascadeConfig(fuse="and")
     with pytest.raises(FlexPatchError, match="not a segment-then-segment"):
         load_cascade(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("stop", [2, 4])  # in the rough stage, in the fine stage
+def test_resume_reproduces_the_uninterrupted_cascade(tiny_cells: Path, tmp_path: Path, stop: int) -> None:
+    whole = tiny_cascade(tiny_cells, tmp_path / "whole", val_every=2)
+    part = tmp_path / "part"
+    first = tiny_cascade(tiny_cells, part, val_every=2, stop_after=stop)
+    assert first["steps"] == stop and not is_cascade(part)
+    with pytest.raises(FlexPatchError, match="not empty .* --resume"):
+        tiny_cascade(tiny_cells, part, val_every=2)
+    with pytest.raises(FlexPatchError, match="cannot resume with a different lr"):
+        tiny_cascade(tiny_cells, part, val_every=2, lr=0.5, resume=True)
+    done = train_cascade(tiny_cells, part, None, device="cpu", progress=False, resume=True)
+    assert done["steps"] == whole["steps"] == 6 and is_cascade(part)
+    assert done["best_val_dice"] == whole["best_val_dice"]
+    for stage in ("rough", "fine"):
+        for name in ("model_best.pt", "model_last.pt"):
+            a, b = (load_checkpoint(m / stage / name)["model"] for m in (tmp_path / "whole", part))
+            assert all(torch.equal(a[k], b[k]) for k in a), f"{stage}/{name}"
+    read = lambda m: [json.loads(x) for x in (m / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    logs = [read(tmp_path / "whole"), read(part)]
+    assert logs[0] == logs[1] and len(logs[0]) == 6
+
+
+def test_resume_needs_a_started_cascade(tiny_cells: Path, tmp_path: Path) -> None:
+    with pytest.raises(FlexPatchError, match="nothing to resume from"):
+        train_cascade(tiny_cells, tmp_path / "none", None, device="cpu", progress=False, resume=True)

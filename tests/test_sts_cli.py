@@ -250,3 +250,16 @@ def test_benchmark_targets_and_table(benchmark: ModuleType) -> None:
     assert "+0.250" in lesions and lesions.endswith(": MISSED)")  # higher Dice, lower recall
     table = benchmark.results_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and "| cells 2D | 32 | cascade | 0.806 ± 0.100 |" in table[3]
+
+
+def test_cli_resumes_an_interrupted_cascade(tiny_cells, tmp_path):
+    config = CascadeConfig(input_size=16, steps=2, batch=2, jitter=4, val_every=2, min_side=2,
+                           model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2})  # fmt: skip
+    train_cascade(tiny_cells, tmp_path / "sts", config, device="cpu", progress=False, stop_after=3)
+    assert not (tmp_path / "sts" / "cascade.json").exists()
+    cmd = [sys.executable, "-m", "flexpatch", "train", str(tiny_cells), "--out", str(tmp_path / "sts"),
+           "--resume", "--device", "cpu", "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 4 and (tmp_path / "sts" / "cascade.json").is_file()

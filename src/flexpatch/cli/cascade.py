@@ -39,6 +39,18 @@ def train_cli(
     except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
         raise FlexPatchError(f"--cascade-options: {e}") from None
     result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json, overwrite=overwrite)
+    _report(result, as_json)
+
+
+def resume_cli(dataset_dir: Path, out: Path, device: str, as_json: bool) -> None:
+    """``train --resume`` of a cascade: its checkpoint's config, from where each stage stopped."""
+    from flexpatch.train.cascade import train_cascade
+
+    result = train_cascade(dataset_dir, out, None, device=device, progress=not as_json, resume=True)
+    _report(result, as_json)
+
+
+def _report(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json({k: finite(v) if isinstance(v, float) else v for k, v in result.items()})
     else:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flexpatch.cli.cascade import resume_cli as cascade_resume_cli
 from flexpatch.cli.cascade import train_cli as cascade_train_cli
 from flexpatch.cli.common import (
     DeviceOpt,
@@ -172,12 +173,7 @@ def train(
 ) -> None:
     """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork."""
     args = SimpleNamespace(**locals())
-    from flexpatch.patchwork.files import RESUME
-
-    if resume and overwrite:
-        raise FlexPatchError(f"{out}: --resume continues the folder's run, --overwrite replaces it")
-    if patchwork or (resume and (out / RESUME).is_file()):
-        _train_patchwork(args)
+    if _train_patchwork_or_resume(args):
         return
     if cascade_options and cascade is None:
         raise FlexPatchError("--cascade-options is for --cascade sts")
@@ -189,6 +185,23 @@ def train(
         _train_cascade(args)
     else:
         _train_network(args)
+
+
+def _train_patchwork_or_resume(args: SimpleNamespace) -> bool:
+    """A patchwork run, or the resume of a patchwork's or a cascade's (known by its checkpoint);
+    False for the rest."""
+    from flexpatch.patchwork.files import RESUME
+    from flexpatch.train.checkpoint import LAST
+
+    if args.resume and args.overwrite:
+        raise FlexPatchError(f"{args.out}: --resume continues the folder's run, --overwrite replaces it")
+    if args.patchwork or (args.resume and (args.out / RESUME).is_file()):
+        _train_patchwork(args)
+        return True
+    if args.resume and (args.out / "rough" / LAST).is_file():  # a cascade: its checkpoint has the rest
+        cascade_resume_cli(args.dataset_dir, args.out, args.device, args.as_json)
+        return True
+    return False
 
 
 def _train_patchwork(args: SimpleNamespace) -> None:
@@ -214,7 +227,7 @@ def _train_cascade(args: SimpleNamespace) -> None:
     if args.init_from is not None:
         raise FlexPatchError("--init-from is for single networks, not --cascade")
     if args.resume:
-        raise FlexPatchError(f"{args.out}: --resume is not built for cascades yet; retrain with --overwrite")
+        raise FlexPatchError(f"{args.out / 'rough' / 'model_last.pt'}: nothing to resume from")
     flags = dict(input_size=args.input_size, model=args.model, model_kwargs=args.model_kwargs,
                  steps=args.steps or DEFAULT_STEPS, batch=args.batch, lr=args.lr, seed=args.seed)  # fmt: skip
     options = parse_options(args.cascade_options, "--cascade-options")

@@ -22,14 +22,12 @@ import numpy as np
 import torch
 
 from flexpatch.data.dataset import DatasetInfo, load_dataset
-from flexpatch.data.io import save_json
+from flexpatch.data.io import save_json, write_text
 from flexpatch.data.preprocess import load_preprocessed
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.cascade import (
     CASCADE_FILE,
-    FUSIONS,
-    OVERSIZE,
     Box,
     boxes_from_extents,
     crop_resize,
@@ -45,112 +43,19 @@ from flexpatch.runtime import (
     generator,
     progress_bar,
     resolve_device,
+    rng_state,
     seed_everything,
+    set_rng_state,
 )
+from flexpatch.train.cascade_config import CascadeConfig
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from flexpatch.train.config import TrainConfig, config_from_json
-from flexpatch.train.harness import claim_folder
+from flexpatch.train.config import TrainConfig
+from flexpatch.train.harness import claim_folder, resume_settings
 from flexpatch.train.loop import make_optimizer, prepare, split_cases
 from flexpatch.train.step import Divergence, advance, guarded_step
 
 STAGES = ("rough", "fine")
 CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
-
-
-@dataclass(frozen=True)
-class CascadeConfig:
-    """Everything that decides a segment-then-segment run; saved in ``cascade.json``.
-
-    Attributes:
-        input_size: S, the network input per axis for both stages (the paper: 32 to 256).
-        steps: optimiser steps of the rough stage.
-        fine_steps: steps of the fine stage; None means ``steps``.
-        batch: images per step (the fine stage takes one random object crop of each).
-        jitter: the fine stage's box augmentation: an integer in ``[-jitter, jitter]`` added
-            to every box start and size (the paper: 16 pixels).
-        fine_from_rough: start the fine network from the rough one's best weights.
-        model, model_kwargs: the registered network used by both stages.
-        lr, optimizer, weight_decay, poly_power: as :class:`TrainConfig`.
-        val_every: validate every this many steps and at the end (baseline Dice for the
-            rough stage, cascade Dice for the fine stage); the best weights are kept.
-        val_fraction: share of cases held out for validation.
-        fuse: default fusion at inference: ``or`` (thresholded masks, the paper) or ``max``.
-        min_side: components of the rough mask with a side under this many voxels are noise.
-        per_class: one box per component of each class (else of the foreground as a whole).
-        oversize: a padded box larger than the image: ``drop`` (the authors) or ``clip``.
-        amp: bfloat16 autocast on CUDA.
-        target_spacing: resampling spacing in mm; None means the dataset's median.
-        seed: seeds the split, the weights and every draw.
-    """
-
-    input_size: int = 64
-    steps: int = 1000
-    fine_steps: int | None = None
-    batch: int = 8
-    jitter: int = 16
-    fine_from_rough: bool = True
-    model: str = "unet"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 3e-5
-    poly_power: float = 0.9
-    val_every: int = 100
-    val_fraction: float = 0.2
-    fuse: str = "or"
-    min_side: int = 5
-    per_class: bool = True
-    oversize: str = "drop"
-    amp: bool = True
-    target_spacing: tuple[float, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.input_size < 4:
-            raise FlexPatchError(f"input size must be >= 4, got {self.input_size}")
-        if self.fine_steps is not None and self.fine_steps < 1:
-            raise FlexPatchError(f"fine steps must be >= 1, got {self.fine_steps}")
-        if self.jitter < 0 or self.min_side < 0:
-            raise FlexPatchError(f"jitter and min side must be >= 0, got {self.jitter} and {self.min_side}")
-        if self.fuse not in FUSIONS:
-            raise FlexPatchError(f"unknown fusion {self.fuse!r}; choose one of {', '.join(FUSIONS)}")
-        if self.oversize not in OVERSIZE:
-            raise FlexPatchError(
-                f"unknown oversize rule {self.oversize!r}; choose one of {', '.join(OVERSIZE)}"
-            )
-        self.stage("rough")  # the shared settings (steps, batch, lr, ...) are checked by TrainConfig
-
-    def stage(self, name: str) -> TrainConfig:
-        """The :class:`TrainConfig` of one stage (saved as its ``config.json``; its patch is S)."""
-        steps = self.fine_steps if name == "fine" and self.fine_steps is not None else self.steps
-        return TrainConfig(
-            model=self.model,
-            model_kwargs=dict(self.model_kwargs),
-            patch=str(self.input_size),
-            steps=steps,
-            batch=self.batch,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            poly_power=self.poly_power,
-            val_every=self.val_every,
-            val_fraction=self.val_fraction,
-            workers=0,
-            amp=self.amp,
-            target_spacing=self.target_spacing,
-            seed=self.seed,
-        )
-
-    def rules(self) -> dict[str, Any]:
-        """The box rules inference must share with training."""
-        return {"min_side": self.min_side, "per_class": self.per_class, "oversize": self.oversize}
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CascadeConfig:
-        return config_from_json(cls, d, tuples=("target_spacing",))
 
 
 class _Cases:
@@ -239,6 +144,40 @@ def validate_cascade(
     return float(torch.nanmean(torch.stack(scores).float()))
 
 
+@dataclass
+class _Stage:
+    """Where one stage of a run stands: its step, best validation Dice, last loss and skipped steps."""
+
+    step: int = 0
+    best: float = -1.0
+    loss: float = float("nan")
+    divergence: Divergence = field(default_factory=Divergence)
+
+
+def _stage_state(
+    net: torch.nn.Module, opt: Any, sched: Any, at: _Stage, config: CascadeConfig
+) -> dict[str, Any]:
+    """Everything a resumed stage needs, and the run's config (a resume compares it, not a file)."""
+    return {
+        "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "step": at.step, "val_mean": at.best, "loss": at.loss,
+        "divergence": dataclasses.asdict(at.divergence), "rng": rng_state(), "cascade": config.to_json(),
+    }  # fmt: skip
+
+
+def _restore_stage(state: dict[str, Any], path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> _Stage:
+    try:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        div = Divergence(**state["divergence"])
+        return _Stage(int(state["step"]), float(state["val_mean"]), float(state["loss"]), div)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlexPatchError(f"{path}: does not fit this cascade ({reason})") from None
+
+
 def _train_stage(
     stage: str,
     net: torch.nn.Module,
@@ -249,48 +188,57 @@ def _train_stage(
     dev: torch.device,
     out_dir: Path,
     progress: bool,
-) -> tuple[float, float]:
-    """Train one stage into ``out_dir/stage/model_{best,last}.pt``; returns its best Dice and last loss."""
+    saved: dict[str, Any] | None = None,
+    end: int | None = None,
+) -> _Stage:
+    """Train one stage into ``out_dir/stage/model_{best,last}.pt``, from ``saved`` (a resumed
+    stage's last checkpoint) on, up to step ``end`` (default: the stage's steps)."""
     from monai.losses import DiceCELoss  # seconds to import: only once the inputs are checked
 
     tc = config.stage(stage)
     net.to(dev).train()
     opt, sched = make_optimizer(net, tc)
     loss_fn, folder = DiceCELoss(to_onehot_y=True, softmax=True), out_dir / stage
-    amp, best, loss, divergence = tc.amp and dev.type == "cuda", -1.0, float("nan"), Divergence()
+    at = _restore_stage(saved, folder / LAST, net, opt, sched) if saved else _Stage()
+    end = tc.steps if end is None else min(end, tc.steps)
+    amp = tc.amp and dev.type == "cuda"
     with progress_bar(disable=not progress) as bar, (out_dir / "log.jsonl").open("a") as log:
-        task = bar.add_task(stage, total=tc.steps, info="")
-        for step in range(1, tc.steps + 1):
+        task = bar.add_task(stage, total=tc.steps, completed=at.step, info="")
+        for step in range(at.step + 1, end + 1):
             g = generator("flexpatch-sts", stage, config.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
             x, y = sample(cases, config.input_size, idx, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
             stepped = guarded_step(loss_t, opt, net.parameters(), None)  # seed 05 trains unclipped
-            divergence.update(stepped, step, str(folder))
+            at.divergence.update(stepped, step, str(folder))
             advance(sched, stepped)
-            loss = float(loss_t.detach())
-            record: dict[str, Any] = {
-                "stage": stage,
-                "step": step,
-                "loss": loss,
-                "lr": sched.get_last_lr()[0],
-            }
+            at.step, at.loss = step, float(loss_t.detach())
+            record: dict[str, Any] = {"stage": stage, "step": step, "loss": at.loss}
+            record["lr"] = sched.get_last_lr()[0]
             if not stepped:
                 record["skipped"] = True
             if step % tc.val_every == 0 or step == tc.steps:
-                record["val_dice"] = dice = validate(net)
-                # NaN (nothing to score) never improves, but the first validation always saves
-                if dice > best or not (folder / BEST).exists():
-                    best = dice if dice > best else best
-                    save_checkpoint(
-                        folder / BEST, {"model": net.state_dict(), "step": step, "val_mean": dice}
-                    )
+                record["val_dice"] = _validate_and_save(net, validate, at, folder)
+                save_checkpoint(folder / LAST, _stage_state(net, opt, sched, at, config))
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.update(task, completed=step, info=f"loss {loss:.3f}  val Dice {best:.3f}")
-    save_checkpoint(folder / LAST, {"model": net.state_dict(), "step": tc.steps, "val_mean": best})
-    return best, loss
+            bar.update(task, completed=step, info=f"loss {at.loss:.3f}  val Dice {at.best:.3f}")
+    if at.step < tc.steps or not (folder / LAST).is_file():  # stopped early: where to go on from
+        save_checkpoint(folder / LAST, _stage_state(net, opt, sched, at, config))
+    return at
+
+
+def _validate_and_save(
+    net: torch.nn.Module, validate: Callable[[torch.nn.Module], float], at: _Stage, folder: Path
+) -> float:
+    """Validate; keep the weights when they improve (the first validation always saves)."""
+    dice = validate(net)
+    # NaN (nothing to score) never improves, but the first validation always saves
+    if dice > at.best or not (folder / BEST).exists():
+        at.best = dice if dice > at.best else at.best
+        save_checkpoint(folder / BEST, {"model": net.state_dict(), "step": at.step, "val_mean": dice})
+    return dice
 
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
@@ -308,10 +256,10 @@ def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Mo
     return net
 
 
-def _stage_folder(folder: Path, net: torch.nn.Module, out_dir: Path, tc: TrainConfig) -> None:
+def _stage_folder(folder: Path, net: torch.nn.Module, out_dir: Path, tc: TrainConfig, resumed: bool) -> None:
     """An ordinary model folder (model.json, plan.json, config.json) beside the weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (BEST, LAST):  # an earlier run's weights must not stand in for this one's
+    for name in () if resumed else (BEST, LAST):  # an earlier run's weights must not stand in
         (folder / name).unlink(missing_ok=True)
     save_json(folder / "model.json", net.spec.to_json())
     save_json(folder / "config.json", tc.to_json())
@@ -325,32 +273,38 @@ def train_cascade(
     device: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the rough and the fine network of a segment-then-segment cascade.
 
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
         out_dir: the cascade folder (see the module docstring); ``predict_cascade_files`` reads it.
-        config: the run's settings.
+        config: the run's settings (on ``resume``: None, or equal to the checkpoint's).
         device: ``auto``, ``cpu``, ``cuda``.
         progress: show progress bars on stderr.
         overwrite: replace the cascade folder of an earlier run (a non-empty ``out_dir`` is refused
             otherwise).
+        resume: continue the run in ``out_dir`` exactly where it stopped (each stage keeps
+            ``model_last.pt`` at every validation; draws are a function of (seed, stage, step)).
+        stop_after: stop (saving where the run stands) after this many steps of both stages
+            together, as an interruption would.
 
     Returns:
         ``model_dir``, ``steps`` (both stages), ``best_val_dice`` (the cascade),
         ``baseline_val_dice`` (the rough model alone), ``last_loss`` (fine stage) and ``seconds``.
     """
-    config = config or CascadeConfig()
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    config, saved = _resolve(out_dir, config, resume)
     dev = resolve_device(device)
     ds = load_dataset(dataset_dir)
     rough = _check(ds, out_dir, config)
-    claim_folder(out_dir, "model folder", resume=False, overwrite=overwrite)
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
-    plan, paths = prepare(ds, out_dir, config.stage("rough"), progress)
+    plan, paths = prepare(ds, out_dir, config.stage("rough"), progress, resume)
     (out_dir / CASCADE_FILE).unlink(missing_ok=True)  # an old run's marker must not outlive it
-    (out_dir / "log.jsonl").unlink(missing_ok=True)
+    _start_log(out_dir / "log.jsonl", saved)
     train_paths, val_paths = split_cases(paths, config.val_fraction, config.seed)
     train_cases, val_cases = _Cases(train_paths, config.per_class), _Cases(val_paths, config.per_class)
     console.print(
@@ -358,36 +312,74 @@ def train_cascade(
         f"cases (val {len(val_paths)}), batch {config.batch}, device {dev}"
     )
     k = plan.num_classes
-    _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"))
-    base, _ = _train_stage(
-        "rough",
-        rough,
-        train_cases,
-        _rough_sample,
-        lambda net: validate_cascade(net, None, val_cases, config, k, dev),
-        config,
-        dev,
-        out_dir,
-        progress,
-    )
+    _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
+    validate = lambda net: validate_cascade(net, None, val_cases, config, k, dev)  # noqa: E731
+    base = _train_stage("rough", rough, train_cases, _rough_sample, validate, config, dev, out_dir, progress,
+                        saved.get("rough"), stop_after)  # fmt: skip
+    if base.step < config.steps:
+        return _summary(out_dir, base.step, float("nan"), base, t0)
     rough.load_state_dict(load_checkpoint(out_dir / "rough" / BEST, map_location=dev)["model"])
     rough.eval()
+    fine = _fine_net(rough, config)
+    _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"), "fine" in saved)
+    validate = lambda net: validate_cascade(rough, net, val_cases, config, k, dev)  # noqa: E731
+    left = None if stop_after is None else stop_after - config.steps
+    at = _train_stage("fine", fine, train_cases, _fine_sampler(config), validate, config, dev, out_dir,
+                      progress, saved.get("fine"), left)  # fmt: skip
+    if at.step < config.stage("fine").steps:
+        return _summary(out_dir, config.steps + at.step, at.best, base, t0, at.loss)
+    _finish(out_dir, config)
+    return _summary(out_dir, config.steps + at.step, at.best, base, t0, at.loss)
+
+
+def _resolve(
+    out_dir: Path, config: CascadeConfig | None, resume: bool
+) -> tuple[CascadeConfig, dict[str, dict[str, Any]]]:
+    """The run's config and, on resume, each started stage's last checkpoint (by stage name)."""
+    if not resume:
+        return config or CascadeConfig(), {}
+    path = out_dir / "rough" / LAST
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: nothing to resume from")
+    saved = {s: load_checkpoint(out_dir / s / LAST) for s in STAGES if (out_dir / s / LAST).is_file()}
+    if "cascade" not in saved["rough"]:
+        raise FlexPatchError(f"{path}: written by a version without cascade resume; train again")
+    given = config.to_json() if config is not None else None
+    try:
+        resolved = CascadeConfig.from_json(resume_settings(path, saved["rough"]["cascade"], given, None, ()))
+    except (TypeError, ValueError) as e:
+        raise FlexPatchError(f"{path}: its config does not fit this version ({e})") from None
+    return resolved, saved
+
+
+def _start_log(log_path: Path, saved: dict[str, dict[str, Any]]) -> None:
+    """A new run starts an empty log; a resumed one drops what was logged after its checkpoints."""
+    if not saved:
+        log_path.unlink(missing_ok=True)
+        return
+    if not log_path.is_file():
+        return
+    done = {stage: int(state["step"]) for stage, state in saved.items()}
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if int(record["step"]) <= done.get(record["stage"], 0):
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line a crash cut short
+    write_text(log_path, "".join(keep))
+
+
+def _fine_net(rough: torch.nn.Module, config: CascadeConfig) -> torch.nn.Module:
     seed_everything(config.seed + 1)  # a fresh fine network differs from the rough one's start
     fine = build(rough.spec)
     if config.fine_from_rough:
         fine.load_state_dict(rough.state_dict())
-    _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"))
-    best, loss = _train_stage(
-        "fine",
-        fine,
-        train_cases,
-        _fine_sampler(config),
-        lambda net: validate_cascade(rough, net, val_cases, config, k, dev),
-        config,
-        dev,
-        out_dir,
-        progress,
-    )
+    return fine
+
+
+def _finish(out_dir: Path, config: CascadeConfig) -> None:
     # no sliding window: the rough net sees the whole image resized, the fine net one crop per object
     write_method(out_dir, "segment-then-segment")
     # last: the file marks a complete cascade folder (load_cascade reads its top-level fields)
@@ -396,12 +388,16 @@ def train_cascade(
         out_dir / CASCADE_FILE,
         {**meta, **config.rules(), "rough": "rough", "fine": "fine", "config": config.to_json()},
     )
-    steps = config.steps + (config.fine_steps or config.steps)
+
+
+def _summary(
+    out_dir: Path, steps: int, best: float, base: _Stage, t0: float, loss: float = float("nan")
+) -> dict[str, Any]:
     return {
         "model_dir": str(out_dir),
         "steps": steps,
         "best_val_dice": best,
-        "baseline_val_dice": base,
+        "baseline_val_dice": base.best,
         "last_loss": loss,
         "seconds": round(time.perf_counter() - t0, 1),
     }
