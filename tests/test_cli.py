@@ -177,7 +177,10 @@ def test_help_of_a_command_exits_0() -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "code", "line"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+)
+def test_ctrl_c_and_sigterm_are_one_line(tmp_path: Path, name: str, code: int, line: str) -> None:
     import signal
 
     out = tmp_path / "ph"
@@ -195,9 +198,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     while not (out / "labelsTr" / "phantom_000.nii.gz").exists():  # the command is running
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, name))
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.splitlines() == ["interrupted"] and stdout == "", stderr
+    assert proc.returncode == code and stderr.splitlines() == [line] and stdout == "", stderr
+    # what was being written when the signal came is removed, not left half-written
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
 
 
 def test_cli_modules_import_only_downward() -> None:

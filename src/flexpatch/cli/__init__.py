@@ -11,6 +11,7 @@ command line parser refuses, is printed as one line on stderr with exit code 2, 
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -28,6 +29,17 @@ except ImportError:  # pragma: no cover - older typer on click
 __all__ = ["app", "main"]
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C, which typer also returns for it
+TERMINATED = 143  # the shell's code for SIGTERM (a scheduler's or a container's stop)
+
+
+_signals: list[int] = []  # the signals received (typer turns any KeyboardInterrupt into code 130)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C, raised where the program stands: every cleanup of Ctrl-C (temporary files
+    removed, a training's checkpoint kept) runs for it too."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +53,8 @@ for _module in (data, train, predict, demo, analysis):
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130, SIGTERM 143."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(standalone_mode=False)  # parser errors come back as exceptions, not usage boxes
     except UsageError as e:
@@ -57,8 +70,10 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         code = INTERRUPTED
-    if code == INTERRUPTED:
-        typer.echo("interrupted", err=True)
+    if code == INTERRUPTED and signal.SIGTERM in _signals:
+        code = TERMINATED
+    if code in (INTERRUPTED, TERMINATED):
+        typer.echo("interrupted" if code == INTERRUPTED else "terminated", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
