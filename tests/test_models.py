@@ -173,7 +173,7 @@ def test_seed01_unet_structure(ndim: int) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == _expected_unet_params(ndim, 1, 6)
     if ndim == 3:
-        assert n_params == 3_328_854  # "about 3.3 M U-Net weights" (REFERENCE.md §1)
+        assert n_params == 3_328_854  # "about 3.3 M U-Net weights" (the authors' code)
     shallow = create_model("unet", ndim, levels=2, convs_per_level=3)
     assert shallow.divisor == (4,) * ndim and len(shallow.encoder) == 3
     assert all(len(_convs(stage)) == 3 for stage in shallow.encoder)

@@ -1,4 +1,4 @@
-"""Progressive growing of the patch size (seed 03): the schedule and the stream that follows it."""
+"""Progressive growing of the patch size: the schedule and the stream that follows it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from flexpatch.sampling import (
 )
 from flexpatch.sampling.progressive import growth_sizes
 
-# REFERENCE.md section 3 / the authors' PGPS trainers: 128^3 with 5 pools per axis.
+# the authors' PGPS trainers: 128^3 with 5 pools per axis.
 PAPER_SIZES = [
     (64, 32, 32),
     (64, 64, 32),

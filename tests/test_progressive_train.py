@@ -1,4 +1,4 @@
-"""Progressive growing of the patch size (seed 03) inside the training loop, and its CLI schedule.
+"""Progressive growing of the patch size inside the training loop, and its CLI schedule.
 
 The schedule itself is tested in test_progressive.py; here the loop must follow it step by
 step, resume mid-stage exactly, write a checkpoint at every stage switch, and train a UNETR
@@ -46,7 +46,7 @@ TINY_UNETR = {
 }
 UNETR_SIZES = [(16, 8, 8), (16, 16, 8), (16, 16, 16), (24, 16, 16), (24, 24, 16), (24, 24, 24)]
 UNETR_SIZES += [(32, 24, 24), (32, 32, 24), (32, 32, 32)]
-# REFERENCE.md section 3: 128^3 with 5 pools per axis
+# the authors' PGPS trainers: 128^3 with 5 pools per axis
 PAPER_SIZES = [(64, 32, 32), (64, 64, 32), (64, 64, 64), (96, 64, 64), (96, 96, 64), (96, 96, 96)]
 PAPER_SIZES += [(128, 96, 96), (128, 128, 96), (128, 128, 128)]
 

@@ -1,4 +1,4 @@
-"""Patch-size sweeps and model comparison (seed 01's Tables 1 and 2 with Wilcoxon tests)."""
+"""Patch-size sweeps and model comparison (the hypernetwork paper's Tables 1 and 2, Wilcoxon tests)."""
 
 from __future__ import annotations
 

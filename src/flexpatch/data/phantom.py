@@ -3,7 +3,7 @@
 Nothing is downloaded: ``make_phantom`` writes an nnU-Net v2 raw dataset that
 behaves like the real problems the papers study.
 
-*abdomen* mimics multi-organ CT (seed 01): an elliptic body with a muscle wall,
+*abdomen* mimics multi-organ CT (as the hypernetwork paper's data): an elliptic body with a muscle wall,
 spine, paraspinal muscles, aorta, vena cava and unlabelled bowel, and five
 labelled organs plus liver lesions. Liver and spleen look alike and the two
 kidneys look identical, so only global context (which side of the spine a
@@ -15,7 +15,7 @@ anatomy is laid out in field-of-view units ([-1, 1] per axis), so it fills any
 matrix shape; spacing only sets the affine and the blur in millimetres. A 2D
 abdomen is one axial slice through the kidneys.
 
-*cells* mimics the nuclei images of segment-then-segment (seed 05): a dark,
+*cells* mimics the nuclei images of segment-then-segment: a dark,
 unevenly lit background with 5 to 40 bright ellipses (ellipsoids in 3D).
 """
 

@@ -1,4 +1,4 @@
-"""Comparing models over a patch-size sweep: seed 01's Tables 1 and 2 with Wilcoxon tests.
+"""Comparing models over a patch-size sweep: the hypernetwork paper's Tables 1 and 2, with Wilcoxon tests.
 
 Table 1 averages Dice over every swept size (isotropic and random anisotropic),
 Table 2 over the isotropic sizes only. Models are compared pairwise with the
@@ -105,7 +105,7 @@ def compare(report_dirs: Sequence[Path]) -> dict:
 
 
 def markdown_table(table: dict[str, dict[str, float]], tests: Sequence[dict] | None = None) -> str:
-    """A Markdown table, models as rows and classes as columns (seed 01's layout)."""
+    """A Markdown table, models as rows and classes as columns (the hypernetwork paper's layout)."""
     classes = list(next(iter(table.values())))
     lines = ["| model | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for model, row in table.items():

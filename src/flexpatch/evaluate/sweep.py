@@ -1,6 +1,6 @@
 """Dice against patch size: segment test cases at many windows, tabulate and plot.
 
-The evidence behind seed 01: a network trained at one patch size loses Dice at
+Why patch-size augmentation and the hypernetwork exist: a network trained at one patch size loses Dice at
 smaller windows unless it was trained with patch-size augmentation.
 """
 

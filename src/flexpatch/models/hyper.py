@@ -1,4 +1,4 @@
-"""The patch-size hypernetwork (seed 01): an MLP on the window size predicts a network's weights.
+"""The patch-size hypernetwork: an MLP on the window size predicts a network's weights.
 
 :class:`PatchSizeHypernet` wraps any ``nn.Module`` (every registered model). A small
 MLP (the *trunk*, ``layers`` fully connected layers of ``hidden`` units with ReLU) reads

@@ -1,4 +1,4 @@
-"""The ViT token size for a class of objects, from the sizes of its connected components (seed 02).
+"""The ViT token size for a class of objects, from the sizes of its connected components.
 
 Seed 02 finds that the best token size of a UNETR follows the mean lesion volume but
 publishes no formula. The one used here: the token edge is the diameter of the sphere

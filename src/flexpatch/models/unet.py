@@ -1,4 +1,4 @@
-"""The U-Net of the patch-size hypernetwork paper (seed 01), in 2D and 3D.
+"""The U-Net of the patch-size hypernetwork paper, in 2D and 3D.
 
 Every level holds ``convs_per_level`` convolutions: the input level starts with a
 stride-1 convolution from the image channels, deeper levels with a stride-2

@@ -1,4 +1,4 @@
-"""UNETR with any token size and any input size (seed 02), plus FlexiViT's token resize.
+"""UNETR with any token size and any input size, plus FlexiViT's token resize.
 
 MONAI's UNETR fixes the ViT token (patch) size at 16 and the input size at build time.
 :class:`FlexUNETR` keeps its parts and parameter names (a MONAI UNETR state dict loads

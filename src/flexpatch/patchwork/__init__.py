@@ -1,1 +1,1 @@
-"""Deep Neural Patchworks (seed 04): nested multi-scale patches, hard mining, candidate sampling."""
+"""Deep Neural Patchworks: nested multi-scale patches, hard mining, candidate sampling."""

@@ -15,7 +15,7 @@ class PatchworkConfig:
     """Everything a patchwork run needs besides the data (written to ``patchwork.json``).
 
     ``scheme`` holds the :class:`Scheme` options; the rest mirrors DNP's PatchWorkModel and
-    training options (seed 04, section "Application interface").
+    training options (deep neural patchworks, section "Application interface").
     """
 
     scheme: dict[str, Any] = field(default_factory=dict)

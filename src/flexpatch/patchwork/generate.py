@@ -42,7 +42,7 @@ class Level:
 
 @dataclass(frozen=True)
 class Augment:
-    """Patch-affine augmentation, frame = R1 @ diag(scale * flip) @ R2 (seed 04).
+    """Patch-affine augmentation, frame = R1 @ diag(scale * flip) @ R2.
 
     Attributes:
         dphi: rotation width in radians (normal angle in 2D; normal quaternion in 3D).

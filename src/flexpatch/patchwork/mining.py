@@ -1,4 +1,4 @@
-"""Hard mining on the patch level (seed 04, REFERENCE.md section 4).
+"""Hard mining on the patch level (deep neural patchworks, as the authors' code).
 
 After each training round, DNP keeps the ``1 - 1/(1+h)`` fraction of the round's patches that were
 hardest (highest loss, lowest F1, or rarest labels) and joins them with freshly drawn ones, so rare

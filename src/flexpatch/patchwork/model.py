@@ -1,4 +1,4 @@
-"""The network of deep neural patchworks (seed 04): one block per level, coarse to fine.
+"""The network of deep neural patchworks: one block per level, coarse to fine.
 
 Level ``n`` sees its image crop ``I_n`` and the crop ``C_n`` of its parent's output at its own
 voxels: ``X_n = B_n([I_n, C_n])``. Level 0 has no parent; it gets zeros in the forwarded

@@ -1,4 +1,4 @@
-"""The patching scheme of a deep neural patchwork (seed 04): nested patches from coarse to fine.
+"""The patching scheme of a deep neural patchwork: nested patches from coarse to fine.
 
 A level's patches are described in a physical frame ``F`` (millimetres): in the ``matrix``
 system ``F`` is the image's voxel grid scaled by the voxel size (patches follow the
@@ -11,7 +11,7 @@ level's width ``w`` (mm per patch axis) sampled on the level's matrix ``m``:
 
 and :meth:`Geometry.to_index` turns that into the geometry core's affine (patch voxel index
 -> image voxel index). Widths are geometric between the coarsest field of view and the
-finest voxel size, exactly as the authors' code (REFERENCE.md section 4).
+finest voxel size, exactly as the authors' code.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Patch sampling: which patch sizes and centres training sees, and the batch stream.
 
-Patch sizes are fixed, drawn (seed 01's augmentation) or scheduled over the run
-(seed 03's progressive growing, :mod:`flexpatch.sampling.progressive`).
+Patch sizes are fixed, drawn (patch-size augmentation) or scheduled over the run
+(progressive growing, :mod:`flexpatch.sampling.progressive`).
 
 Random draws use an explicit ``torch.Generator`` and feed deterministic functions,
 so every draw can be logged and replayed (TorchIO's random/deterministic split).

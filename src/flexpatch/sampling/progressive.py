@@ -1,8 +1,8 @@
-"""Progressive growing of the patch size (seed 03): a curriculum from small to planned patches.
+"""Progressive growing of the patch size: a curriculum from small to planned patches.
 
 Fischer et al. (MICCAI 2024) train on the smallest patch the network accepts and grow it
 in equal shares of the run to the planned size. The rules follow the authors' nnU-Net
-trainers (``nnUNetTrainer_PGPS``, ``_PGPSplus``, ``_RPSS``; see REFERENCE.md section 3):
+trainers (``nnUNetTrainer_PGPS``, ``_PGPSplus``, ``_RPSS``):
 
 - The largest size is the planned patch; the smallest is ``2**pools`` per axis (one
   bottleneck voxel), the first axis twice that (a 2x1x1 bottleneck).

@@ -9,13 +9,13 @@ Spec grammar (``ndim`` axes, sizes in voxels):
 
 - ``64,64,64`` or ``64`` (isotropic): a fixed size.
 - ``uniform:32-192``: each axis independently uniform over the multiples of the
-  divisor in ``[32, 192]`` (seed 01's patch-size augmentation); per-axis ranges as
+  divisor in ``[32, 192]`` (patch-size augmentation); per-axis ranges as
   ``uniform:32-192,32-192,16-64``.
 - ``uniform-iso:32-192``: one value for all axes.
 - ``list:32x32x32,64x64x64`` (or ``list:32,64``, isotropic items): uniform over a list.
 
 Other kinds plug in through :func:`register_size_kind`; ``progressive:MODE:SIZE``
-(seed 03, :mod:`flexpatch.sampling.progressive`) is one, and it also needs the run's
+(progressive growing, :mod:`flexpatch.sampling.progressive`) is one, and it also needs the run's
 batch size and number of steps (``parse_patch_spec(..., batch=, steps=)``).
 
 A sampler may also follow the training step (:class:`StepSizeSampler`: ``size_at`` and

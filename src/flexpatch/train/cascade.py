@@ -1,4 +1,4 @@
-"""Training segment-then-segment (seed 05): a rough network on whole images resized to S, then a
+"""Training segment-then-segment: a rough network on whole images resized to S, then a
 fine network on ground-truth object crops resized to S.
 
 A cascade folder holds ``cascade.json`` (written last: its presence marks a complete run), the
@@ -210,7 +210,7 @@ def _train_stage(
             x, y = sample(cases, config.input_size, idx, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
-            stepped = guarded_step(loss_t, opt, net.parameters(), None)  # seed 05 trains unclipped
+            stepped = guarded_step(loss_t, opt, net.parameters(), None)  # the paper trains unclipped
             at.divergence.update(stepped, step, str(folder))
             advance(sched, stepped)
             at.step, at.loss = step, float(loss_t.detach())

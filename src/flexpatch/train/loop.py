@@ -242,7 +242,7 @@ def _batches(
     dev: torch.device,
 ) -> Iterator[dict[str, Any]]:
     """Batches ``start .. end - 1`` of the run's stream (the same whatever ``config.workers``)."""
-    # seed 03 oversamples foreground at 0.5 while the patch grows (all three of its trainers)
+    # progressive growing oversamples foreground at 0.5 while the patch grows (all three of its trainers)
     growing = isinstance(sizes, ProgressiveSchedule)
     sampling = SamplingConfig(
         batch_size=config.batch,

@@ -1,4 +1,5 @@
-"""Start a training run from another model's weights (seed 02: pretrain on large lesions, fine-tune on small).
+"""Start a training run from another model's weights (the ViT token-size paper: pretrain on large
+lesions, fine-tune on small).
 
 Every tensor of the new network whose name and shape match one in the source model
 folder is copied; the rest keep their fresh initialisation and are listed with the
