@@ -30,6 +30,7 @@ from flexpatch.models.registry import check_trainable
 from flexpatch.runtime import (
     check_writable,
     console,
+    numpy_rng,
     progress_bar,
     resolve_device,
     rng_state,
@@ -117,7 +118,7 @@ def split_cases(cases: Sequence[T], fraction: float, seed: int) -> tuple[list[T]
     """A seeded train/validation split, each part in the given order; a single case is used for both."""
     if len(cases) < 2:
         return list(cases), list(cases)
-    order = np.random.default_rng(seed).permutation(len(cases))
+    order = numpy_rng(seed).permutation(len(cases))
     val = set(order[: max(1, round(fraction * len(cases)))].tolist())
     return [c for i, c in enumerate(cases) if i not in val], [c for i, c in enumerate(cases) if i in val]
 
