@@ -87,3 +87,20 @@ def test_an_output_folder_holding_an_input_is_refused(tmp_path: Path, where: str
         cases_for([images], 1, out)
     assert (images / "case_0000.nii.gz").read_bytes() == b"x"
     assert cases_for([images], 1, images / "pred") == {"case": [images / "case_0000.nii.gz"]}
+
+
+@pytest.mark.parametrize(
+    ("labels", "needle"),
+    [
+        ({"background": 0, "lesion": 255}, r"consecutive 0..1 .*found \[0, 255\].*255 -> 1"),
+        ({"background": 0, "a": 1, "b": 3}, r"consecutive 0..2"),
+        ({"background": 0, "ignore": 1, "a": 2}, "'ignore' label must have the largest value"),
+    ],
+)
+def test_labels_that_are_not_consecutive_are_refused(tmp_path: Path, labels: dict, needle: str) -> None:
+    meta = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz"}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    (tmp_path / "labelsTr").mkdir()
+    with pytest.raises(FlexPatchError, match=needle) as e:
+        load_dataset(tmp_path)
+    one_line(e, tmp_path / "dataset.json")

@@ -217,6 +217,15 @@ def _check_labels(labels: dict[str, int], path: Path) -> dict[str, int]:
         raise FlexPatchError(f"{path}: 'labels' assigns the same value to two classes: {labels}")
     if 0 not in values:
         raise FlexPatchError(f"{path}: 'labels' must declare background as value 0, found {labels}")
+    if "ignore" in labels and labels["ignore"] != max(values):
+        raise FlexPatchError(f"{path}: the 'ignore' label must have the largest value (as nnU-Net's)")
+    # one output channel per value up to the largest: {0, 255} would make 256 channels
+    regular = sorted(v for name, v in labels.items() if name != "ignore")
+    if regular != list(range(len(regular))):
+        raise FlexPatchError(
+            f"{path}: label values must be consecutive 0..{len(regular) - 1} (as nnU-Net's), found "
+            f"{regular}; renumber them in 'labels' and in the label files (e.g. 255 -> 1)"
+        )
     return labels
 
 
