@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from flexpatch.cli import app
-from flexpatch.data.io import read_image
+from flexpatch.data.io import read_image, read_label_names
+from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import CONFIG
-from flexpatch.patchwork.outputs import read_label_names
 from flexpatch.patchwork.rounds import RoundJob, RoundSource, label_table, load_state
 
 torch.set_num_threads(1)
@@ -71,9 +71,15 @@ def test_tiny_patchwork_trains_and_predicts_through_the_cli(fixture, request, tm
     stats = out["stats"][first.name.replace(".nii.gz", "")]
     assert len(stats["patches"]) == 2
     probs = invoke("predict", model, ds / "imagesTs", "--out", tmp_path / "prob", "--out-type", "uint8",
-                   "--device", "cpu", "--json")  # fmt: skip
+                   "--probabilities", "--device", "cpu", "--json")  # fmt: skip
     arr = np.asarray(nib.load(probs["segmentations"][0]).dataobj)
     assert arr.dtype == np.uint8 and arr.shape[-1] == len(meta["label_values"])
+    # --probabilities: the stitched softmax over background and the labels, on the same grid
+    # (where the cos windows barely cover a border voxel, DNP's epsilon keeps the sum below one)
+    soft = nib.load(tmp_path / "prob" / "probabilities" / Path(probs["segmentations"][0]).name)
+    assert soft.shape[:-1] == arr.shape[:-1] and soft.shape[-1] == len(meta["label_values"]) + 1
+    np.testing.assert_allclose(np.asarray(soft.dataobj).sum(-1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(soft.affine, seg.affine, atol=1e-6)
 
 
 def test_rounds_are_the_same_with_and_without_a_worker_process(tiny_abdomen):
@@ -116,7 +122,7 @@ def test_bad_patchwork_input_is_one_line_and_exit_2(tiny_abdomen, tmp_path):
 def test_many_labels_train_with_candidate_sampling_and_decode_an_atlas(tiny_abdomen, tmp_path):
     """The label embedding path: E channels are stitched, classes assigned by maximal response."""
     from flexpatch.patchwork.apply import ApplyOptions
-    from flexpatch.patchwork.predict import load_patchwork, segment_volume
+    from flexpatch.patchwork.predict import load_patchwork, predict_patchwork_files, segment_volume
     from flexpatch.patchwork.train import train_patchwork
 
     config = PatchworkConfig(
@@ -131,6 +137,10 @@ def test_many_labels_train_with_candidate_sampling_and_decode_an_atlas(tiny_abdo
     assert atlas.shape == image.spatial_shape
     assert set(np.unique(atlas)) <= {0, *model.meta["label_values"]}
     np.testing.assert_allclose(affine, image.affine, atol=1e-5)
+    # embedding responses are no probabilities: refused before any case, in one line
+    with pytest.raises(FlexPatchError, match="leave out --probabilities"):
+        predict_patchwork_files(tmp_path / "m", [image.path], tmp_path / "p", save_probabilities=True)
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
 
 
 def test_dont_care_label_is_left_out_of_the_loss(tiny_cells, tmp_path):

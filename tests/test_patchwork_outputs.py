@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from flexpatch.data.io import read_image
+from flexpatch.data.io import Volume, label_names_extension, read_image, read_label_names, write_like
 from flexpatch.errors import FlexPatchError
-from flexpatch.patchwork.outputs import (
-    label_names_extension,
-    parse_out_type,
-    read_label_names,
-    to_output,
-    write_output,
-)
+from flexpatch.patchwork.outputs import parse_out_type, to_output
 
 # four voxels, each a probability vector; reshaped to a 2D (2, 2) or a 3D (2, 1, 2) grid
 # categorical: (background, label 4, label 16); values avoid .5 when scaled by 255 or 32767
@@ -157,10 +151,15 @@ def _affine() -> np.ndarray:
     return np.array(rows)
 
 
+def _reference(ndim: int) -> Volume:
+    """An input without a file: the outputs take its affine (no header to copy)."""
+    return Volume(np.zeros((1, *SPATIAL[ndim]), np.float32), _affine(), ndim)
+
+
 def test_label_names_round_trip_3d(tmp_path: Path) -> None:
     atlas = to_output(_probs(CAT, 3), "atlas", True, CAT_VALUES)
     names = {4: "liver & <left> kidney", 16: 'spleen "main"'}
-    path = write_output(tmp_path / "out" / "atlas.nii.gz", atlas, _affine(), label_names=names)
+    path = write_like(tmp_path / "out" / "atlas.nii.gz", atlas, _reference(3), label_names=names)
     assert path == tmp_path / "out" / "atlas.nii.gz"
     img = nib.load(str(path))
     assert [e.get_code() for e in img.header.extensions] == [6]
@@ -173,14 +172,16 @@ def test_label_names_round_trip_3d(tmp_path: Path) -> None:
 
 def test_channels_last_2d_and_3d_files(tmp_path: Path) -> None:
     probs2 = to_output(_probs(CAT, 2), "float32", True, CAT_VALUES)  # (2, 2, 2): 2D + 2 channels
-    p2 = write_output(tmp_path / "p2.nii.gz", probs2, _affine(), ndim=2, label_names={4: "a", 16: "b"})
+    first = np.moveaxis(probs2, -1, 0)
+    names = {4: "a", 16: "b"}
+    p2 = write_like(tmp_path / "p2.nii.gz", first, _reference(2), channels=True, label_names=names)
     assert nib.load(str(p2)).shape == (2, 2, 1, 2)  # nnU-Net's 2D layout, channels in the 4th dim
     vol = read_image(p2, ndim=2)
     np.testing.assert_array_equal(vol.data, np.moveaxis(probs2, -1, 0))
     np.testing.assert_allclose(vol.affine, _affine(), atol=1e-6)
     assert read_label_names(p2) == {4: "a", 16: "b"}
     mask3 = to_output(_probs(MULTI, 3), "mask", False, MULTI_VALUES)  # (2, 1, 2, 2)
-    p3 = write_output(tmp_path / "m3.nii", mask3, _affine())
+    p3 = write_like(tmp_path / "m3.nii", np.moveaxis(mask3, -1, 0), _reference(3), channels=True)
     img = nib.load(str(p3))
     assert img.shape == (2, 1, 2, 2) and img.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(img.dataobj), mask3)
@@ -191,10 +192,8 @@ def test_extension_and_write_errors(tmp_path: Path) -> None:
     ext = label_names_extension({2: "b", 1: "a"})
     assert ext.get_code() == 6
     assert ext.get_content() == b'<LabelTable><Label Key="1">a</Label><Label Key="2">b</Label></LabelTable>'
-    with pytest.raises(FlexPatchError, match="NIfTI"):
-        write_output(tmp_path / "atlas.png", np.zeros((2, 2), np.uint8), np.eye(4), label_names={1: "a"})
-    with pytest.raises(FlexPatchError, match="spatial"):
-        write_output(tmp_path / "x.nii.gz", np.zeros((2, 2, 2, 2, 2)), np.eye(4))
+    with pytest.raises(FlexPatchError, match="3 spatial axes after the channels"):
+        write_like(tmp_path / "x.nii.gz", np.zeros((2, 2, 2, 2, 2)), _reference(3), channels=True)
     with pytest.raises(FlexPatchError, match="not found"):
         read_label_names(tmp_path / "missing.nii.gz")
 

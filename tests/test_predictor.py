@@ -14,7 +14,8 @@ import torch
 
 from flexpatch.data.io import read_image
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.predictor import LoadedModel, group_inputs, load_model, predict_files
+from flexpatch.infer.predictor import LoadedModel, load_model, predict_files
+from flexpatch.infer.runner import group_inputs
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 

@@ -99,7 +99,7 @@ def _report(result: dict[str, Any], as_json: bool) -> None:
 
 def predict_cli(
     model_dir: Path, inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str, device: str,
-    as_json: bool, memory: str | None = None,
+    as_json: bool, memory: str | None = None, probabilities: bool = False,
 ) -> None:  # fmt: skip
     """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
     from flexpatch.patchwork.apply import ApplyOptions
@@ -109,9 +109,10 @@ def predict_cli(
     level = given.pop("level", "last")
     opts = ApplyOptions(level=int(level) if str(level).isdigit() else level, **given)
     written = predict_patchwork_files(
-        model_dir, inputs, out, opts, out_type, device, progress=not as_json, memory=memory
-    )
+        model_dir, inputs, out, opts, out_type, device, progress=not as_json, memory=memory,
+        save_probabilities=probabilities,
+    )  # fmt: skip
     if as_json:
-        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": opts.stats})
+        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": written.info})
     else:
         typer.echo(f"wrote {len(written)} patchwork outputs to {out}")

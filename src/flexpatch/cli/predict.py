@@ -28,7 +28,11 @@ BlendOpt = Annotated[
 BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
 StitchDeviceOpt = Annotated[str | None, typer.Option(help="Where outputs are accumulated (default: device).")]
 ProbabilitiesOpt = Annotated[
-    bool, typer.Option("--probabilities", help="Also write probabilities/CASE.nii.gz (classes last).")
+    bool,
+    typer.Option(
+        "--probabilities",
+        help="Also write probabilities/CASE.nii.gz (classes last; patchwork: stitched softmax or sigmoids).",
+    ),
 ]
 MemoryOpt = Annotated[
     str | None,
@@ -124,8 +128,9 @@ def _predict_patchwork(args: SimpleNamespace) -> None:
         batch_size=args.batch,
     )  # fmt: skip
     patchwork_predict_cli(
-        args.model_dir, args.inputs, args.out, flags, args.out_type, args.device, args.as_json, args.memory
-    )
+        args.model_dir, args.inputs, args.out, flags, args.out_type, args.device, args.as_json, args.memory,
+        args.probabilities,
+    )  # fmt: skip
 
 
 def _predict_cascade(args: SimpleNamespace) -> list[Path]:

@@ -5,6 +5,10 @@ Arrays come back channels-first: images ``(C, *spatial)`` float32, labels
 nnU-Net does, with a trailing axis of length 1. Writes are atomic: a temporary
 file in the target folder, renamed when complete, so nothing half-written is
 ever left behind.
+
+Every prediction is written by :func:`write_like`: on the input's grid (or a grid of the
+method's, such as a patchwork's finer one) with the input's NIfTI orientation header, and with
+the label names in a header extension (:func:`label_names_extension`).
 """
 
 from __future__ import annotations
@@ -13,17 +17,23 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from xml.sax.saxutils import escape
 
 import numpy as np
 
 from flexpatch.errors import FlexPatchError
 
+if TYPE_CHECKING:
+    from nibabel.nifti1 import Nifti1Extension, Nifti1Header, Nifti1Image
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PLAIN_2D_SUFFIXES = (".png", ".tif", ".tiff")
+COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 
 
 @dataclass
@@ -233,6 +243,107 @@ def _to_nifti_layout(arr: np.ndarray, channels: bool) -> np.ndarray:
         arr = np.moveaxis(arr, 0, -1)
         return arr[:, :, None, :] if arr.ndim == 3 else arr
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def write_like(
+    path: str | Path,
+    data: np.ndarray,
+    reference: Volume,
+    *,
+    channels: bool = False,
+    label_names: Mapping[int, str] | None = None,
+    affine: np.ndarray | None = None,
+) -> Path:
+    """Write a prediction for ``reference`` atomically: ``(*spatial)``, or ``(C, *spatial)`` with
+    ``channels`` (stored channels last).
+
+    A NIfTI output of a NIfTI input keeps the input's qform, sform, their codes and the units:
+    some viewers read the qform, some the sform, and only copying both places the output on the
+    input in every one. ``affine`` puts the output on another grid (a patchwork's
+    ``sampling_factor``): both forms then hold it, under the input's codes. ``label_names``
+    (value -> name) go into a NIfTI header extension; a PNG or TIFF has no place for them and
+    is written without (:func:`write_image`), so every method makes the same call whatever the
+    input's format.
+    """
+    path = Path(path)
+    arr = np.asarray(data)
+    if arr.ndim != reference.ndim + int(channels):
+        what = f"{reference.ndim} spatial axes" + (" after the channels" if channels else "")
+        raise FlexPatchError(f"{path}: data of shape {arr.shape}, expected {what}")
+    if arr.dtype == np.int64:  # nibabel refuses int64 without an explicit header type
+        arr = arr.astype(np.int32)
+    grid = reference.affine if affine is None else np.asarray(affine, dtype=np.float64)
+    nifti = suffix_of(path) in NIFTI_SUFFIXES
+    extensions = [label_names_extension(label_names)] if label_names and nifti else []
+    ref = reference.path
+    if not nifti or ref is None or suffix_of(ref) not in NIFTI_SUFFIXES:
+        write_image(path, arr, grid, channels=channels, extensions=extensions)
+        return path
+    import nibabel as nib
+
+    img = nib.Nifti1Image(_to_nifti_layout(arr, channels), grid)
+    same = affine is None or np.allclose(grid, reference.affine, rtol=0, atol=1e-6)
+    _copy_orientation(img, nib.load(str(ref)).header, same)
+    for ext in extensions:
+        img.header.extensions.append(ext)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def _copy_orientation(img: Nifti1Image, header: Nifti1Header, same_grid: bool) -> None:
+    """The input's qform and sform (on its grid) or the output's affine under the input's codes."""
+    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    if not same_grid:
+        if not (qcode or scode):
+            return  # an input without orientation codes: nibabel's default (sform 'aligned')
+        qform = sform = img.affine
+    img.set_qform(qform, int(qcode))
+    img.set_sform(sform, int(scode))
+    img.header.set_xyzt_units(*header.get_xyzt_units())
+
+
+def label_names_extension(names: Mapping[int, str]) -> Nifti1Extension:
+    """An XML label table (``<LabelTable><Label Key="1">liver</Label>..``) as a NIfTI comment
+    extension: viewers and :func:`read_label_names` show names, not bare numbers."""
+    import nibabel as nib
+
+    rows = []
+    for key in sorted(names):
+        name = str(names[key])
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in name):
+            raise FlexPatchError(f"label name for {key} has control characters, which XML cannot hold")
+        rows.append(f'<Label Key="{int(key)}">{escape(name)}</Label>')
+    xml = "<LabelTable>" + "".join(rows) + "</LabelTable>"
+    return nib.nifti1.Nifti1Extension(COMMENT_CODE, xml.encode("utf-8"))
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """The label table written by :func:`write_like`, or ``{}`` when the file has none."""
+    import nibabel as nib
+
+    path = Path(path)
+    if suffix_of(path) not in NIFTI_SUFFIXES:
+        raise FlexPatchError(f"{path}: label names live in NIfTI files only")
+    if not path.is_file():
+        raise FlexPatchError(f"{path}: file not found")
+    try:
+        extensions = nib.load(str(path)).header.extensions
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise FlexPatchError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
+    for ext in extensions:
+        if ext.get_code() != COMMENT_CODE:
+            continue
+        # NIfTI pads extensions to 16 bytes with NULs
+        text = ext.get_content().decode("utf-8", errors="replace").strip("\x00 \t\r\n")
+        if not text.startswith("<LabelTable"):
+            continue  # some other comment
+        try:
+            table = ET.fromstring(text)
+        except ET.ParseError:
+            continue
+        return {int(el.get("Key", "0")): el.text or "" for el in table.iter("Label")}
+    return {}
 
 
 def save_json(path: str | Path, obj: Any) -> None:

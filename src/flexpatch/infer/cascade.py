@@ -26,19 +26,12 @@ from scipy import ndimage
 
 from flexpatch.accumulator import Accumulator
 from flexpatch.axes import per_axis
-from flexpatch.data.io import Volume, load_json, save_json, suffix_of
+from flexpatch.data.io import Volume, load_json, save_json
 from flexpatch.data.preprocess import restore
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, Shape, extract
-from flexpatch.infer.predictor import (
-    PROBABILITIES,
-    LoadedModel,
-    _read_case,
-    cases_for,
-    load_model,
-    save_like,
-)
-from flexpatch.runtime import progress_bar
+from flexpatch.infer.predictor import LoadedModel, load_model
+from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, names_by_value, run_prediction
 
 CASCADE_FILE = "cascade.json"
 FUSIONS = ("or", "max")
@@ -367,32 +360,34 @@ def predict_cascade_files(
     batch_size: int = 16,
     save_probabilities: bool = False,
     progress: bool = True,
-) -> list[Path]:
+) -> Written:
     """Segment image files with a cascade into label maps on each input's grid (as ``predict_files``).
 
-    Also writes ``out_dir/boxes.json``: the crops of each case on its preprocessed grid.
-    ``baseline`` segments with the rough model alone (whole image at S, upsampled).
+    Also writes ``out_dir/boxes.json``: the crops of each case on its preprocessed grid (also
+    in the result's ``info[case]["boxes"]``). ``baseline`` segments with the rough model alone
+    (whole image at S, upsampled).
     """
     cascade = model if isinstance(model, Cascade) else load_cascade(model, device=device)
     if fuse is not None:
         _check_fuse(fuse)  # before the first case, not after it
     plan = cascade.rough.plan
     cases = cases_for(inputs, plan.in_channels, out_dir)
-    out_dir = Path(out_dir)
-    written, boxes = [], {}
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("baseline" if baseline else "segment-then-segment", total=len(cases), info="")
-        for case, files in cases.items():
-            volume = _read_case(files, plan.ndim)
-            seg = cascade.predict(volume, fuse, baseline, batch_size)
-            written.append(out_dir / f"{case}{suffix_of(files[0])}")
-            save_like(
-                written[-1], seg.labels.astype(np.uint8 if plan.num_classes < 256 else np.int16), volume
-            )
-            if save_probabilities:
-                target = out_dir / PROBABILITIES / f"{case}.nii.gz"
-                save_like(target, seg.probabilities.astype(np.float32), volume, channels=True)
-            boxes[case] = [{"class": c, "start": b.start, "size": b.size} for c, b in seg.boxes]
-            bar.update(task, advance=1, info=case)
-    save_json(out_dir / "boxes.json", boxes)
+    dtype = label_dtype(plan.num_classes)
+
+    def segment(volume: Volume) -> Prediction:
+        seg = cascade.predict(volume, fuse, baseline, batch_size)
+        boxes = [{"class": c, "start": b.start, "size": b.size} for c, b in seg.boxes]
+        return Prediction(seg.labels.astype(dtype), seg.probabilities, info={"boxes": boxes})
+
+    written = run_prediction(
+        cases,
+        out_dir,
+        plan.ndim,
+        segment,
+        label_names=names_by_value(plan.labels),
+        save_probabilities=save_probabilities,
+        progress=progress,
+        describe="baseline" if baseline else "segment-then-segment",
+    )
+    save_json(Path(out_dir) / "boxes.json", {case: info["boxes"] for case, info in written.info.items()})
     return written

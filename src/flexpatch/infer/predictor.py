@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,28 +10,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexpatch.data.io import (
-    NIFTI_SUFFIXES,
-    PLAIN_2D_SUFFIXES,
-    Volume,
-    atomic_path,
-    load_json,
-    read_image,
-    suffix_of,
-    write_image,
-)
+from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.planner import WindowChoice
+from flexpatch.infer.runner import (
+    Prediction,
+    Written,
+    cases_for,
+    group_inputs,  # noqa: F401  (its old home: tests/test_guard_inputs.py)
+    label_dtype,
+    names_by_value,
+    run_prediction,
+)
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.runtime import check_writable, console, progress_bar, resolve_device
+from flexpatch.runtime import console, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 
-CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 CHECKPOINTS = {"best": BEST, "last": LAST}
-PROBABILITIES = "probabilities"  # subfolder of a prediction folder
 
 
 @dataclass
@@ -255,61 +252,6 @@ def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: 
     return {"window": list(window), "fixed_size": isinstance(spec, FixedSize)}
 
 
-def cases_for(inputs: Sequence[str | Path], channels: int, out_dir: str | Path) -> dict[str, list[Path]]:
-    """The cases of a prediction run (see :func:`group_inputs`), checked against its output folder
-    before any work: the folder must be writable and must not hold an input, which an output of
-    the same name would replace."""
-    cases = group_inputs(inputs, channels)
-    out = Path(out_dir).resolve()
-    check_writable(out)
-    for files in cases.values():
-        for f in files:
-            if f.resolve().is_relative_to(out):
-                raise FlexPatchError(f"{out_dir}: output folder holds the input {f}; choose another --out")
-    return cases
-
-
-def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[Path]]:
-    """Case id -> channel files. Folders are expanded; nnU-Net's ``CASE_0000`` suffixes group channels."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            # dot files: macOS resource forks (._case.nii.gz), temporaries of a killed run (.tmp-*)
-            found = sorted(
-                p
-                for p in item.iterdir()
-                if suffix_of(p) in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES and not p.name.startswith(".")
-            )
-            if not found:
-                raise FlexPatchError(f"{item}: no image files (.nii.gz, .nii, .png, .tif) in this folder")
-            files += found
-        elif item.exists():
-            files.append(item)
-        else:
-            raise FlexPatchError(f"{item}: file not found")
-    cases: dict[str, list[Path]] = {}
-    for f in files:
-        stem = f.name[: -len(suffix_of(f))]
-        m = CHANNEL_SUFFIX.match(stem)
-        cases.setdefault(m["case"] if m else stem, []).append(f)
-    for case, chans in cases.items():
-        if channels > 1 and len(chans) != channels:
-            raise FlexPatchError(
-                f"{chans[0]}: case {case} has {len(chans)} channel files, the model expects {channels}"
-            )
-    return cases
-
-
-def _read_case(files: list[Path], ndim: int) -> Volume:
-    vols = [read_image(f, ndim=ndim) for f in sorted(files)]
-    for v in vols[1:]:
-        if v.data.shape[1:] != vols[0].data.shape[1:]:
-            raise FlexPatchError(f"{v.path}: shape {v.data.shape[1:]} differs from {vols[0].path}")
-        if not np.allclose(v.affine, vols[0].affine, atol=1e-3):
-            raise FlexPatchError(f"{v.path}: affine differs from {vols[0].path} (tolerance 1e-3)")
-    return Volume(np.concatenate([v.data for v in vols]), vols[0].affine, ndim, vols[0].path)
-
-
 def predict_files(
     model: LoadedModel | str | Path,
     inputs: Sequence[str | Path],
@@ -323,11 +265,11 @@ def predict_files(
     save_probabilities: bool = False,
     progress: bool = True,
     memory: str | int | None = None,
-) -> list[Path]:
+) -> Written:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
-    Probabilities go to ``out_dir/probabilities/CASE.nii.gz`` (classes last), a folder of
-    their own so that ``out_dir`` pairs file by file with a folder of reference labels.
+    Probabilities go to ``out_dir/probabilities/CASE.nii.gz`` (classes last); the label maps
+    carry the plan's label names in their header (:func:`~flexpatch.infer.runner.run_prediction`).
 
     The window, the input files' existence and the output folder are checked before any
     case runs; each output is written atomically, so a failure never leaves a partial file.
@@ -341,46 +283,20 @@ def predict_files(
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)
     cases = cases_for(inputs, lm.plan.in_channels, out_dir)
-    out_dir = Path(out_dir)
-    written: list[Path] = []
-    with progress_bar(disable=not progress) as bar:
-        what = window if memory is None or patch_size is not None else "within the memory budget"
-        task = bar.add_task(f"predict {what}", total=len(cases), info="")
-        for case, files in cases.items():
-            volume = _read_case(files, lm.plan.ndim)
-            chosen = window if memory is None or patch_size is not None else None
-            probs = lm.probabilities(volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory)
-            seg = probs.argmax(0).astype(np.uint8 if lm.plan.num_classes < 256 else np.int16)
-            # label maps keep the input's format (PNG in, PNG out); probabilities are always NIfTI
-            written.append(out_dir / f"{case}{suffix_of(files[0])}")
-            save_like(written[-1], seg, volume)
-            if save_probabilities:
-                target = out_dir / PROBABILITIES / f"{case}.nii.gz"
-                save_like(target, probs.astype(np.float32), volume, channels=True)
-            bar.update(task, advance=1, info=case)
-    return written
+    chosen = window if memory is None or patch_size is not None else None
+    dtype = label_dtype(lm.plan.num_classes)
 
+    def segment(volume: Volume) -> Prediction:
+        probs = lm.probabilities(volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory)
+        return Prediction(probs.argmax(0).astype(dtype), probs)
 
-def save_like(path: Path, data: np.ndarray, reference: Volume, channels: bool = False) -> None:
-    """Write ``data`` on ``reference``'s grid; NIfTI keeps the reference's qform, sform and units.
-
-    Copying the header's orientation fields and their codes, not only the affine, makes
-    every viewer (some read the qform, some the sform) place the output on the input.
-    """
-    ref = reference.path
-    if ref is None or suffix_of(path) not in NIFTI_SUFFIXES or suffix_of(ref) not in NIFTI_SUFFIXES:
-        write_image(path, data, reference.affine, channels=channels)
-        return
-    import nibabel as nib
-
-    header = nib.load(str(ref)).header
-    arr = np.moveaxis(data, 0, -1) if channels else data
-    if reference.ndim == 2:
-        arr = arr[:, :, None]  # nnU-Net's 2D NIfTI: (X, Y, 1[, C])
-    img = nib.Nifti1Image(arr, reference.affine)
-    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
-    img.set_qform(qform, int(qcode))
-    img.set_sform(sform, int(scode))
-    img.header.set_xyzt_units(*header.get_xyzt_units())
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    return run_prediction(
+        cases,
+        out_dir,
+        lm.plan.ndim,
+        segment,
+        label_names=names_by_value(lm.plan.labels),
+        save_probabilities=save_probabilities,
+        progress=progress,
+        describe=f"predict {chosen or 'within the memory budget'}",
+    )

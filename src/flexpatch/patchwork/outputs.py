@@ -5,27 +5,20 @@
 - ``mask[:t1,t2..]``: one uint8 0/1 mask per label, thresholded at ``t`` (0.5 by default).
 - ``atlas[:t1,t2..]`` (DNP spells it ``atls``): one map of the original label values.
 
-Label names travel as an XML label table in a NIfTI header extension.
+The files themselves are written by :func:`flexpatch.data.io.write_like`, as every method's
+(label names in a NIfTI header extension).
 """
 
 from __future__ import annotations
 
 import math
-import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from flexpatch.axes import per_axis
-from flexpatch.data.io import NIFTI_SUFFIXES, suffix_of, write_image
 from flexpatch.errors import FlexPatchError
-
-if TYPE_CHECKING:
-    from nibabel.nifti1 import Nifti1Extension
 
 # probability types: numpy type and the integer that stands for probability 1
 PROBABILITY_TYPES: dict[str, tuple[type, int]] = {
@@ -35,7 +28,6 @@ PROBABILITY_TYPES: dict[str, tuple[type, int]] = {
 }
 THRESHOLD_TYPES: tuple[str, ...] = ("mask", "atlas")
 ALIASES = {"atls": "atlas"}
-COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 DEFAULT_THRESHOLD = 0.5
 SLAB_VOXELS = 1 << 18  # voxels per slab of a label map (whole rows): its int64 winners take 2 MiB
 _USAGE = "use float32, uint8, int16, mask[:t1,t2,..] or atlas[:t1,t2,..]"
@@ -174,88 +166,3 @@ def _first_argmax(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         win.masked_fill_(p[c] > best, c)  # strictly greater: an earlier channel keeps a tie
         torch.maximum(best, p[c], out=best)
     return win, best
-
-
-def label_names_extension(names: Mapping[int, str]) -> Nifti1Extension:
-    """An XML label table (``<LabelTable><Label Key="1">liver</Label>..``) as a NIfTI comment extension."""
-    import nibabel as nib
-
-    rows = []
-    for key in sorted(names):
-        name = str(names[key])
-        if any(ord(c) < 32 and c not in "\t\n\r" for c in name):
-            raise FlexPatchError(f"label name for {key} has control characters, which XML cannot hold")
-        rows.append(f'<Label Key="{int(key)}">{escape(name)}</Label>')
-    xml = "<LabelTable>" + "".join(rows) + "</LabelTable>"
-    return nib.nifti1.Nifti1Extension(COMMENT_CODE, xml.encode("utf-8"))
-
-
-def read_label_names(path: str | Path) -> dict[int, str]:
-    """The label table written by :func:`write_output`, or ``{}`` when the file has none."""
-    import nibabel as nib
-
-    path = Path(path)
-    if suffix_of(path) not in NIFTI_SUFFIXES:
-        raise FlexPatchError(f"{path}: label names live in NIfTI files only")
-    if not path.is_file():
-        raise FlexPatchError(f"{path}: file not found")
-    try:
-        extensions = nib.load(str(path)).header.extensions
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise FlexPatchError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
-    for ext in extensions:
-        if ext.get_code() != COMMENT_CODE:
-            continue
-        # NIfTI pads extensions to 16 bytes with NULs
-        text = ext.get_content().decode("utf-8", errors="replace").strip("\x00 \t\r\n")
-        if not text.startswith("<LabelTable"):
-            continue  # some other comment
-        try:
-            table = ET.fromstring(text)
-        except ET.ParseError:
-            continue
-        return {int(el.get("Key", "0")): el.text or "" for el in table.iter("Label")}
-    return {}
-
-
-def _affine_4x4(affine: np.ndarray) -> np.ndarray:
-    """NIfTI wants a 4x4 affine; a 2D ``3x3`` one gains an identity z axis."""
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape == (3, 3):
-        full = np.eye(4)
-        full[:2, :2], full[:2, 3] = a[:2, :2], a[:2, 2]
-        return full
-    if a.shape != (4, 4):
-        raise FlexPatchError(f"output affine has shape {a.shape}, expected (4, 4)")
-    return a
-
-
-def write_output(
-    path: str | Path,
-    array: np.ndarray,
-    affine: np.ndarray,
-    label_names: Mapping[int, str] | None = None,
-    *,
-    ndim: int | None = None,
-) -> Path:
-    """Write a :func:`to_output` array atomically; channels-last arrays become 4D NIfTI.
-
-    Args:
-        array: ``(*s)`` label map or ``(*s, L)`` channels-last data.
-        affine: the output grid's voxel -> world affine (4x4, or 3x3 for 2D).
-        label_names: label value -> name, stored as an XML label table in the header.
-        ndim: spatial axes of ``array`` (2 or 3); by default 3 when it has 3 or more axes,
-            so pass ``ndim=2`` for 2D channels-last data.
-    """
-    path = Path(path)
-    arr = np.asarray(array)
-    nd = min(arr.ndim, 3) if ndim is None else int(ndim)
-    if nd not in (2, 3) or arr.ndim not in (nd, nd + 1):
-        raise FlexPatchError(f"output array has shape {arr.shape}, expected {nd} spatial axes (+ channels)")
-    if arr.dtype == np.int64:  # nibabel refuses int64 without an explicit header type
-        arr = arr.astype(np.int32)
-    channels = arr.ndim == nd + 1
-    extensions = [label_names_extension(label_names)] if label_names else []
-    data = np.moveaxis(arr, -1, 0) if channels else arr
-    write_image(path, data, _affine_4x4(affine), channels=channels, extensions=extensions)
-    return path

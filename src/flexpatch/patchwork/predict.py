@@ -8,7 +8,7 @@ input's world grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ import torch
 
 from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError
+from flexpatch.infer.runner import Prediction, Written, cases_for, run_prediction
 from flexpatch.patchwork.apply import Applied, ApplyOptions, apply_image
 from flexpatch.patchwork.files import BEST, CONFIG, WEIGHTS, load_meta
 from flexpatch.patchwork.losses import LabelEmbedding
 from flexpatch.patchwork.model import PatchworkNet
-from flexpatch.patchwork.outputs import parse_out_type, to_output, write_output
+from flexpatch.patchwork.outputs import parse_out_type, to_output
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.runtime import resolve_device
 from flexpatch.train.checkpoint import load_checkpoint
@@ -117,25 +118,48 @@ def segment_volume(
     A plain ``mask`` uses the thresholds tuned on the validation cases when the model has them
     (DNP's default), else 0.5; ``mask:0.4,0.5`` sets them.
     """
+    array, world, applied = _segment(model, volume, opts, out_type)
+    return array, world, applied.stats
+
+
+def _segment(
+    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str
+) -> tuple[np.ndarray, np.ndarray, Applied]:
+    """:func:`segment_volume` with the stitched result itself, whose values are the probabilities."""
     if parse_out_type(out_type) == ("mask", None) and model.thresholds:
         out_type = "mask:" + ",".join(f"{t:g}" for t in model.thresholds)
+    _check_embedding(model, out_type, False)
     applied = stitched(model, volume, opts)
-    values = model.meta["label_values"]
     if model.embedding is not None:
-        if parse_out_type(out_type)[0] != "atlas":
-            raise FlexPatchError(
-                "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
-            )
         array = label_map(model, applied.values)
     else:
-        array = to_output(applied.values, out_type, model.categorical, values)
-    n = model.scheme.ndim
+        array = to_output(applied.values, out_type, model.categorical, model.meta["label_values"])
+    return array, _world(volume.affine, applied.grid, model.scheme.ndim), applied
+
+
+def _check_embedding(model: LoadedPatchwork, out_type: str, probabilities: bool) -> None:
+    """A label embedding's stitched responses are no probabilities: they decode to an atlas only."""
+    if model.embedding is None:
+        return
+    if parse_out_type(out_type)[0] != "atlas":
+        raise FlexPatchError(
+            "a patchwork with a label embedding writes label atlases only (--out-type atlas)"
+        )
+    if probabilities:
+        raise FlexPatchError(
+            "a patchwork with a label embedding stitches embedding responses, not probabilities; "
+            "leave out --probabilities"
+        )
+
+
+def _world(affine: np.ndarray, grid: np.ndarray, n: int) -> np.ndarray:
+    """The output grid's voxel -> world affine: the input's affine after the output -> input grid."""
     world = np.eye(4)
-    world[:n, :n] = volume.affine[:n, :n] @ applied.grid[:n, :n]
-    world[:n, 3] = volume.affine[:n, :n] @ applied.grid[:n, n] + volume.affine[:n, 3]
+    world[:n, :n] = affine[:n, :n] @ grid[:n, :n]
+    world[:n, 3] = affine[:n, :n] @ grid[:n, n] + affine[:n, 3]
     if n == 2:
-        world[2, 2], world[2, 3] = volume.affine[2, 2], volume.affine[2, 3]
-    return array, world, applied.stats
+        world[2, 2], world[2, 3] = affine[2, 2], affine[2, 3]
+    return world
 
 
 def predict_patchwork_files(
@@ -147,15 +171,18 @@ def predict_patchwork_files(
     device: str = "auto",
     progress: bool = True,
     memory: str | int | None = None,
-) -> list[Path]:
+    save_probabilities: bool = False,
+) -> Written:
     """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes).
 
     ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
     within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
+    ``save_probabilities`` also writes the stitched activations to
+    ``out_dir/probabilities/CASE.nii.gz`` (classes last, on the output grid): a softmax over
+    background and the labels, or one sigmoid per label for multi-label models. Each case's
+    statistics (patches per level, seconds, the batch) are in the result's ``info``.
     """
     from flexpatch.infer.planner import parse_budget
-    from flexpatch.infer.predictor import _read_case, cases_for
-    from flexpatch.runtime import console, progress_bar
 
     opts = opts or ApplyOptions()
     parse_out_type(out_type)
@@ -163,20 +190,44 @@ def predict_patchwork_files(
     if memory is not None:
         opts = replace(opts, memory=parse_budget(memory, model.device))
     opts.check(model.scheme.depth)
+    _check_embedding(model, out_type, save_probabilities)
     cases = cases_for(inputs, model.meta["in_channels"], out_dir)
-    out_dir = Path(out_dir)
-    names = {int(k): v for k, v in model.meta["label_names"].items()}
-    written, reported = [], None
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("patchwork", total=len(cases), info="")
-        for case, files in cases.items():
-            volume = _read_case(files, model.scheme.ndim)
-            array, affine, stats = segment_volume(model, volume, opts, out_type)
-            path = write_output(out_dir / f"{case}.nii.gz", array, affine, names, ndim=model.scheme.ndim)
-            opts.stats[case] = stats
-            if stats.get("memory_line") and stats["memory_line"] != reported:  # once per new choice
-                reported = stats["memory_line"]
-                console.print(reported, highlight=False, markup=False, soft_wrap=True)
-            written.append(path)
-            bar.update(task, advance=1, info=f"{case}: {sum(stats['patches'])} patches")
-    return written
+    return run_prediction(
+        cases,
+        out_dir,
+        model.scheme.ndim,
+        _segmenter(model, opts, out_type, save_probabilities),
+        label_names={int(k): v for k, v in model.meta["label_names"].items()},
+        save_probabilities=save_probabilities,
+        progress=progress,
+        describe="patchwork",
+        suffix=".nii.gz",
+    )
+
+
+def _segmenter(
+    model: LoadedPatchwork, opts: ApplyOptions, out_type: str, probabilities: bool
+) -> Callable[[Volume], Prediction]:
+    """The runner's ``segment`` for a patchwork; a new --memory choice is reported once, not per case."""
+    from flexpatch.runtime import console
+
+    reported: str | None = None
+
+    def segment(volume: Volume) -> Prediction:
+        nonlocal reported
+        array, world, applied = _segment(model, volume, opts, out_type)
+        stats = applied.stats
+        if stats.get("memory_line") and stats["memory_line"] != reported:
+            reported = stats["memory_line"]
+            console.print(reported, highlight=False, markup=False, soft_wrap=True)
+        channels = array.ndim == model.scheme.ndim + 1  # masks or probabilities: channels last
+        return Prediction(
+            np.moveaxis(array, -1, 0) if channels else array,
+            applied.values.float().cpu().numpy() if probabilities else None,
+            affine=world,
+            channels=channels,
+            info=stats,
+            summary=f"{sum(stats['patches'])} patches",
+        )
+
+    return segment
