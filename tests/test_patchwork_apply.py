@@ -148,6 +148,16 @@ def test_public_api_names():
     assert flexpatch.ApplyOptions().generate == "tree"
 
 
+def test_options_are_frozen_and_carry_no_output():
+    """What happened per case is in Applied.stats (and the runner's info), not in the options."""
+    import dataclasses
+
+    opts = apply.ApplyOptions()
+    assert "stats" not in {f.name for f in dataclasses.fields(opts)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.batch_size = 2  # type: ignore[misc]
+
+
 def test_attention_is_sigmoid_for_labels_and_foreground_probability_for_softmax():
     logits = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).reshape(2, 2, 1, 1).expand(2, 2, 3, 3)
     multi = apply.attention(logits, categorical=False)

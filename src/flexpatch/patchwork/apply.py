@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -28,9 +28,9 @@ from flexpatch.patchwork.stitch import Stitcher, mix_levels
 from flexpatch.runtime import numpy_rng
 
 
-@dataclass
+@dataclass(frozen=True)
 class ApplyOptions:
-    """DNP's application options.
+    """DNP's application options (what to do; what happened per case is in ``Applied.stats``).
 
     Attributes:
         generate: ``tree`` (covering grid, full coverage) or ``random``.
@@ -61,7 +61,6 @@ class ApplyOptions:
     batch_size: int = 16
     seed: int = 0
     memory: int | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
 
     def check(self, depth: int) -> None:
         if self.generate not in ("tree", "random"):
@@ -189,7 +188,7 @@ def apply_image(
 
 
 def _options_key(opts: ApplyOptions) -> tuple:
-    return tuple((f.name, getattr(opts, f.name)) for f in fields(opts) if f.name != "stats")
+    return tuple((f.name, getattr(opts, f.name)) for f in fields(opts))
 
 
 @dataclass(frozen=True)
