@@ -90,7 +90,7 @@ def test_nnunet_layout_two_channels(tmp_path: Path, ndim: int) -> None:
     ds = load_dataset(tmp_path)
     assert (ds.layout, ds.name, ds.ndim, ds.file_ending) == ("nnunet", "Tiny", ndim, ".nii.gz")
     assert ds.channel_names == ("T1", "T2") and ds.labels == LABELS
-    assert ds.num_classes == 3 and ds.normalization == "zscore"
+    assert ds.num_classes == 3 and ds.normalizations == ("zscore", "zscore")
     assert [c.id for c in ds.training] == ["case_000", "case_001"]
     assert ds.training[1].images == (
         tmp_path / "imagesTr" / "case_001_0000.nii.gz",
@@ -116,7 +116,7 @@ def test_nnunet_png_2d_and_ct(tmp_path: Path) -> None:
     meta = {"channel_names": {"0": "ct"}, "labels": {"background": 0, "x": 1}, "file_ending": ".png"}
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     ds = load_dataset(tmp_path)
-    assert ds.ndim == 2 and ds.normalization == "ct" and ds.num_classes == 2 and ds.name == tmp_path.name
+    assert ds.ndim == 2 and ds.normalizations == ("ct",) and ds.num_classes == 2 and ds.name == tmp_path.name
     image, label = load_case(ds.training[0], ds.ndim, ds.labels)
     assert image.data.shape == (1, 8, 7) and label is not None and label.data.shape == (8, 7)
 

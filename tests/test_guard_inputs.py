@@ -17,7 +17,7 @@ import pytest
 from flexpatch.data.dataset import load_dataset
 from flexpatch.data.io import read_image, read_label, write_image
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.predictor import cases_for, group_inputs
+from flexpatch.infer.runner import cases_for, group_inputs
 from test_dataset import make_msd
 
 

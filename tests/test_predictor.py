@@ -71,7 +71,7 @@ class Threshold(torch.nn.Module):
 
 def threshold_reference(raw: np.ndarray, model: LoadedModel) -> np.ndarray:
     """Class 1 where the CT-windowed intensity exceeds LEVEL, computed on the raw grid without flexpatch."""
-    lo, hi = model.plan.ct_window
+    lo, hi = model.plan.ct_window[0]
     return (np.clip(raw, lo, hi) - lo) / (hi - lo) > LEVEL
 
 

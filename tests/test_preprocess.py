@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset
+from flexpatch.data.dataset import DatasetInfo, load_case, load_dataset, scheme_of
 from flexpatch.data.io import Volume, load_json, save_json, write_image
 from flexpatch.data.preprocess import (
     Plan,
@@ -37,8 +37,8 @@ def _plan(ndim: int = 3, **kw: object) -> Plan:
         num_classes=3,
         labels=LABELS,
         target_spacing=(1.0,) * ndim,
-        normalization="zscore",
-        ct_window=None,
+        normalization=("zscore",),
+        ct_window=(None,),
         median_shape=(8,) * ndim,
     )
     return Plan(**{**base, **kw})  # type: ignore[arg-type]
@@ -111,15 +111,16 @@ def test_make_plan(tmp_path: Path) -> None:
     ds, _, _ = _fingerprint_dataset(tmp_path)
     fp = compute_fingerprint(ds)
     plan = make_plan(ds, fp)
-    assert plan.target_spacing == (1.0, 1.0, 1.5) and plan.normalization == "ct"
-    assert plan.ct_window == (fp["intensity"]["percentile_00_5"], fp["intensity"]["percentile_99_5"])
+    # CT + PET: the CT channel by its window, the PET channel z-scored (not clipped to the CT window)
+    assert plan.target_spacing == (1.0, 1.0, 1.5) and plan.normalization == ("ct", "zscore")
+    assert plan.ct_window == ((fp["intensity"]["percentile_00_5"], fp["intensity"]["percentile_99_5"]), None)
     # resampled shapes (8, 8, round(16 / 1.5) = 11) and (8, 8, round(5 / 1.5) = 3): median z 7
     assert plan.median_shape == (8, 8, 7)
     assert (plan.ndim, plan.in_channels, plan.num_classes, plan.labels) == (3, 2, 3, LABELS)
     other = make_plan(ds, fp, target_spacing=(2, 2, 2), normalization="zscore")
     assert (
         other.target_spacing == (2.0, 2.0, 2.0)
-        and other.ct_window is None
+        and other.ct_window == (None, None)
         and other.median_shape == (4, 4, 5)
     )  # z: 8 and 2
     with pytest.raises(FlexPatchError, match="target spacing"):
@@ -129,13 +130,13 @@ def test_make_plan(tmp_path: Path) -> None:
 
 
 def test_plan_json_round_trip(tmp_path: Path) -> None:
-    plan = _plan(normalization="ct", ct_window=(-100.0, 200.0))
+    plan = _plan(normalization=("ct",), ct_window=((-100.0, 200.0),))
     save_json(tmp_path / "plan.json", plan.to_json())
     assert Plan.from_json(load_json(tmp_path / "plan.json")) == plan
     with pytest.raises(FlexPatchError, match="target_spacing"):
         Plan.from_json({k: v for k, v in plan.to_json().items() if k != "target_spacing"})
     with pytest.raises(FlexPatchError, match="ct_window"):
-        _plan(normalization="ct")
+        _plan(normalization=("ct",))
 
 
 def test_json_helpers(tmp_path: Path) -> None:
@@ -189,17 +190,17 @@ def test_restore_shapes_and_identity(ndim: int) -> None:
 
 
 def test_ct_normalisation_golden() -> None:
-    plan = _plan(ndim=2, normalization="ct", ct_window=(0.0, 100.0))
+    plan = _plan(ndim=2, normalization=("ct",), ct_window=((0.0, 100.0),))
     image = np.array([[[-1000.0, 0.0, 50.0], [25.0, 100.0, 2000.0]]], np.float32)
     expected = np.array([[[0.0, 0.0, 0.5], [0.25, 1.0, 1.0]]], np.float32)
     np.testing.assert_array_equal(normalize(image, plan), expected)
-    np.testing.assert_array_equal(normalize(image, _plan(ndim=2, normalization="none")), image)
+    np.testing.assert_array_equal(normalize(image, _plan(ndim=2, normalization=("none",))), image)
 
 
 def test_zscore_per_channel() -> None:
     image = np.random.default_rng(0).normal(size=(2, 6, 6)).astype(np.float32)
     image[1] = image[1] * 40 + 300
-    out = normalize(image, _plan(ndim=2))
+    out = normalize(image, _plan(ndim=2, in_channels=2, normalization=("zscore",) * 2, ct_window=(None,) * 2))
     for c in range(2):
         np.testing.assert_allclose(out[c], (image[c] - image[c].mean()) / image[c].std(), atol=1e-5)
 
@@ -211,7 +212,8 @@ def test_preprocess_case_and_restore(ndim: int) -> None:
     affine[:3, 3] = [10.0, -5.0, 2.0]
     label = np.random.default_rng(0).integers(0, 3, (4, 5, 3)[:ndim]).astype(np.int16)
     image = Volume(label[None].astype(np.float32) * 10, affine, ndim)
-    data, seg, props = preprocess_case(image, Volume(label, affine, ndim), _plan(ndim, normalization="none"))
+    plan = _plan(ndim, normalization=("none",))
+    data, seg, props = preprocess_case(image, Volume(label, affine, ndim), plan)
     expected = (8, 5, 9)[:ndim]
     assert data.shape == (1, *expected) and data.dtype == np.float32 and seg is not None
     assert seg.shape == expected and seg.dtype == np.int16
@@ -251,3 +253,36 @@ def test_cache_reused_and_invalidated(tmp_path: Path) -> None:
     other = preprocess_dataset(ds, make_plan(ds, compute_fingerprint(ds)), tmp_path / "cache", progress=False)
     assert other[0].parent != paths[0].parent and all(p.is_file() for p in other)
     assert load_json(other[0].parent / "plan.json")["target_spacing"] == [1.0, 1.0, 1.5]
+
+
+def test_each_channel_has_its_own_scheme_and_statistics(tmp_path: Path) -> None:
+    """A CT + PET case: channel 1 (PET, +5000) is z-scored with its own statistics; its foreground
+    statistics are measured too; nnU-Net's scheme names are read from channel_names."""
+    ds, images, labels = _fingerprint_dataset(tmp_path)
+    fp = compute_fingerprint(ds)
+    assert fp["intensity_per_channel"][0] == fp["intensity"]
+    pet = np.concatenate([img[1][lab > 0] for img, lab in zip(images, labels, strict=True)])
+    pet_mean = pet.astype(np.float64).mean()
+    np.testing.assert_allclose(fp["intensity_per_channel"][1]["mean"], pet_mean, rtol=1e-9)
+    plan = make_plan(ds, fp)
+    out = normalize(images[0], plan)
+    lo, hi = plan.ct_window[0]
+    np.testing.assert_allclose(out[0], (np.clip(images[0][0], lo, hi) - lo) / (hi - lo), rtol=1e-6)
+    np.testing.assert_allclose(out[1], (images[0][1] - images[0][1].mean()) / images[0][1].std(), atol=1e-4)
+    names = ["CT", "noNorm", "zscore", "rescale_to_0_1", "rgb_to_0_1", "T2", "PET"]
+    assert [scheme_of(n) for n in names] == ["ct", "none", "zscore", "rescale", "rgb", "zscore", "zscore"]
+
+
+def test_rescale_and_rgb_schemes_golden() -> None:
+    image = np.array([[[10.0, 20.0], [30.0, 50.0]], [[0.0, 51.0], [255.0, 102.0]]], np.float32)
+    plan = _plan(ndim=2, in_channels=2, normalization=("rescale", "rgb"), ct_window=(None, None))
+    expected = np.array([[[0.0, 0.25], [0.5, 1.0]], [[0.0, 0.2], [1.0, 0.4]]], np.float32)
+    np.testing.assert_allclose(normalize(image, plan), expected, rtol=1e-6)
+
+
+def test_a_plan_of_one_scheme_for_all_channels_still_reads() -> None:
+    """plan.json of earlier versions: one scheme and window applied to every channel, as before."""
+    old = {**_plan(in_channels=2, normalization=("ct",) * 2, ct_window=((0.0, 1.0),) * 2).to_json()}
+    old.update(normalization="ct", ct_window=[0.0, 1.0])
+    plan = Plan.from_json(old)
+    assert plan.normalization == ("ct", "ct") and plan.ct_window == ((0.0, 1.0), (0.0, 1.0))

@@ -86,9 +86,9 @@ class DatasetInfo:
         return max(self.labels.values()) + 1
 
     @property
-    def normalization(self) -> str:
-        """``"ct"`` when the first channel is CT (fixed Hounsfield scale), else ``"zscore"``."""
-        return "ct" if self.channel_names[0].strip().lower() == "ct" else "zscore"
+    def normalizations(self) -> tuple[str, ...]:
+        """Each channel's intensity normalisation, from its name (see :func:`scheme_of`)."""
+        return tuple(scheme_of(name) for name in self.channel_names)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +103,19 @@ class DatasetInfo:
             "training": [c.to_json() for c in self.training],
             "test": [c.to_json() for c in self.test],
         }
+
+
+# nnU-Net's channel_names that name a scheme (any other name, e.g. "T2" or "PET", is z-scored)
+_SCHEME_OF_NAME = {
+    "ct": "ct", "nonorm": "none", "zscore": "zscore", "rescale_to_0_1": "rescale", "rgb_to_0_1": "rgb"
+}  # fmt: skip
+
+
+def scheme_of(channel_name: str) -> str:
+    """The normalisation of a channel named as in nnU-Net's ``channel_names``: a CT channel by its
+    Hounsfield window, ``noNorm`` none, ``rescale_to_0_1`` min-max, ``rgb_to_0_1`` / 255, the rest
+    (MR, PET, microscopy, ...) z-scored per image."""
+    return _SCHEME_OF_NAME.get(channel_name.strip().lower(), "zscore")
 
 
 def load_dataset(root: str | Path) -> DatasetInfo:

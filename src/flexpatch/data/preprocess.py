@@ -27,7 +27,8 @@ from flexpatch.data.io import Volume, atomic_path, save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.runtime import numpy_rng, track
 
-NORMALIZATIONS = ("ct", "zscore", "none")
+# Per channel: CT window to [0, 1]; z-score; none; min-max to [0, 1]; 8-bit colour / 255.
+NORMALIZATIONS = ("ct", "zscore", "none", "rescale", "rgb")
 # nnU-Net draws at most this many foreground voxels in all for its intensity percentiles
 MAX_INTENSITY_SAMPLES = 10_000_000
 
@@ -42,8 +43,8 @@ class Plan:
         num_classes: output classes (background included).
         labels: class name -> label value.
         target_spacing: voxel size in mm per spatial axis after resampling.
-        normalization: ``"ct"``, ``"zscore"`` or ``"none"``.
-        ct_window: ``(lo, hi)`` for CT: clip, then scale to [0, 1]; None otherwise.
+        normalization: one scheme per channel (:data:`NORMALIZATIONS`), from ``channel_names``.
+        ct_window: per channel, ``(lo, hi)`` for a CT channel (clip, then scale to [0, 1]), else None.
         median_shape: the dataset's median shape after resampling.
     """
 
@@ -52,8 +53,8 @@ class Plan:
     num_classes: int
     labels: dict[str, int]
     target_spacing: tuple[float, ...]
-    normalization: str
-    ct_window: tuple[float, float] | None
+    normalization: tuple[str, ...]
+    ct_window: tuple[tuple[float, float] | None, ...]
     median_shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
@@ -63,18 +64,24 @@ class Plan:
             raise FlexPatchError(
                 f"plan: target_spacing {self.target_spacing} must hold {self.ndim} positive values"
             )
-        if self.normalization not in NORMALIZATIONS:
+        if len(self.normalization) != self.in_channels or len(self.ct_window) != self.in_channels:
             raise FlexPatchError(
-                f"plan: normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
+                f"plan: normalization and ct_window need one entry per channel ({self.in_channels})"
             )
-        if self.normalization == "ct" and (self.ct_window is None or len(self.ct_window) != 2):
-            raise FlexPatchError("plan: CT normalization needs ct_window (lo, hi)")
+        for scheme, window in zip(self.normalization, self.ct_window, strict=True):
+            if scheme not in NORMALIZATIONS:
+                raise FlexPatchError(
+                    f"plan: normalization {scheme!r} is not one of {', '.join(NORMALIZATIONS)}"
+                )
+            if scheme == "ct" and (window is None or len(window) != 2):
+                raise FlexPatchError("plan: CT normalization needs ct_window (lo, hi)")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_spacing"] = list(self.target_spacing)
         d["median_shape"] = list(self.median_shape)
-        d["ct_window"] = None if self.ct_window is None else list(self.ct_window)
+        d["normalization"] = list(self.normalization)
+        d["ct_window"] = [None if w is None else list(w) for w in self.ct_window]
         return d
 
     @classmethod
@@ -89,10 +96,7 @@ class Plan:
                 num_classes=int(d["num_classes"]),
                 labels={str(k): int(v) for k, v in d["labels"].items()},
                 target_spacing=tuple(float(s) for s in d["target_spacing"]),
-                normalization=str(d["normalization"]),
-                ct_window=None
-                if d["ct_window"] is None
-                else (float(d["ct_window"][0]), float(d["ct_window"][1])),
+                **_channel_schemes(d["normalization"], d["ct_window"], int(d["in_channels"])),
                 median_shape=tuple(int(s) for s in d["median_shape"]),
             )
         except (TypeError, ValueError, AttributeError, IndexError) as e:
@@ -101,6 +105,17 @@ class Plan:
     def digest(self) -> str:
         """A short, stable digest of the plan: names its cache folder."""
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _channel_schemes(norm: Any, windows: Any, channels: int) -> dict[str, Any]:
+    """``normalization`` and ``ct_window`` of a plan.json; one of a version with one scheme for all
+    channels is read as that scheme on every channel, so its models keep their behaviour."""
+    if isinstance(norm, str):
+        norm, windows = [norm] * channels, [windows] * channels
+    return {
+        "normalization": tuple(str(n) for n in norm),
+        "ct_window": tuple(None if w is None else (float(w[0]), float(w[1])) for w in windows),
+    }
 
 
 def _pair(values: Sequence[float]) -> tuple[float, float]:
@@ -112,16 +127,18 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
     """Measure a dataset's training cases (JSON-serialisable).
 
     Returns a dict with per-case ``case_ids``, ``spacings`` and ``shapes``; their
-    ``median_spacing`` and ``median_shape``; ``intensity`` statistics of channel 0
-    over foreground voxels (``mean``, ``std``, ``percentile_00_5``,
-    ``percentile_99_5``, ``min``, ``max``; None when no label has foreground);
+    ``median_spacing`` and ``median_shape``; ``intensity_per_channel``: statistics of each
+    channel over foreground voxels (``mean``, ``std``, ``percentile_00_5``,
+    ``percentile_99_5``, ``min``, ``max``; None when no label has foreground), and
+    ``intensity``, channel 0's;
     ``voxel_counts`` per class name; and ``components`` per foreground class: the
     sizes of its connected components (full connectivity) in voxels and in mm^3
     (mm^2 for 2D) over all cases, with their mean and median.
     """
-    rng = numpy_rng(1234)  # fixed: the same dataset gives the same fingerprint
+    # fixed: the same dataset gives the same fingerprint; channel 0 draws as when it was the only one
+    rngs = [numpy_rng(1234)] + [numpy_rng(1234, c) for c in range(1, len(ds.channel_names))]
     cap = max(1, MAX_INTENSITY_SAMPLES // len(ds.training))
-    parts = []
+    parts: list[list[tuple]] = [[] for _ in ds.channel_names]
     counts = np.zeros(ds.num_classes, dtype=np.int64)
     sizes: dict[int, list[int]] = {v: [] for v in ds.labels.values() if v != 0}
     volumes: dict[int, list[float]] = {v: [] for v in sizes}
@@ -132,8 +149,10 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
             continue
         spacings.append(list(image.spacing))
         shapes.append(list(image.spatial_shape))
-        part = _intensity_part(image.data[0][label.data > 0], cap, rng)
-        parts += [part] if part else []
+        foreground = label.data > 0
+        for c, rng in enumerate(rngs):
+            part = _intensity_part(image.data[c][foreground], cap, rng)
+            parts[c] += [part] if part else []
         counts += np.bincount(label.data.ravel(), minlength=ds.num_classes)
         voxel_mm = float(np.prod(image.spacing))
         for value in sizes:
@@ -147,7 +166,8 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
         "shapes": shapes,
         "median_spacing": [float(v) for v in np.median(np.array(spacings), axis=0)],
         "median_shape": [float(v) for v in np.median(np.array(shapes), axis=0)],
-        "intensity": _intensity_stats(parts),
+        "intensity": _intensity_stats(parts[0]),
+        "intensity_per_channel": [_intensity_stats(p) for p in parts],
         "voxel_counts": {names[v]: int(counts[v]) for v in sorted(names)},
         "components": {names[v]: _component_summary(sizes[v], volumes[v]) for v in sizes},
     }
@@ -210,19 +230,18 @@ def make_plan(
         ds: the dataset.
         fingerprint: from ``compute_fingerprint``.
         target_spacing: mm per spatial axis; the dataset's median spacing when None.
-        normalization: ``"ct"``, ``"zscore"`` or ``"none"``; from the channel name when None.
+        normalization: one of :data:`NORMALIZATIONS` for every channel; when None, each channel's
+            from its name in ``channel_names`` (nnU-Net's: ``CT``, ``noNorm``, ``zscore``,
+            ``rescale_to_0_1``, ``rgb_to_0_1``; any other name is z-scored).
     """
     chosen = fingerprint["median_spacing"] if target_spacing is None else target_spacing
     spacing = tuple(float(s) for s in chosen)
     if len(spacing) != ds.ndim or min(spacing) <= 0:
         raise FlexPatchError(f"target spacing {spacing} must hold {ds.ndim} positive values (mm)")
-    norm = normalization or ds.normalization
-    window = None
-    if norm == "ct":
-        stats = fingerprint.get("intensity")
-        if not stats:
-            raise FlexPatchError(f"{ds.root}: CT normalisation needs foreground voxels, but no label has any")
-        window = (float(stats["percentile_00_5"]), float(stats["percentile_99_5"]))
+    schemes = (normalization,) * len(ds.channel_names) if normalization else ds.normalizations
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise FlexPatchError(f"normalization {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+    windows = tuple(_ct_window(ds, fingerprint, c) if s == "ct" else None for c, s in enumerate(schemes))
     resampled = [
         resampled_shape(shape, sp, spacing)
         for shape, sp in zip(fingerprint["shapes"], fingerprint["spacings"], strict=True)
@@ -233,10 +252,21 @@ def make_plan(
         num_classes=ds.num_classes,
         labels=dict(ds.labels),
         target_spacing=spacing,
-        normalization=norm,
-        ct_window=window,
+        normalization=schemes,
+        ct_window=windows,
         median_shape=tuple(int(round(v)) for v in np.median(np.array(resampled), axis=0)),
     )
+
+
+def _ct_window(ds: DatasetInfo, fingerprint: dict[str, Any], channel: int) -> tuple[float, float]:
+    """A CT channel's window: its foreground's 0.5 and 99.5 percentiles (as nnU-Net's)."""
+    per_channel = fingerprint.get("intensity_per_channel") or [fingerprint.get("intensity")]
+    if channel >= len(per_channel):
+        raise FlexPatchError(f"{ds.root}: the fingerprint has no statistics of channel {channel}; retrain")
+    stats = per_channel[channel]
+    if not stats:
+        raise FlexPatchError(f"{ds.root}: CT normalisation needs foreground voxels, but no label has any")
+    return float(stats["percentile_00_5"]), float(stats["percentile_99_5"])
 
 
 def resampled_shape(
@@ -278,19 +308,29 @@ def resample(data: np.ndarray, zoom_to_shape: tuple[int, ...], order: int) -> np
 
 
 def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
-    """Intensity normalisation of ``(C, *S)``: CT window to [0, 1], per-channel z-score, or none."""
+    """Intensity normalisation of ``(C, *S)``, each channel by its own scheme (a CT channel by its
+    window to [0, 1], an MR or PET channel z-scored, ...): one scheme for all would clip a PET
+    channel to the CT window."""
     image = image.astype(np.float32, copy=True)
-    if plan.normalization == "ct" and plan.ct_window is not None:
-        lo, hi = plan.ct_window
-        # a constant foreground gives lo == hi; divide by 1 rather than by zero
-        scale = hi - lo if hi > lo else 1.0
-        return (np.clip(image, lo, hi) - lo) / np.float32(scale)
-    if plan.normalization == "zscore":
-        axes = tuple(range(1, image.ndim))
-        mean = image.mean(axis=axes, keepdims=True, dtype=np.float64)
-        std = image.std(axis=axes, keepdims=True, dtype=np.float64)
-        return ((image - mean) / np.maximum(std, 1e-8)).astype(np.float32)
+    for c, (scheme, window) in enumerate(zip(plan.normalization, plan.ct_window, strict=True)):
+        image[c] = _normalize_channel(image[c], scheme, window)
     return image
+
+
+def _normalize_channel(x: np.ndarray, scheme: str, window: tuple[float, float] | None) -> np.ndarray:
+    if scheme == "ct" and window is not None:
+        lo, hi = window
+        # a constant foreground gives lo == hi; divide by 1 rather than by zero
+        return (np.clip(x, lo, hi) - lo) / np.float32(hi - lo if hi > lo else 1.0)
+    if scheme == "zscore":
+        mean, std = x.mean(dtype=np.float64), x.std(dtype=np.float64)
+        return ((x - mean) / max(std, 1e-8)).astype(np.float32)
+    if scheme == "rescale":
+        lo, hi = float(x.min()), float(x.max())
+        return ((x - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+    if scheme == "rgb":
+        return x / np.float32(255.0)
+    return x
 
 
 def preprocess_case(

@@ -18,7 +18,6 @@ from flexpatch.infer.runner import (
     Prediction,
     Written,
     cases_for,
-    group_inputs,  # noqa: F401  (its old home: tests/test_guard_inputs.py)
     label_dtype,
     names_by_value,
     run_prediction,
