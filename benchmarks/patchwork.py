@@ -268,7 +268,7 @@ def infer_child(args: argparse.Namespace) -> None:
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:  # the bytes held in tensors, as CUDA's allocator counts them, in a pass of its own (slower)
-        from flexpatch.infer.memory import measure_peak
+        from flexpatch.plan.memory import measure_peak
 
         peak = max(measure_peak(lambda v=v: run(v), "cpu") for v in vols)
     info = {"seconds": float(np.mean(seconds)), "peak_mib": peak / MIB, "patches": patches, "batch": batch}

@@ -36,12 +36,12 @@ from _report import describe_device, write_section  # noqa: E402
 from patchwork import CLASSES, MIB, MODES, Mode, pw_config  # noqa: E402
 
 from flexpatch.data.io import Volume  # noqa: E402
-from flexpatch.infer.memory import measure_peak  # noqa: E402
 from flexpatch.infer.sliding_window import sliding_window  # noqa: E402
 from flexpatch.models import create_model  # noqa: E402
 from flexpatch.patchwork.apply import ApplyOptions  # noqa: E402
 from flexpatch.patchwork.predict import LoadedPatchwork, segment_volume  # noqa: E402
 from flexpatch.patchwork.train import build_net  # noqa: E402
+from flexpatch.plan.memory import measure_peak  # noqa: E402
 
 TARGET = 0.25  # issue 7: patchwork peak <= 1/4 of the large-patch U-Net's
 
@@ -79,9 +79,9 @@ def budget_row(mode: Mode, volume: Volume, reference: int) -> tuple[tuple[str, i
     On the CPU the planner also counts the level sources, which the host holds on any device and a
     GPU would not: the budget is raised by their bytes, so that the device's share is the target.
     """
-    from flexpatch.infer.memory import tensor_bytes
     from flexpatch.patchwork.crop import level_sources
     from flexpatch.patchwork.scheme import Geometry, level_widths, undersampling
+    from flexpatch.plan.memory import tensor_bytes
 
     model = _patchwork(mode)
     geom = Geometry.of(volume.data.shape[1:], volume.affine, model.scheme.system)

@@ -6,7 +6,7 @@ One command, three parts:
     UNETR at token 8), the memory model is calibrated from three small probes and its
     prediction compared with the measured peak at ten patch sizes, for a training step
     and for an inference forward. Measured: on CUDA ``max_memory_allocated``; on the CPU
-    the peak of live tensor bytes tracked at the dispatcher (``flexpatch.infer.memory``).
+    the peak of live tensor bytes tracked at the dispatcher (``flexpatch.plan.memory``).
     Then, for three budgets per network, the planned training patch and batch are run
     and their measured peak checked against the budget.
 (b) **Token size.** Two abdomen phantoms, one with small and one with large liver
@@ -45,11 +45,11 @@ from flexpatch.data.phantom import ABDOMEN_LABELS, make_phantom  # noqa: E402
 from flexpatch.data.preprocess import compute_fingerprint  # noqa: E402
 from flexpatch.errors import format_shape  # noqa: E402
 from flexpatch.evaluate.metrics import segmentation_metrics  # noqa: E402
-from flexpatch.infer.memory import Prober, calibrate  # noqa: E402
-from flexpatch.infer.planner import format_bytes, plan_training  # noqa: E402
 from flexpatch.infer.predictor import load_model  # noqa: E402
 from flexpatch.models import create_model  # noqa: E402
 from flexpatch.models.tokens import plan_tokens  # noqa: E402
+from flexpatch.plan.memory import Prober, calibrate  # noqa: E402
+from flexpatch.plan.planner import format_bytes, plan_training  # noqa: E402
 from flexpatch.runtime import resolve_device  # noqa: E402
 from flexpatch.train.config import TrainConfig  # noqa: E402
 from flexpatch.train.loop import train  # noqa: E402

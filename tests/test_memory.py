@@ -20,8 +20,12 @@ import torch
 
 from flexpatch.data.preprocess import Plan
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.memory import MemoryModel, Prober, calibrate, measure_peak
-from flexpatch.infer.planner import (
+from flexpatch.infer.predictor import LoadedModel
+from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.models import check_patch_size, create_model
+from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
+from flexpatch.plan.memory import MemoryModel, Prober, calibrate, measure_peak
+from flexpatch.plan.planner import (
     WindowChoice,
     format_bytes,
     initial_patch,
@@ -31,11 +35,7 @@ from flexpatch.infer.planner import (
     shrink,
     sliding_window_peak,
 )
-from flexpatch.infer.predictor import LoadedModel
-from flexpatch.infer.sliding_window import sliding_window
-from flexpatch.infer.within import sliding_window_within
-from flexpatch.models import check_patch_size, create_model
-from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
+from flexpatch.plan.within import sliding_window_within
 from flexpatch.train.config import TrainConfig
 
 torch.set_num_threads(1)
@@ -112,7 +112,7 @@ def test_attention_pairs_leave_out_a_first_call_workspace(mode: str) -> None:
     process's first matrix product on CUDA), gives the same bytes per pair as the plain block."""
     from monai.networks.blocks.selfattention import SABlock
 
-    from flexpatch.infer.memory import attention_pairs
+    from flexpatch.plan.memory import attention_pairs
 
     class FirstCallWorkspace(SABlock):
         def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -418,9 +418,10 @@ def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:
 
 def test_predictor_within_a_budget_matches_the_direct_run(capsys: pytest.CaptureFixture) -> None:
     net = tiny_net(3, out_channels=2).eval()
-    plan = Plan(3, 1, 2, {"background": 0, "organ": 1}, (1.0, 1.0, 1.0), "none", None, (40, 36, 28))
-    config = TrainConfig(model="unet", model_kwargs=TINY, patch="uniform:8-32")
-    lm = LoadedModel(net, net.spec, plan, config, torch.device("cpu"), Path("."))
+    plan = Plan(3, 1, 2, {"background": 0, "organ": 1}, (1.0, 1.0, 1.0), ("none",), (None,), (40, 36, 28))
+    config = dataclasses.asdict(TrainConfig(model="unet", model_kwargs=TINY, patch="uniform:8-32"))
+    method = {"method": "sliding-window", "window": [32, 32, 32], "fixed_size": False}  # uniform:8-32
+    lm = LoadedModel(net, net.spec, plan, config, torch.device("cpu"), Path("."), method)
     image = torch.randn(1, 1, 40, 36, 28)
     props = {"original_shape": (40, 36, 28)}
     # a budget that holds 16^3 windows two at a time, not the whole image

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from flexpatch.cli import app
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.memory import measure_peak
 from flexpatch.patchwork.apply import ApplyOptions, apply_image
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.outputs import to_output
 from flexpatch.patchwork.train import build_net
+from flexpatch.plan.memory import measure_peak
 
 torch.set_num_threads(1)
 

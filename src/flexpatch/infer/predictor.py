@@ -13,7 +13,6 @@ import torch
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.infer.planner import WindowChoice
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -25,6 +24,7 @@ from flexpatch.infer.runner import (
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
+from flexpatch.plan.planner import WindowChoice
 from flexpatch.runtime import console, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 
@@ -75,10 +75,10 @@ class LoadedModel:
         image for models trained at varying sizes (AP, HN, progressive) and up to the training
         patch for a fixed-size model. Probes calibrate the memory model once per model; the
         network's call at the chosen window and batch is measured (once per window and batch)
-        and the plan checked by it (:func:`~flexpatch.infer.planner.checked`).
+        and the plan checked by it (:func:`~flexpatch.plan.planner.checked`).
         """
-        from flexpatch.infer.memory import Prober, calibrate
-        from flexpatch.infer.planner import plan_window
+        from flexpatch.plan.memory import Prober, calibrate
+        from flexpatch.plan.planner import plan_window
 
         if "model" not in self._memory:
             prober = Prober(self.net, "infer", self.device)
@@ -182,8 +182,8 @@ class LoadedModel:
         batch_size: int,
         stitch_device: str | None,
     ) -> torch.Tensor:
-        from flexpatch.infer.planner import format_bytes
-        from flexpatch.infer.within import sliding_window_within
+        from flexpatch.plan.planner import format_bytes
+        from flexpatch.plan.within import sliding_window_within
 
         shape = tuple(image.shape[2:])
         choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
@@ -277,7 +277,7 @@ def predict_files(
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     if memory is not None:
-        from flexpatch.infer.planner import parse_budget
+        from flexpatch.plan.planner import parse_budget
 
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)

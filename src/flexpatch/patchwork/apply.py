@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.within import is_out_of_memory
-from flexpatch.patchwork import budget, crop, generate
+from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.outputs import labelling_bytes
 from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
+from flexpatch.plan.patchwork import BatchPlan, kept_bytes, plan_batch, resident_bytes
+from flexpatch.plan.within import is_out_of_memory
 from flexpatch.runtime import numpy_rng
 
 
@@ -45,7 +46,7 @@ class ApplyOptions:
         batch_size: patches per forward pass (with ``memory``: at most).
         seed: seeds random generation and jitter.
         memory: a budget in bytes on the device: the batch is the largest that fits
-            (:mod:`flexpatch.patchwork.budget`), halved on an out-of-memory error.
+            (:mod:`flexpatch.plan.patchwork`), halved on an out-of-memory error.
     """
 
     generate: str = "tree"
@@ -216,8 +217,8 @@ class _Job:
         )  # fmt: skip
 
 
-def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
-    """The batch within ``memory`` bytes (see :mod:`flexpatch.patchwork.budget`)."""
+def _plan(job: _Job, opts: ApplyOptions, memory: int) -> BatchPlan:
+    """The batch within ``memory`` bytes (see :mod:`flexpatch.plan.patchwork`)."""
     # the levels as application draws them, each keeping its first patches where lazy evaluation
     # would keep its best: the counts, all the plan needs, are the same
     rng, levels = numpy_rng(opts.seed), []
@@ -226,7 +227,7 @@ def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
         levels.append(_draw_level(job, opts, rng, k, levels[-1] if levels else None, keep))
     voxels = int(np.prod(job.out_shape))
     mix = opts.level == "mix"
-    resident = budget.resident_bytes(
+    resident = resident_bytes(
         voxels,
         job.net.num_outputs,
         [job.scheme.matrix[k] for k in job.levels_out],
@@ -235,7 +236,7 @@ def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
         job.sources,
         job.dev,
     )
-    kept = budget.kept_bytes(job.net, levels, job.scheme)
+    kept = kept_bytes(job.net, levels, job.scheme)
     scratch = job.stitcher(opts)  # adds land in it as in the real one; its sums are thrown away
     parent_outs: dict[int, torch.Tensor] = {}
 
@@ -252,7 +253,7 @@ def _plan(job: _Job, opts: ApplyOptions, memory: int) -> budget.BatchPlan:
             if k in job.levels_out:
                 scratch.add(job.activation(y[:, : job.net.num_outputs]), job.to_out @ level.affine[sl])
 
-    return budget.plan_batch(
+    return plan_batch(
         run, kept, job.dev, resident=resident, budget=memory, most=opts.batch_size,
         finish=labelling_bytes(job.out_shape),
     )  # fmt: skip

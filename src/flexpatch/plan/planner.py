@@ -1,6 +1,6 @@
 """The largest training patch and batch, and inference window and window batch, within a memory budget.
 
-Peaks come from a calibrated :class:`~flexpatch.infer.memory.MemoryModel`; a choice
+Peaks come from a calibrated :class:`~flexpatch.plan.memory.MemoryModel`; a choice
 fits when its predicted peak is at most ``(1 - headroom)`` of the budget, the headroom
 covering what the estimate leaves out (allocator fragmentation, the data loader).
 
@@ -12,15 +12,15 @@ divisor. The batch then grows while it fits, up to 5% of the dataset's voxels pe
 An inference window starts from the whole image and shrinks the same way.
 
 **Check by measurement.** Given a ``measure`` (the measured peak of one network call, e.g.
-:meth:`~flexpatch.infer.memory.Prober.peak`), a planner measures the call at its choice and
-anchors the model there (:meth:`~flexpatch.infer.memory.MemoryModel.anchored`). Where the
+:meth:`~flexpatch.plan.memory.Prober.peak`), a planner measures the call at its choice and
+anchors the model there (:meth:`~flexpatch.plan.memory.MemoryModel.anchored`). Where the
 anchored prediction is more than 5% off, or the choice is over the budget, it plans again
 with the anchored model, for at most 3 rounds; past them it only goes on while the measured
 choice is over (each such round raises the scale, so it ends). What it returns has been
 measured. For a window only the network call is measured: the image and the stitching
 buffers are counted exactly.
 
-What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.infer.within`.
+What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.plan.within`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import torch
 
 from flexpatch.axes import round_down, round_up
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.infer.memory import MemoryModel
 from flexpatch.infer.sliding_window import window_layout
 from flexpatch.models.tokens import TokenPlan
+from flexpatch.plan.memory import MemoryModel
 
 Shape = tuple[int, ...]
 Choice = TypeVar("Choice", "TrainChoice", "WindowChoice")
@@ -388,9 +388,9 @@ def plan_dataset(
     """
     from flexpatch.data.dataset import load_dataset
     from flexpatch.data.preprocess import compute_fingerprint, make_plan, resampled_shape
-    from flexpatch.infer.memory import Prober, calibrate
     from flexpatch.models import create_model
     from flexpatch.models.tokens import plan_tokens
+    from flexpatch.plan.memory import Prober, calibrate
     from flexpatch.runtime import resolve_device
 
     ds = load_dataset(dataset_dir)

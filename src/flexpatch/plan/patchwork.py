@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.memory import measure_peak, tensor_bytes
-from flexpatch.infer.planner import format_bytes
-from flexpatch.infer.within import is_out_of_memory
 from flexpatch.patchwork import generate
 from flexpatch.patchwork.scheme import Scheme
+from flexpatch.plan.memory import measure_peak, tensor_bytes
+from flexpatch.plan.planner import format_bytes
+from flexpatch.plan.within import is_out_of_memory
 
 FLOAT = 4  # bytes of the float32 outputs and sums
 

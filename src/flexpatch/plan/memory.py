@@ -424,7 +424,7 @@ def calibrate(
     Args:
         sizes: probe patches; default :func:`probe_sizes` of the net's divisor.
         prober: one to probe with, kept by the caller to check a plan by measurement
-            (:func:`~flexpatch.infer.planner.plan_training`); its mode, device, dtype and
+            (:func:`~flexpatch.plan.planner.plan_training`); its mode, device, dtype and
             optimiser replace the arguments. Default: a new one.
     """
     prober = prober or Prober(net, mode, device, dtype, optimizer)

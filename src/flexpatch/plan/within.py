@@ -12,8 +12,8 @@ from dataclasses import replace
 import torch
 
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.infer.planner import WindowChoice, shrink
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.plan.planner import WindowChoice, shrink
 
 
 def is_out_of_memory(error: BaseException) -> bool:
