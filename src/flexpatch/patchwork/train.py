@@ -31,9 +31,9 @@ from flexpatch.patchwork.predict import LoadedPatchwork
 from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_table, load_state
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
-from flexpatch.runtime import check_writable, generator, progress_bar, resolve_device, seed_everything
+from flexpatch.runtime import check_writable, generator, resolve_device, seed_everything
 from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
-from flexpatch.train.harness import claim_folder, resume_settings
+from flexpatch.train.harness import Harness, claim_folder, resume_settings
 from flexpatch.train.loop import split_cases
 from flexpatch.train.step import Divergence, guarded_step
 
@@ -179,11 +179,9 @@ def train_patchwork(
     seed_everything(config.seed)
     net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
     trainer = Trainer(net, config, len(values), dev, str(out_dir))
-    run = RunState()
-    if saved:
-        run = restore(saved, trainer, out_dir / RESUME)
-    else:
-        (out_dir / BEST).unlink(missing_ok=True)  # an old run's best must not outlive it
+    run, best = restore(saved, trainer, out_dir / RESUME) if saved else (RunState(), -1.0)
+    # the harness counts rounds: validation every val_every, resume.pt every save_every, and the best
+    h = Harness(out_dir, config.rounds, config.val_every, config.save_every, best, BEST, RESUME)
     cases, val_cases = list(ds.training), []
     if config.val_fraction > 0:
         cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
@@ -193,8 +191,7 @@ def train_patchwork(
     source = RoundSource(RoundJob(states, scheme, config), config.workers)
     start = time.perf_counter() - run.seconds()
     try:
-        with progress_bar(disable=not progress) as bar:
-            task = bar.add_task("patchwork", total=config.rounds, completed=run.next_round, info="")
+        with h.progress("patchwork", run.next_round, progress) as update:
             for r in range(run.next_round, config.rounds):
                 source.prefetch(r + 1) if r + 1 < config.rounds else None
                 run.pool = next_pool(run.pool, run.scores, source.get(r), config, scheme.depth, len(values))
@@ -202,15 +199,14 @@ def train_patchwork(
                 seconds = time.perf_counter() - start
                 run.log.append({"round": r, "loss": loss, "patches": len(run.pool), "seconds": seconds})
                 run.next_round = r + 1
-                last = run.next_round == config.rounds
-                if validator is not None and (run.next_round % config.val_every == 0 or last):
-                    validate_round(validator, view, trainer, run, out_dir)
-                if run.next_round % config.save_every == 0 or last:
-                    save_resume(out_dir, trainer, config, run)
-                bar.update(task, advance=1, info=round_info(run.log[-1]))
+                if validator is not None and h.validation_due(run.next_round):
+                    validate_round(validator, view, trainer, run, h)
+                if h.save_due(run.next_round):
+                    save_resume(h, trainer, config, run)
+                update(run.next_round, round_info(run.log[-1]))
     finally:
         source.close()
-    return save_model(out_dir, net, trainer, config, ds, values, ignore, run)
+    return save_model(out_dir, net, trainer, config, ds, values, ignore, run, h.best)
 
 
 def round_info(entry: dict[str, Any]) -> str:
@@ -228,17 +224,13 @@ def weights(trainer: Trainer, run: RunState) -> dict[str, Any]:
 
 
 def validate_round(
-    validator: Validator, view: LoadedPatchwork, trainer: Trainer, run: RunState, out_dir: Path
+    validator: Validator, view: LoadedPatchwork, trainer: Trainer, run: RunState, h: Harness
 ) -> None:
     """Score the held-out cases; log Dice per label; keep the weights when the mean is the best yet."""
     dice, run.thresholds = validator.score(view)
     mean = mean_dice(dice)
     run.log[-1].update(val_dice=dice, val_mean=mean, thresholds=run.thresholds)
-    if mean > run.best:
-        run.best = mean
-        out_dir.mkdir(parents=True, exist_ok=True)
-        best = {**weights(trainer, run), "round": run.log[-1]["round"], "val_mean": mean}
-        save_checkpoint(out_dir / BEST, best)
+    h.keep_if_best(mean, lambda: {**weights(trainer, run), "round": run.log[-1]["round"], "val_mean": mean})
 
 
 @dataclass
@@ -249,14 +241,13 @@ class RunState:
     log: list[dict] = field(default_factory=list)
     pool: PatchPool | None = None
     scores: tuple[torch.Tensor, torch.Tensor] | None = None
-    best: float = -1.0  # the best validation mean Dice so far
     thresholds: list[float] | None = None  # the mask thresholds tuned by the last validation
 
     def seconds(self) -> float:
         return self.log[-1]["seconds"] if self.log else 0.0
 
 
-def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: RunState) -> None:
+def save_resume(h: Harness, trainer: Trainer, config: PatchworkConfig, run: RunState) -> None:
     """Everything an exact resume needs; the patch pool only when hard mining keeps part of it."""
     state: dict[str, Any] = {
         "config": asdict(config),
@@ -266,7 +257,7 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
         "generator": trainer.gen.get_state(),
         "next_round": run.next_round,
         "log": run.log,
-        "best": run.best,
+        "best": h.best,
         "thresholds": run.thresholds,
         "steps": trainer.steps,
         "divergence": asdict(trainer.divergence),  # a resumed run counts skipped steps on
@@ -274,8 +265,7 @@ def save_resume(out_dir: Path, trainer: Trainer, config: PatchworkConfig, run: R
     # without hard mining the next round's pool is all new patches: a pure function of the round
     if config.hard_mining > 0 and run.pool is not None:
         state["pool"] = {"data": run.pool.data, "ages": run.pool.ages, "scores": run.scores}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_dir / RESUME, state)
+    h.save_last(state)
 
 
 def load_resume(
@@ -301,8 +291,9 @@ def load_resume(
     return saved
 
 
-def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
-    """Load the saved weights, optimiser and generator into ``trainer``; return the run's state."""
+def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> tuple[RunState, float]:
+    """Load the saved weights, optimiser and generator into ``trainer``; return the run's state and
+    its best validation Dice so far."""
     try:
         trainer.net.load_state_dict(saved["net"])
         trainer.opt.load_state_dict(saved["optimizer"])
@@ -315,12 +306,12 @@ def restore(saved: dict[str, Any], trainer: Trainer, path: Path) -> RunState:
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FlexPatchError(f"{path}: does not fit this patchwork ({reason})") from None
-    run = RunState(int(saved["next_round"]), list(saved["log"]), best=float(saved["best"]))
+    run = RunState(int(saved["next_round"]), list(saved["log"]))
     run.thresholds = saved["thresholds"]
     if "pool" in saved:
         pool = saved["pool"]
         run.pool, run.scores = PatchPool(pool["data"], pool["ages"]), pool["scores"]
-    return run
+    return run, float(saved["best"])
 
 
 def next_pool(
@@ -366,6 +357,7 @@ def save_model(
     values: list[int],
     ignore: int | None,
     run: RunState,
+    best: float,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {v: k for k, v in ds.labels.items()}
@@ -389,6 +381,6 @@ def save_model(
         "out_dir": str(out_dir),
         "rounds": len(log),
         "last_loss": log[-1]["loss"] if log else None,
-        "best_val_dice": run.best if run.best >= 0 else None,
+        "best_val_dice": best if best >= 0 else None,
         "seconds": log[-1]["seconds"] if log else 0.0,
     }

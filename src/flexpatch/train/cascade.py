@@ -11,10 +11,9 @@ of its config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from flexpatch.data.dataset import DatasetInfo, load_dataset
-from flexpatch.data.io import save_json, write_text
+from flexpatch.data.io import save_json
 from flexpatch.data.preprocess import load_preprocessed
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
@@ -41,16 +40,15 @@ from flexpatch.runtime import (
     check_writable,
     console,
     generator,
-    progress_bar,
     resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 from flexpatch.train.cascade_config import CascadeConfig
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
-from flexpatch.train.harness import claim_folder, resume_settings
+from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
 from flexpatch.train.loop import make_optimizer, prepare, split_cases
 from flexpatch.train.step import Divergence, advance, guarded_step
 
@@ -146,12 +144,16 @@ def validate_cascade(
 
 @dataclass
 class _Stage:
-    """Where one stage of a run stands: its step, best validation Dice, last loss and skipped steps."""
+    """Where one stage of a run stands: its step and last loss (its best Dice and skipped steps are
+    its harness's)."""
 
-    step: int = 0
-    best: float = -1.0
-    loss: float = float("nan")
-    divergence: Divergence = field(default_factory=Divergence)
+    step: int
+    loss: float
+    harness: Harness
+
+    @property
+    def best(self) -> float:
+        return self.harness.best
 
 
 def _stage_state(
@@ -160,22 +162,28 @@ def _stage_state(
     """Everything a resumed stage needs, and the run's config (a resume compares it, not a file)."""
     return {
         "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "step": at.step, "val_mean": at.best, "loss": at.loss,
-        "divergence": dataclasses.asdict(at.divergence), "rng": rng_state(), "cascade": config.to_json(),
+        "step": at.step, "val_mean": at.best, "loss": at.loss, "rng": rng_state(),
+        "divergence": dataclasses.asdict(at.harness.divergence), "cascade": config.to_json(),
     }  # fmt: skip
 
 
-def _restore_stage(state: dict[str, Any], path: Path, net: torch.nn.Module, opt: Any, sched: Any) -> _Stage:
+def _start_stage(
+    saved: dict[str, Any] | None, folder: Path, tc: TrainConfig, net: torch.nn.Module, opt: Any, sched: Any
+) -> _Stage:
+    """A stage from its start, or from ``saved`` (its last checkpoint) when resumed."""
+    harness = Harness(folder, tc.steps, tc.val_every)
+    if saved is None:
+        return _Stage(0, float("nan"), harness)
     try:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        div = Divergence(**state["divergence"])
-        return _Stage(int(state["step"]), float(state["val_mean"]), float(state["loss"]), div)
+        net.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        harness.best, harness.divergence = float(saved["val_mean"]), Divergence(**saved["divergence"])
+        return _Stage(int(saved["step"]), float(saved["loss"]), harness)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FlexPatchError(f"{path}: does not fit this cascade ({reason})") from None
+        raise FlexPatchError(f"{folder / LAST}: does not fit this cascade ({reason})") from None
 
 
 def _train_stage(
@@ -198,12 +206,10 @@ def _train_stage(
     tc = config.stage(stage)
     net.to(dev).train()
     opt, sched = make_optimizer(net, tc)
-    loss_fn, folder = DiceCELoss(to_onehot_y=True, softmax=True), out_dir / stage
-    at = _restore_stage(saved, folder / LAST, net, opt, sched) if saved else _Stage()
-    end = tc.steps if end is None else min(end, tc.steps)
-    amp = tc.amp and dev.type == "cuda"
-    with progress_bar(disable=not progress) as bar, (out_dir / "log.jsonl").open("a") as log:
-        task = bar.add_task(stage, total=tc.steps, completed=at.step, info="")
+    loss_fn, amp = DiceCELoss(to_onehot_y=True, softmax=True), tc.amp and dev.type == "cuda"
+    at = _start_stage(saved, out_dir / stage, tc, net, opt, sched)
+    h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
+    with h.progress(stage, at.step, progress) as update, jsonl_log(out_dir / "log.jsonl") as log:
         for step in range(at.step + 1, end + 1):
             g = generator("flexpatch-sts", stage, config.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
@@ -211,34 +217,19 @@ def _train_stage(
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
             stepped = guarded_step(loss_t, opt, net.parameters(), None)  # the paper trains unclipped
-            at.divergence.update(stepped, step, str(folder))
             advance(sched, stepped)
             at.step, at.loss = step, float(loss_t.detach())
-            record: dict[str, Any] = {"stage": stage, "step": step, "loss": at.loss}
-            record["lr"] = sched.get_last_lr()[0]
-            if not stepped:
-                record["skipped"] = True
-            if step % tc.val_every == 0 or step == tc.steps:
-                record["val_dice"] = _validate_and_save(net, validate, at, folder)
-                save_checkpoint(folder / LAST, _stage_state(net, opt, sched, at, config))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(task, completed=step, info=f"loss {at.loss:.3f}  val Dice {at.best:.3f}")
-    if at.step < tc.steps or not (folder / LAST).is_file():  # stopped early: where to go on from
-        save_checkpoint(folder / LAST, _stage_state(net, opt, sched, at, config))
+            record = {"stage": stage, "step": step, "loss": at.loss, "lr": sched.get_last_lr()[0]}
+            h.taken(step, stepped, record)
+            if h.validation_due(step):
+                record["val_dice"] = dice = validate(net)
+                h.keep_if_best(dice, lambda: {"model": net.state_dict(), "step": step, "val_mean": dice})  # noqa: B023
+                h.save_last(_stage_state(net, opt, sched, at, config))
+            log(record)
+            update(step, f"loss {at.loss:.3f}  val Dice {at.best:.3f}")
+    if at.step < tc.steps or not (h.folder / LAST).is_file():  # stopped early: where to go on from
+        h.save_last(_stage_state(net, opt, sched, at, config))
     return at
-
-
-def _validate_and_save(
-    net: torch.nn.Module, validate: Callable[[torch.nn.Module], float], at: _Stage, folder: Path
-) -> float:
-    """Validate; keep the weights when they improve (the first validation always saves)."""
-    dice = validate(net)
-    # NaN (nothing to score) never improves, but the first validation always saves
-    if dice > at.best or not (folder / BEST).exists():
-        at.best = dice if dice > at.best else at.best
-        save_checkpoint(folder / BEST, {"model": net.state_dict(), "step": at.step, "val_mean": dice})
-    return dice
 
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
@@ -357,18 +348,8 @@ def _start_log(log_path: Path, saved: dict[str, dict[str, Any]]) -> None:
     if not saved:
         log_path.unlink(missing_ok=True)
         return
-    if not log_path.is_file():
-        return
     done = {stage: int(state["step"]) for stage, state in saved.items()}
-    keep = []
-    for line in log_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            if int(record["step"]) <= done.get(record["stage"], 0):
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line a crash cut short
-    write_text(log_path, "".join(keep))
+    truncate_log(log_path, lambda record: int(record["step"]) <= done.get(record["stage"], 0))
 
 
 def _fine_net(rough: torch.nn.Module, config: CascadeConfig) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""What every training method shares around its steps: the model folder it may write, and resume.
+"""What every training method shares around its steps: the model folder it may write, resume, and
+the loop's cadence, checkpoints, divergence guard, progress and JSONL log (:class:`Harness`).
 
 A run writes only into a folder that is new, empty, or its own (``resume``), unless the user says
 ``overwrite``: a model folder from another run is never replaced by accident. On resume the run's
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexpatch.data.io import TEMP_PREFIX
+from flexpatch.data.io import TEMP_PREFIX, write_text
 from flexpatch.errors import FlexPatchError
-from flexpatch.runtime import check_writable
+from flexpatch.runtime import check_writable, progress_bar
+from flexpatch.train.checkpoint import save_checkpoint
+from flexpatch.train.step import Divergence
 
 # Files whose presence marks a folder as written by a flexpatch training run (any method).
 _MARKS = ("config.json", "model.json", "fingerprint.json", "patchwork.json", "resume.pt", "cascade.json")
@@ -90,3 +95,83 @@ def resume_settings(
 def _as_json(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Compared as JSON: a tuple given here equals the list read back from a file."""
     return json.loads(json.dumps(dict(settings)))
+
+
+@dataclass
+class Harness:
+    """The part of a training loop every method shares, so that each writes only its own step.
+
+    A run counts steps (or rounds) up to ``total``; it validates every ``val_every`` and at the end,
+    keeps the best weights in ``best_name`` (the first validation always keeps them, a NaN never
+    improves them) and where it stands in ``last_name`` every ``save_every`` (by default at each
+    validation) and at the end, so that ``resume`` goes on from there. Skipped steps (a non-finite
+    gradient) are counted, and too many in a row stop the run (:class:`Divergence`).
+    """
+
+    folder: Path
+    total: int
+    val_every: int
+    save_every: int | None = None
+    best: float = -1.0
+    best_name: str = "model_best.pt"
+    last_name: str = "model_last.pt"
+    divergence: Divergence = field(default_factory=Divergence)
+
+    def validation_due(self, step: int) -> bool:
+        return step % self.val_every == 0 or step == self.total
+
+    def save_due(self, step: int) -> bool:
+        return step % (self.save_every or self.val_every) == 0 or step == self.total
+
+    def taken(self, step: int, stepped: bool, record: dict[str, Any]) -> dict[str, Any]:
+        """Count a step (raising when the run diverged); mark a skipped one in its log ``record``."""
+        self.divergence.update(stepped, step, str(self.folder))
+        if not stepped:
+            record["skipped"] = True
+        return record
+
+    def keep_if_best(self, value: float, weights: Callable[[], dict[str, Any]]) -> bool:
+        """Save ``weights()`` as the best when ``value`` improves on it (or nothing is kept yet)."""
+        path = self.folder / self.best_name
+        if not (value > self.best or not path.is_file()):
+            return False
+        self.best = value if value > self.best else self.best
+        save_checkpoint(path, weights())
+        return True
+
+    def save_last(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.folder / self.last_name, state)
+
+    @contextmanager
+    def progress(self, name: str, start: int, enabled: bool) -> Iterator[Callable[[int, str], None]]:
+        """One progress bar from ``start`` to ``total``; yields ``update(step, info)``."""
+        with progress_bar(disable=not enabled) as bar:
+            task = bar.add_task(name, total=self.total, completed=start)
+            yield lambda step, info: bar.update(task, completed=step, info=info)
+
+
+@contextmanager
+def jsonl_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Append one JSON line per call, flushed at once: a killed run's log ends at its last step."""
+    with path.open("a") as log:
+
+        def write(record: dict[str, Any]) -> None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+        yield write
+
+
+def truncate_log(path: Path, done: Callable[[dict[str, Any]], bool]) -> None:
+    """On resume, keep the log lines of what the checkpoint holds (``done``) and drop the rest, lines
+    a crash cut short included, so that the log reads as one run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if done(json.loads(line)):
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(keep))

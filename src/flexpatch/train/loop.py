@@ -8,7 +8,6 @@ data stream, which is a pure function of (seed, step)).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from flexpatch.data.dataset import DatasetInfo, load_dataset
-from flexpatch.data.io import load_json, save_json, write_text
+from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, preprocess_dataset
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
@@ -31,7 +30,6 @@ from flexpatch.runtime import (
     check_writable,
     console,
     numpy_rng,
-    progress_bar,
     resolve_device,
     rng_state,
     seed_everything,
@@ -42,7 +40,7 @@ from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import FixedSize, smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
-from flexpatch.train.harness import claim_folder, resume_settings
+from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
 
@@ -164,22 +162,6 @@ def validate(
     net.train(was_training)
     mean = torch.nanmean(torch.stack(scores).float(), dim=0)
     return {c + 1: float(v) for c, v in enumerate(mean)}
-
-
-def _log_step(line: str) -> int | None:
-    """The step of a log line; None for a line a crash cut short."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def _truncate_log(log_path: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint so the log reads as one run."""
-    if not log_path.exists():
-        return
-    keep = [ln for ln in log_path.read_text().splitlines() if (s := _log_step(ln)) is not None and s <= step]
-    write_text(log_path, "".join(ln + "\n" for ln in keep))
 
 
 # Settings a resumed run may change: workers leave the numbers alone; more steps extend the run
@@ -315,7 +297,7 @@ def train(
     log_path = out_dir / "log.jsonl"
     if saved is not None:
         start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched)
-        _truncate_log(log_path, start)
+        truncate_log(log_path, lambda record: int(record["step"]) <= start)
     elif log_path.exists():
         log_path.unlink()
     end = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -334,13 +316,14 @@ def train(
     from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, out_dir, best, stage_ends(sizes), divergence)
+    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
-    if end < config.steps or not (out_dir / BEST).exists():
-        save_checkpoint(out_dir / LAST, run.state(end))
-    if not (out_dir / BEST).exists():
-        save_checkpoint(out_dir / BEST, {"model": net.state_dict(), "step": end, "val_mean": run.best})
-    return TrainResult(out_dir, end, run.best, last_loss, seconds)
+    if end < config.steps or not (out_dir / BEST).exists():  # stopped early: where to go on from
+        harness.save_last(run.state(end))
+    # a run stopped before its first validation still leaves weights for predict (best = none yet)
+    harness.keep_if_best(harness.best, lambda: run.weights(end, harness.best))
+    return TrainResult(out_dir, end, harness.best, last_loss, seconds)
 
 
 def stage_ends(sizes: SizeSampler) -> dict[int, int]:
@@ -361,10 +344,8 @@ class _Run:
     config: TrainConfig
     plan: Plan
     dev: torch.device
-    out_dir: Path
-    best: float = -1.0
+    harness: Harness
     stage_ends: dict[int, int] = field(default_factory=dict)
-    divergence: Divergence = field(default_factory=Divergence)
 
     def state(self, step: int) -> dict[str, Any]:
         """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
@@ -373,11 +354,15 @@ class _Run:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "step": step,
-            "best": self.best,
+            "best": self.harness.best,
             "rng": rng_state(),
             "config": self.config.to_json(),
-            "divergence": asdict(self.divergence),  # a resumed run counts skipped steps on
+            "divergence": asdict(self.harness.divergence),  # a resumed run counts skipped steps on
         }
+
+    def weights(self, step: int, val_mean: float) -> dict[str, Any]:
+        """What ``model_best.pt`` holds: the weights, their step and validation Dice."""
+        return {"model": self.net.state_dict(), "step": step, "val_mean": val_mean}
 
     def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
         """Validation Dice per class; saves the best checkpoint when it improves, and the last."""
@@ -391,12 +376,8 @@ class _Run:
             self.config.val_overlap,
         )
         mean = float(np.nanmean(list(dice.values())))
-        if mean > self.best:
-            self.best = mean
-            save_checkpoint(
-                self.out_dir / BEST, {"model": self.net.state_dict(), "step": step, "val_mean": mean}
-            )
-        save_checkpoint(self.out_dir / LAST, self.state(step))
+        self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
+        self.harness.save_last(self.state(step))
         return {"val_dice": {str(k): v for k, v in dice.items()}, "val_mean": mean}
 
     def step(self, batch: dict[str, Any], amp: bool) -> tuple[float, bool]:
@@ -422,35 +403,25 @@ class _Run:
         progress: bool,
     ) -> tuple[float, float]:
         """Steps ``start+1 .. end``; one JSONL line each. Returns the last loss and the seconds taken."""
-        cfg, use_amp = self.config, self.config.amp and self.dev.type == "cuda"
+        use_amp, h = self.config.amp and self.dev.type == "cuda", self.harness
         t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
         self.net.train()
-        with progress_bar(disable=not progress) as bar, log_path.open("a") as log:
-            task = bar.add_task("train", total=cfg.steps, completed=start, info="")
+        with h.progress("train", start, progress) as update, jsonl_log(log_path) as log:
             for batch in batches:
                 step = int(batch["step"]) + 1
                 last_loss, stepped = self.step(batch, use_amp)
-                self.divergence.update(stepped, step, str(self.out_dir))
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": self.sched.get_last_lr()[0],
-                    "patch": list(batch["size"]),
-                    "batch": int(batch["image"].shape[0]),
-                }
-                if not stepped:
-                    record["skipped"] = True
-                if step % cfg.val_every == 0 or step == cfg.steps:
+                record = {"step": step, "loss": last_loss, "lr": self.sched.get_last_lr()[0]}
+                record.update(patch=list(batch["size"]), batch=int(batch["image"].shape[0]))
+                h.taken(step, stepped, record)
+                if h.validation_due(step):
                     record.update(self.validate_and_save(step, val_cases, val_patch))
                     last_val = record["val_mean"]
                 elif step in self.stage_ends:  # a resumable point at each stage switch
-                    save_checkpoint(self.out_dir / LAST, self.state(step))
+                    h.save_last(self.state(step))
                 if step in self.stage_ends:  # the stage's weights, validated or not
-                    stage_file = self.out_dir / f"model_stage{self.stage_ends[step]}.pt"
+                    stage_file = h.folder / f"model_stage{self.stage_ends[step]}.pt"
                     save_checkpoint(stage_file, {"model": self.net.state_dict(), "step": step})
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log(record)
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-                info = f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s"
-                bar.update(task, completed=step, info=info)
+                update(step, f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s")
         return last_loss, time.perf_counter() - t0
