@@ -298,10 +298,8 @@ def train_cascade(
     _start_log(out_dir / "log.jsonl", saved)
     train_paths, val_paths = split_cases(paths, config.val_fraction, config.seed)
     train_cases, val_cases = _Cases(train_paths, config.per_class), _Cases(val_paths, config.per_class)
-    console.print(
-        f"[bold]segment-then-segment[/] {config.model} at S={config.input_size} on {len(train_paths)} "
-        f"cases (val {len(val_paths)}), batch {config.batch}, device {dev}"
-    )
+    console.print(f"[bold]segment-then-segment[/] {config.model} at S={config.input_size} on "
+                  f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.batch}, {dev}")
     k = plan.num_classes
     _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
     validate = lambda net: validate_cascade(net, None, val_cases, config, k, dev)  # noqa: E731
@@ -309,17 +307,14 @@ def train_cascade(
                         saved.get("rough"), stop_after)  # fmt: skip
     if base.step < config.steps:
         return _summary(out_dir, base.step, float("nan"), base, t0)
-    rough.load_state_dict(load_checkpoint(out_dir / "rough" / BEST, map_location=dev)["model"])
-    rough.eval()
-    fine = _fine_net(rough, config)
+    fine = _fine_net(rough, config, load_checkpoint(out_dir / "rough" / BEST, map_location=dev)["model"])
     _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"), "fine" in saved)
     validate = lambda net: validate_cascade(rough, net, val_cases, config, k, dev)  # noqa: E731
     left = None if stop_after is None else stop_after - config.steps
     at = _train_stage("fine", fine, train_cases, _fine_sampler(config), validate, config, dev, out_dir,
                       progress, saved.get("fine"), left)  # fmt: skip
-    if at.step < config.stage("fine").steps:
-        return _summary(out_dir, config.steps + at.step, at.best, base, t0, at.loss)
-    _finish(out_dir, config)
+    if at.step == config.stage("fine").steps:  # not stopped early: the folder is complete
+        _finish(out_dir, config)
     return _summary(out_dir, config.steps + at.step, at.best, base, t0, at.loss)
 
 
@@ -352,7 +347,10 @@ def _start_log(log_path: Path, saved: dict[str, dict[str, Any]]) -> None:
     truncate_log(log_path, lambda record: int(record["step"]) <= done.get(record["stage"], 0))
 
 
-def _fine_net(rough: torch.nn.Module, config: CascadeConfig) -> torch.nn.Module:
+def _fine_net(rough: torch.nn.Module, config: CascadeConfig, best: dict[str, Any]) -> torch.nn.Module:
+    """The rough net with its ``best`` weights, in eval mode; the fine net starts from them or anew."""
+    rough.load_state_dict(best)
+    rough.eval()
     seed_everything(config.seed + 1)  # a fresh fine network differs from the rough one's start
     fine = build(rough.spec)
     if config.fine_from_rough:

@@ -198,10 +198,15 @@ def resolve_config(
 
 
 def _restore(
-    state: dict[str, Any], path: Path, net: torch.nn.Module, opt: Any, sched: Any
+    state: dict[str, Any] | None, path: Path, net: torch.nn.Module, opt: Any, sched: Any, log_path: Path
 ) -> tuple[int, float, Any, Divergence]:
-    """Load a ``model_last.pt``'s state into the run; returns its step, best Dice, RNG state and
-    skipped-step count (fresh for a checkpoint written before it was saved)."""
+    """Load a ``model_last.pt``'s state into the run and cut the log to it; returns its step, best
+    Dice, RNG state and skipped-step count (fresh for a checkpoint written before it was saved).
+    Without a state (a new run) the log starts empty and the run at step 0."""
+    if state is None:
+        log_path.unlink(missing_ok=True)
+        return 0, -1.0, None, Divergence()
+    truncate_log(log_path, lambda record: int(record["step"]) <= int(state["step"]))
     # read on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
     # copied onto the parameters' device by load_state_dict
     try:
@@ -249,10 +254,8 @@ def train(
     overwrite: bool = False,
     changes: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a model on patches of a dataset and write a self-contained model folder.
-
-    Inputs are checked (dataset layout, model name, patch sizes, output folder) before
-    the dataset is preprocessed, so mistakes fail in seconds.
+    """Train a model on patches of a dataset and write a self-contained model folder; inputs are
+    checked (dataset, model, patch sizes, output folder) before preprocessing, so mistakes fail fast.
 
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
@@ -260,50 +263,32 @@ def train(
         config: the run's settings; on ``resume`` the checkpoint's config is used and this must be
             None or equal to it (except ``workers`` and ``steps``).
         resume: continue from ``out_dir/model_last.pt`` exactly where it stopped (with more
-            ``steps``, a finished run goes on).
-            ``config.init_from`` loads matching weights from another model folder first
-            (see :mod:`flexpatch.train.transfer`).
+            ``steps``, a finished run goes on). ``config.init_from`` loads matching weights from
+            another model folder first (see :mod:`flexpatch.train.transfer`).
         device: ``auto``, ``cpu``, ``cuda``.
-        progress: show progress bars (loss, validation Dice, it/s) on stderr.
+        progress: show progress (loss, validation Dice, it/s) on stderr.
         stop_after: stop (saving ``model_last.pt``) after this many steps, as an interruption would.
-        overwrite: replace the model folder of an earlier run (otherwise a non-empty ``out_dir`` is
-            refused unless ``resume``).
+        overwrite: replace an earlier run's model folder (else a non-empty ``out_dir`` is refused).
         changes: on ``resume`` without ``config``, settings of :data:`RESUME_FREE` to change
             (e.g. ``{"steps": 2000}`` to train a finished run longer).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     dev = resolve_device(device)
     config, saved = resolve_config(out_dir, config, resume, changes)
-    ds, net = check_inputs(dataset_dir, out_dir, config)
-    if overwrite and config.init_from and Path(config.init_from).resolve() == out_dir.resolve():
-        raise FlexPatchError(f"{out_dir}: cannot start from the weights of the folder --overwrite replaces")
-    # with the inputs checked: a mistake must not cost the folder an earlier run wrote
-    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
-    loaded = initialise(
-        net, config, out_dir, resume
-    )  # before the slow preprocessing: a bad source fails fast
-    plan, cases = prepare(ds, out_dir, config, progress, resume)
-    save_json(out_dir / "config.json", config.to_json())
+    net, loaded, plan, cases = _start(dataset_dir, out_dir, config, resume, overwrite, progress)
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
-    save_json(out_dir / "model.json", net.spec.to_json())
-    sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
-    val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
-    # the default inference window and the size kind, so that predicting needs no training code
-    write_method(out_dir, "sliding-window", val_patch, fixed_size=isinstance(sizes, FixedSize))
-    net.to(dev)
-    opt, sched = make_optimizer(net, config, loaded)
-
-    start, best, rng, divergence = 0, -1.0, None, Divergence()
+    sizes, val_patch = _write_folder(out_dir, config, plan, net)
+    opt, sched = make_optimizer(net.to(dev), config, loaded)
     log_path = out_dir / "log.jsonl"
-    if saved is not None:
-        start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched)
-        truncate_log(log_path, lambda record: int(record["step"]) <= start)
-    elif log_path.exists():
-        log_path.unlink()
+    start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, log_path)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
+    from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
 
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
+    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
     batches = _batches(train_cases, sizes, net.divisor, config, start, end, dev)
     if rng is not None:
         # only now: making the loader's iterator draws a seed from torch's RNG, which the
@@ -313,17 +298,37 @@ def train(
         f"[bold]train[/] {config.model} on {len(train_cases)} cases (val {len(val_cases)}), "
         f"patch {sizes.describe()}, batch {config.batch}, steps {start}->{end}, device {dev}"
     )
-    from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
-
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
-    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
-    if end < config.steps or not (out_dir / BEST).exists():  # stopped early: where to go on from
-        harness.save_last(run.state(end))
-    # a run stopped before its first validation still leaves weights for predict (best = none yet)
-    harness.keep_if_best(harness.best, lambda: run.weights(end, harness.best))
+    run.finish(end)
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
+
+
+def _start(
+    dataset_dir: Path, out_dir: Path, config: TrainConfig, resume: bool, overwrite: bool, progress: bool
+) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path]]:
+    """Check the inputs, claim the folder, load --init-from weights, preprocess: the network, the
+    names of the loaded weights, the plan and the preprocessed cases."""
+    ds, net = check_inputs(dataset_dir, out_dir, config)
+    if overwrite and config.init_from and Path(config.init_from).resolve() == out_dir.resolve():
+        raise FlexPatchError(f"{out_dir}: cannot start from the weights of the folder --overwrite replaces")
+    # with the inputs checked: a mistake must not cost the folder an earlier run wrote
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
+    loaded = initialise(net, config, out_dir, resume)  # before preprocessing: a bad source fails fast
+    plan, cases = prepare(ds, out_dir, config, progress, resume)
+    return net, loaded, plan, cases
+
+
+def _write_folder(
+    out_dir: Path, config: TrainConfig, plan: Plan, net: torch.nn.Module
+) -> tuple[SizeSampler, tuple[int, ...]]:
+    """config.json, model.json and method.json (the default inference window and the size kind,
+    so that predicting needs no training code); returns the patch sizes and validation window."""
+    save_json(out_dir / "config.json", config.to_json())
+    save_json(out_dir / "model.json", net.spec.to_json())
+    sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
+    val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
+    write_method(out_dir, "sliding-window", val_patch, fixed_size=isinstance(sizes, FixedSize))
+    return sizes, val_patch
 
 
 def stage_ends(sizes: SizeSampler) -> dict[int, int]:
@@ -359,6 +364,13 @@ class _Run:
             "config": self.config.to_json(),
             "divergence": asdict(self.harness.divergence),  # a resumed run counts skipped steps on
         }
+
+    def finish(self, end: int) -> None:
+        """Where a run stopped early goes on from; and weights for predict from a run stopped before
+        its first validation (its best is then none yet)."""
+        if end < self.config.steps or not (self.harness.folder / BEST).exists():
+            self.harness.save_last(self.state(end))
+        self.harness.keep_if_best(self.harness.best, lambda: self.weights(end, self.harness.best))
 
     def weights(self, step: int, val_mean: float) -> dict[str, Any]:
         """What ``model_best.pt`` holds: the weights, their step and validation Dice."""
