@@ -48,8 +48,9 @@ from flexpatch.evaluate.metrics import segmentation_metrics  # noqa: E402
 from flexpatch.infer.predictor import load_model  # noqa: E402
 from flexpatch.models import create_model  # noqa: E402
 from flexpatch.models.tokens import plan_tokens  # noqa: E402
+from flexpatch.plan.budget import format_bytes  # noqa: E402
 from flexpatch.plan.memory import Prober, calibrate  # noqa: E402
-from flexpatch.plan.planner import format_bytes, plan_training  # noqa: E402
+from flexpatch.plan.planner import plan_training  # noqa: E402
 from flexpatch.runtime import resolve_device  # noqa: E402
 from flexpatch.train.config import TrainConfig  # noqa: E402
 from flexpatch.train.loop import train  # noqa: E402

@@ -24,12 +24,11 @@ from flexpatch.infer.predictor import LoadedModel
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
+from flexpatch.plan.budget import format_bytes, parse_budget
 from flexpatch.plan.memory import MemoryModel, Prober, calibrate, measure_peak
 from flexpatch.plan.planner import (
     WindowChoice,
-    format_bytes,
     initial_patch,
-    parse_budget,
     plan_training,
     plan_window,
     shrink,

@@ -23,6 +23,7 @@ _LAZY = {
     "sliding_window": "flexpatch.infer.sliding_window",
     "load_model": "flexpatch.infer.predictor",
     "predict_files": "flexpatch.infer.predictor",
+    "plan_dataset": "flexpatch.plan.dataset",
     "train": "flexpatch.train.loop",
     "TrainConfig": "flexpatch.train.config",
     "read_image": "flexpatch.data.io",

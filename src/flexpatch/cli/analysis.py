@@ -148,7 +148,7 @@ def plan(
     """
 
     from flexpatch.data.io import save_json
-    from flexpatch.plan.planner import plan_dataset
+    from flexpatch.plan.dataset import plan_dataset
     from flexpatch.runtime import check_writable
 
     target = out or Path(dataset_dir) / "flexpatch_plan.json"
@@ -167,7 +167,7 @@ def plan(
 
 def _print_plan(result: dict, model: str, target: Path) -> None:
     """The plan in words: budget, training patch, inference window, token size, where it was written."""
-    from flexpatch.plan.planner import format_bytes
+    from flexpatch.plan.budget import format_bytes
 
     train, infer, x = result["train"], result["infer"], format_shape
     typer.echo(
@@ -190,7 +190,7 @@ def _print_plan(result: dict, model: str, target: Path) -> None:
 
 def _peaks(choice: dict) -> str:
     """The predicted peak, and the measured one where the plan was checked."""
-    from flexpatch.plan.planner import format_bytes
+    from flexpatch.plan.budget import format_bytes
 
     text = f"predicted peak {format_bytes(choice['predicted'])}"
     return text if choice["measured"] is None else f"{text}, measured {format_bytes(choice['measured'])}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ from flexpatch.infer.runner import (
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.plan.planner import WindowChoice
 from flexpatch.runtime import console, resolve_device
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
+
+if TYPE_CHECKING:  # the planner is loaded when a budget is planned
+    from flexpatch.plan.planner import WindowChoice
 
 CHECKPOINTS = {"best": BEST, "last": LAST}
 
@@ -182,7 +184,7 @@ class LoadedModel:
         batch_size: int,
         stitch_device: str | None,
     ) -> torch.Tensor:
-        from flexpatch.plan.planner import format_bytes
+        from flexpatch.plan.budget import format_bytes
         from flexpatch.plan.within import sliding_window_within
 
         shape = tuple(image.shape[2:])
@@ -277,7 +279,7 @@ def predict_files(
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     if memory is not None:
-        from flexpatch.plan.planner import parse_budget
+        from flexpatch.plan.budget import parse_budget
 
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)

@@ -182,7 +182,7 @@ def predict_patchwork_files(
     background and the labels, or one sigmoid per label for multi-label models. Each case's
     statistics (patches per level, seconds, the batch) are in the result's ``info``.
     """
-    from flexpatch.plan.planner import parse_budget
+    from flexpatch.plan.budget import parse_budget
 
     opts = opts or ApplyOptions()
     parse_out_type(out_type)

@@ -25,17 +25,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.patchwork import generate
-from flexpatch.patchwork.scheme import Scheme
+from flexpatch.plan.budget import format_bytes
 from flexpatch.plan.memory import measure_peak, tensor_bytes
-from flexpatch.plan.planner import format_bytes
 from flexpatch.plan.within import is_out_of_memory
+
+if TYPE_CHECKING:  # annotations only: the patchwork's application imports this module
+    from flexpatch.patchwork.generate import Level
+    from flexpatch.patchwork.scheme import Scheme
 
 FLOAT = 4  # bytes of the float32 outputs and sums
 
@@ -73,12 +75,26 @@ def resident_bytes(
     return sums + windows + masks + (tensor_bytes(sources) if dev.type == "cpu" else 0)
 
 
-def kept_bytes(net: Any, levels: list[generate.Level], scheme: Scheme) -> list[int]:
+def kept_bytes(net: Any, levels: list[Level], scheme: Scheme) -> list[int]:
     """Bytes of each level's outputs when all are kept (float32, the level's channels)."""
     return [
         len(lv) * net.level_channels(k) * int(np.prod(scheme.matrix[k])) * FLOAT
         for k, lv in enumerate(levels)
     ]
+
+
+def _measure_batch(run: Callable[[int, int], None], k: int, batch: int, dev: torch.device) -> float:
+    """The measured peak of ``run(k, batch)`` after a warm-up run; infinite when it runs out of memory."""
+    try:
+        run(k, batch)  # warm-up: cuDNN plans and lazily made buffers are not the batch's
+        peak = measure_peak(lambda: run(k, batch), dev)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        peak = math.inf  # a probe that does not fit the device does not fit
+    if dev.type == "cuda" and math.isinf(peak):
+        torch.cuda.empty_cache()
+    return peak
 
 
 def plan_batch(
@@ -110,15 +126,7 @@ def plan_batch(
 
     def batch_part(k: int, batch: int) -> float:
         if (k, batch) not in measured:
-            try:
-                run(k, batch)  # warm-up: cuDNN plans and lazily made buffers are not the batch's
-                measured[k, batch] = measure_peak(lambda: run(k, batch), dev)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                if not is_out_of_memory(e):
-                    raise
-                measured[k, batch] = math.inf  # a probe that does not fit the device does not fit
-            if dev.type == "cuda" and math.isinf(measured[k, batch]):
-                torch.cuda.empty_cache()
+            measured[k, batch] = _measure_batch(run, k, batch, dev)
         return measured[k, batch]
 
     def peak(batch: int, linear: bool = False) -> float:

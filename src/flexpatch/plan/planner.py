@@ -25,20 +25,17 @@ What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.p
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
 
-from flexpatch.axes import round_down, round_up
+from flexpatch.axes import round_up
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.sliding_window import window_layout
-from flexpatch.models.tokens import TokenPlan
+from flexpatch.plan.budget import format_bytes
 from flexpatch.plan.memory import MemoryModel
 
 Shape = tuple[int, ...]
@@ -47,48 +44,6 @@ HEADROOM = 0.1
 TOLERANCE = 0.05  # an anchored prediction this close to the model's needs no new plan
 ROUNDS = 3
 FLOAT = 4  # bytes of the float32 image, outputs and stitching buffers
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
-
-
-def parse_budget(text: str | int, device: str | torch.device = "cpu") -> int:
-    """``"8GB"`` (10^9 bytes), ``"2GiB"`` (2^30), ``"512MB"``, bytes as an int, or ``"auto"``: free now."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    elif str(text).strip().lower() == "auto":
-        value = available_memory(device)
-    else:
-        match = _BUDGET.match(str(text).lower())
-        if match is None or match[2] not in _UNITS:
-            raise FlexPatchError(f"memory budget {text!r}: write it as 8GB, 2GiB, 512MB or auto")
-        value = int(float(match[1]) * _UNITS[match[2]])
-    if value <= 0:
-        raise FlexPatchError(f"memory budget {text!r} must be positive")
-    return value
-
-
-def available_memory(device: str | torch.device) -> int:
-    """Free bytes on ``device``: CUDA's free memory, or the system's available RAM on the CPU."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            found = re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.MULTILINE)
-        if found:
-            return int(found[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units, as budgets are usually written (``8GB``)."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _to_json(choice: TrainChoice | WindowChoice) -> dict:
@@ -295,6 +250,25 @@ def sliding_window_peak(
     return max(during, after)
 
 
+def _largest_window(
+    shape: Shape, divisor: Sequence[int], window: Sequence[int] | None, max_window: Sequence[int] | None
+) -> Shape:
+    """The window a plan starts from: ``window`` if fixed, else the image rounded up to the divisor,
+    capped at ``max_window``."""
+    if window:
+        return tuple(window)
+    top = tuple(round_up(s, d) for s, d in zip(shape, divisor, strict=True))
+    if max_window is not None:
+        top = tuple(min(t, m) for t, m in zip(top, max_window, strict=True))
+    return top
+
+
+def _stitch_devices(stitch_device: str | None, net_device: str | torch.device) -> list[str]:
+    """The stitch devices to try, in order: the one given, else the network's and then the CPU."""
+    stitches = [str(torch.device(s)) for s in ([stitch_device] if stitch_device else (net_device, "cpu"))]
+    return list(dict.fromkeys(stitches))
+
+
 def plan_window(
     mm: MemoryModel,
     budget: int,
@@ -328,11 +302,8 @@ def plan_window(
     """
     allowed = budget * (1 - headroom)
     shape = tuple(int(s) for s in image_shape)
-    top = tuple(window) if window else tuple(round_up(s, d) for s, d in zip(shape, divisor, strict=True))
-    if max_window is not None and not window:
-        top = tuple(min(t, m) for t, m in zip(top, max_window, strict=True))
-    stitches = [str(torch.device(s)) for s in ([stitch_device] if stitch_device else (mm.device, "cpu"))]
-    stitches = list(dict.fromkeys(stitches))
+    top = _largest_window(shape, divisor, window, max_window)
+    stitches = _stitch_devices(stitch_device, mm.device)
 
     def peak(model: MemoryModel, w: Shape, b: int, stitch: str) -> float:
         here = torch.device(stitch) == torch.device(model.device)
@@ -358,86 +329,3 @@ def plan_window(
 
     cost = lambda c, model: peak(model, c.window, c.batch, c.stitch_device)  # noqa: E731
     return checked(plan, cost, point, mm, measure, allowed)
-
-
-def plan_dataset(
-    dataset_dir: str | Path,
-    budget: str | int,
-    model: str = "unet",
-    model_kwargs: dict[str, Any] | None = None,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    token_class: str | None = None,
-    target_spacing: Sequence[float] | None = None,
-    progress: bool = False,
-    check: bool = True,
-) -> dict[str, Any]:
-    """The memory plan of a dataset: training patch and batch, inference window and batch (JSON-ready).
-
-    The dataset is fingerprinted and planned as ``train`` does (target spacing, median shape);
-    the model is probed on ``device``. With ``token_class``, the token size for that class
-    (:func:`flexpatch.models.tokens.plan_tokens`) is planned first and, for ``unetr``, built in,
-    so that the patch is a multiple of it; a UNETR's ``img_size`` becomes the planned patch.
-
-    Args:
-        dtype: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 on CUDA, as training's AMP).
-        check: measure a training step at the planned patch and batch, and the network's
-            call at the planned window and batch, and plan again where the small probes
-            were off (module docstring); the saved memory models are anchored there.
-    """
-    from flexpatch.data.dataset import load_dataset
-    from flexpatch.data.preprocess import compute_fingerprint, make_plan, resampled_shape
-    from flexpatch.models import create_model
-    from flexpatch.models.tokens import plan_tokens
-    from flexpatch.plan.memory import Prober, calibrate
-    from flexpatch.runtime import resolve_device
-
-    ds = load_dataset(dataset_dir)
-    fingerprint = compute_fingerprint(ds, progress=progress)
-    plan = make_plan(ds, fingerprint, target_spacing=target_spacing)
-    dev = resolve_device(device)
-    dtype = ("bfloat16" if dev.type == "cuda" else "float32") if dtype == "auto" else dtype
-    kwargs = dict(model_kwargs or {})
-    tokens = plan_tokens(fingerprint, token_class, plan.target_spacing) if token_class else None
-    if tokens is not None and model == "unetr":
-        kwargs["token_size"] = list(tokens.token_size)
-    net = create_model(model, plan.ndim, plan.in_channels, plan.num_classes, **kwargs)
-    limit = parse_budget(budget, dev)
-    shapes = zip(fingerprint["shapes"], fingerprint["spacings"], strict=True)
-    voxels = sum(int(np.prod(resampled_shape(s, sp, plan.target_spacing))) for s, sp in shapes)
-    train_prober, infer_prober = Prober(net, "train", dev, dtype), Prober(net, "infer", dev)
-    train_mm, infer_mm = calibrate(net, prober=train_prober), calibrate(net, prober=infer_prober)
-    train = plan_training(
-        train_mm, limit, plan.median_shape, plan.target_spacing, net.divisor, dataset_voxels=voxels,
-        measure=train_prober.peak if check else None,
-    )  # fmt: skip
-    infer = plan_window(
-        infer_mm, limit, plan.median_shape, net.divisor, measure=infer_prober.peak if check else None
-    )
-    if model == "unetr":
-        kwargs["img_size"] = list(train.patch)  # the position embeddings' grid: the training patch
-    return {
-        "dataset": str(dataset_dir),
-        "model": model,
-        "model_kwargs": kwargs,
-        "ndim": plan.ndim,
-        "device": str(dev),
-        "dtype": dtype,
-        "budget_bytes": limit,
-        "target_spacing": list(plan.target_spacing),
-        "median_shape": list(plan.median_shape),
-        "train": train.to_json(),
-        "infer": {**infer.to_json(), "image_shape": list(plan.median_shape)},
-        "tokens": None if tokens is None else _token_window(tokens, train.patch).to_json(),
-        "memory_models": {  # anchored at the measured choices where checked
-            "train": (train.model or train_mm).to_json(),
-            "infer": (infer.model or infer_mm).to_json(),
-        },
-    }
-
-
-def _token_window(tokens: TokenPlan, patch: Shape) -> TokenPlan:
-    """The token plan with the window its ViT would take here: the largest multiple of the token
-    within the planned patch (a UNETR's patch itself, a multiple of its token by its divisor)."""
-    return replace(tokens, window=tuple(max(t, round_down(p, t)) for t, p in zip(tokens.token_size, patch)))
