@@ -80,11 +80,11 @@ def budget_row(mode: Mode, volume: Volume, reference: int) -> tuple[tuple[str, i
     GPU would not: the budget is raised by their bytes, so that the device's share is the target.
     """
     from flexpatch.patchwork.crop import level_sources
-    from flexpatch.patchwork.scheme import Geometry, level_widths, undersampling
+    from flexpatch.patchwork.scheme import ImageFrame, level_widths, undersampling
     from flexpatch.plan.memory import tensor_bytes
 
     model = _patchwork(mode)
-    geom = Geometry.of(volume.data.shape[1:], volume.affine, model.scheme.system)
+    geom = ImageFrame.of(volume.data.shape[1:], volume.affine, model.scheme.system)
     widths = level_widths(model.scheme, geom)
     host = tensor_bytes(level_sources(volume.data, model.scheme, undersampling(model.scheme, geom, widths)))
     target = int(TARGET * reference)

@@ -9,14 +9,14 @@ import torch
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, accumulate
 from flexpatch.patchwork import crop, generate
-from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.scheme import ImageFrame, Scheme, level_widths, undersampling
 
 
 def _geom(shape, spacing, system="matrix"):
     affine = np.eye(len(shape) + 1)
     affine[: len(shape), : len(shape)] = np.diag(spacing)
     affine[: len(shape), -1] = [-7.0] * len(shape)
-    return Geometry.of(shape, affine, system)
+    return ImageFrame.of(shape, affine, system)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -134,7 +134,7 @@ def test_world_system_follows_an_oblique_affine():
     a = np.eye(4)
     c, s = np.cos(0.4), np.sin(0.4)
     a[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([2.0, 2.0, 3.0])
-    geom = Geometry.of((20, 20, 10), a, "world")
+    geom = ImageFrame.of((20, 20, 10), a, "world")
     aff = geom.to_index(np.zeros((1, 3)), np.eye(3)[None], np.array([10.0, 10.0, 10.0]), (11, 11, 11))
     world_step = a[:3, :3] @ aff[0, :3, :3]  # patch axis -> world mm
     np.testing.assert_allclose(world_step, np.eye(3), atol=1e-12)

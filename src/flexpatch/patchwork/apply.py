@@ -22,7 +22,7 @@ import torch
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.outputs import labelling_bytes
-from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.scheme import ImageFrame, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
 from flexpatch.plan.patchwork import BatchPlan, kept_bytes, plan_batch, resident_bytes
 from flexpatch.plan.within import is_out_of_memory
@@ -146,7 +146,7 @@ def apply_image(
     """
     opts.check(scheme.depth)
     shape = tuple(image.shape[1:])
-    geom = Geometry.of(shape, affine, scheme.system)
+    geom = ImageFrame.of(shape, affine, scheme.system)
     widths = level_widths(scheme, geom)
     out_shape, grid = output_grid(shape, opts.sampling_factor)
     job = _Job(
@@ -155,6 +155,7 @@ def apply_image(
         list(range(scheme.depth)) if opts.level == "mix" else [_scatter_level(opts.level, scheme.depth)],
     )  # fmt: skip
     stats: dict[str, Any] = {}
+    key = None  # where the batch planned for opts.memory is kept in plans
     if opts.memory is not None:
         plans = {} if plans is None else plans
         key = (shape, np.asarray(affine).tobytes(), str(job.dev), _options_key(opts))
@@ -162,10 +163,25 @@ def apply_image(
         opts = replace(opts, batch_size=plan.batch)
         stats.update(batch_size=plan.batch, predicted_peak=plan.predicted, memory_line=plan.describe())
     start = time.perf_counter()
+    stitchers, counts = _apply_halving(job, opts, stats, plans, key)
+    stats.update(counts, seconds=time.perf_counter() - start)
+    if opts.level == "mix":
+        covered = [stitchers[k].covered() for k in job.levels_out]  # before finish: normalized ones lose it
+        values = mix_levels([stitchers[k].finish() for k in job.levels_out], covered)
+    else:
+        values = stitchers[job.levels_out[0]].finish()
+    return Applied(values, grid, stats)
+
+
+def _apply_halving(
+    job: _Job, opts: ApplyOptions, stats: dict[str, Any], plans: dict | None, key: tuple | None
+) -> tuple[dict[int, Stitcher], dict[str, Any]]:
+    """:func:`_apply`; with ``opts.memory``, the batch is halved while it runs out of memory, the
+    plan at ``plans[key]`` lowered with it (the next case of this grid starts there) and ``stats``
+    told."""
     while True:
         try:
-            stitchers, counts = _apply(job, opts)
-            break
+            return _apply(job, opts)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if opts.memory is None or not is_out_of_memory(e):
                 raise
@@ -175,17 +191,10 @@ def apply_image(
         if opts.batch_size == 1:
             raise FlexPatchError("out of memory at patchwork batch 1: nothing smaller to try")
         opts = replace(opts, batch_size=opts.batch_size // 2)
-        plans[key] = replace(plan, batch=opts.batch_size)  # the next case of this grid starts there
+        plans[key] = replace(plans[key], batch=opts.batch_size)
         stats.update(
             batch_size=opts.batch_size, memory_line=f"out of memory; retried at batch {opts.batch_size}"
         )
-    stats.update(counts, seconds=time.perf_counter() - start)
-    if opts.level == "mix":
-        covered = [stitchers[k].covered() for k in job.levels_out]  # before finish: normalized ones lose it
-        values = mix_levels([stitchers[k].finish() for k in job.levels_out], covered)
-    else:
-        values = stitchers[job.levels_out[0]].finish()
-    return Applied(values, grid, stats)
 
 
 def _options_key(opts: ApplyOptions) -> tuple:
@@ -198,7 +207,7 @@ class _Job:
 
     net: Any
     scheme: Scheme
-    geom: Geometry
+    geom: ImageFrame
     widths: list[np.ndarray]
     sources: list[torch.Tensor]  # the image each level crops from
     out_shape: tuple[int, ...]

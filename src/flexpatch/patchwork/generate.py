@@ -15,7 +15,7 @@ import numpy as np
 
 from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
-from flexpatch.patchwork.scheme import Geometry, Scheme
+from flexpatch.patchwork.scheme import ImageFrame, Scheme
 
 CANDIDATES = 128  # centre candidates per child when drawing inside a parent by label balance
 
@@ -132,7 +132,7 @@ class CentreSampler:
 
     def __init__(
         self,
-        geom: Geometry,
+        geom: ImageFrame,
         label: np.ndarray | None = None,
         ratio: float = 0.0,
         label_weight: Sequence[float] | None = None,
@@ -223,7 +223,7 @@ def parent_axes(level: Level, width: np.ndarray) -> np.ndarray:
     return level.frame @ np.diag(width)
 
 
-def image_parent(geom: Geometry, count: int) -> tuple[np.ndarray, np.ndarray]:
+def image_parent(geom: ImageFrame, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The whole image as the parent of level 0: centres and axes, ``count`` times."""
     centre, width = geom.box()
     return np.tile(centre, (count, 1)), np.tile(np.diag(width), (count, 1, 1))
@@ -231,7 +231,7 @@ def image_parent(geom: Geometry, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_level(
     scheme: Scheme,
-    geom: Geometry,
+    geom: ImageFrame,
     widths: list[np.ndarray],
     k: int,
     centre: np.ndarray,
@@ -247,7 +247,7 @@ def make_level(
 
 def draw_chains(
     scheme: Scheme,
-    geom: Geometry,
+    geom: ImageFrame,
     widths: list[np.ndarray],
     count: int,
     rng: np.random.Generator,
@@ -310,7 +310,7 @@ def tree_children(
 
 def first_level(
     scheme: Scheme,
-    geom: Geometry,
+    geom: ImageFrame,
     widths: list[np.ndarray],
     generate: str,
     num_patches: int,
@@ -337,7 +337,7 @@ def first_level(
 
 def next_level(
     scheme: Scheme,
-    geom: Geometry,
+    geom: ImageFrame,
     widths: list[np.ndarray],
     k: int,
     parents: Level,

@@ -19,7 +19,7 @@ from flexpatch.data.dataset import DatasetInfo, load_case
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.config import PatchworkConfig
-from flexpatch.patchwork.scheme import Geometry, Scheme, level_widths, undersampling
+from flexpatch.patchwork.scheme import ImageFrame, Scheme, level_widths, undersampling
 from flexpatch.runtime import numpy_rng
 
 IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
@@ -29,7 +29,7 @@ IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses 
 class CaseState:
     """One training image ready for cropping: per-level sources, labels, sampler."""
 
-    geom: Geometry
+    geom: ImageFrame
     widths: list[np.ndarray]
     sources: list[torch.Tensor]
     label: torch.Tensor
@@ -65,7 +65,7 @@ def load_state(
     image, label = load_case(case, ndim)
     if label is None:
         raise FlexPatchError(f"{case.images[0]}: a training case without a label map")
-    geom = Geometry.of(image.spatial_shape, image.affine, scheme.system)
+    geom = ImageFrame.of(image.spatial_shape, image.affine, scheme.system)
     widths = level_widths(scheme, geom)
     sources = crop.level_sources(image.data, scheme, undersampling(scheme, geom, widths))
     lab = remap_labels(label.data, values, ignore)

@@ -9,7 +9,7 @@ level's width ``w`` (mm per patch axis) sampled on the level's matrix ``m``:
 
     x_F(i) = c + M @ diag(w / (m - 1)) @ (i - (m - 1) / 2)
 
-and :meth:`Geometry.to_index` turns that into the geometry core's affine (patch voxel index
+and :meth:`ImageFrame.to_index` turns that into the geometry core's affine (patch voxel index
 -> image voxel index). Widths are geometric between the coarsest field of view and the
 finest voxel size, exactly as the authors' code.
 """
@@ -148,8 +148,8 @@ class Scheme:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """An image's place in the physical frame ``F`` of a scheme's system.
+class ImageFrame:
+    """An image's place in the physical frame ``F`` of a scheme's system (its voxel grid in mm).
 
     Attributes:
         shape: the image's spatial shape.
@@ -162,8 +162,8 @@ class Geometry:
     spacing: tuple[float, ...]
 
     @classmethod
-    def of(cls, shape: Sequence[int], affine: np.ndarray, system: str) -> Geometry:
-        """The geometry of an image with ``affine`` (a NIfTI 4x4, or ``(n+1, n+1)``)."""
+    def of(cls, shape: Sequence[int], affine: np.ndarray, system: str) -> ImageFrame:
+        """The frame of an image with ``affine`` (a NIfTI 4x4, or ``(n+1, n+1)``)."""
         n = len(shape)
         a = np.asarray(affine, dtype=np.float64)
         lin = a[:n, :n]
@@ -208,7 +208,7 @@ class Geometry:
         return out
 
 
-def level_widths(scheme: Scheme, geom: Geometry) -> list[np.ndarray]:
+def level_widths(scheme: Scheme, geom: ImageFrame) -> list[np.ndarray]:
     """Width (mm) of each level's patches: geometric from the field of view to the finest voxel.
 
     final = (m_last - 1) * destvox, fac = (final / fov) ** (1 / (depth - 1)), width_k = fov * fac**k.
@@ -227,7 +227,7 @@ def level_widths(scheme: Scheme, geom: Geometry) -> list[np.ndarray]:
     return [fov * fac**k for k in range(scheme.depth)]
 
 
-def undersampling(scheme: Scheme, geom: Geometry, widths: list[np.ndarray]) -> list[np.ndarray]:
+def undersampling(scheme: Scheme, geom: ImageFrame, widths: list[np.ndarray]) -> list[np.ndarray]:
     """Per level, how many image voxels one patch voxel spans along each axis (for smoothing)."""
     out = []
     for w, m in zip(widths, scheme.matrix):
