@@ -424,12 +424,26 @@ def make_phantom(
     out = Path(out_dir)
     check_writable(out, "dataset folder")
     _claim(out, overwrite)
-    affine = _affine(shape, spacing)
     jobs = [("Tr", f"phantom_{i:03d}", (seed, 0, i)) for i in range(cases)]
     jobs += [("Ts", f"phantom_test_{j:03d}", (seed, 1, j)) for j in range(test_cases)]
-    steps: Iterable = jobs
-    if progress:
-        steps = track(jobs, f"phantom {kind} {shape}")
+    _write_cases(out, jobs, kind, shape, spacing, lesion_radius, progress)
+    meta = _dataset_json(kind, shape, spacing, seed, cases, test_cases)
+    write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _write_cases(
+    out: Path,
+    jobs: list[tuple[str, str, tuple[int, ...]]],
+    kind: str,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    lesion_radius: tuple[float, float],
+    progress: bool,
+) -> None:
+    """Write each job, ``(split, case id, RNG key)``, to ``images{split}`` and ``labels{split}``."""
+    affine = _affine(shape, spacing)
+    steps: Iterable = track(jobs, f"phantom {kind} {shape}") if progress else jobs
     for split, case, key in steps:
         rng = numpy_rng(*key)
         if kind == "abdomen":
@@ -439,7 +453,14 @@ def make_phantom(
             image, label = cells_case(shape, rng)
         write_image(out / f"images{split}" / f"{case}_0000.nii.gz", image, affine)
         write_image(out / f"labels{split}" / f"{case}.nii.gz", label, affine)
-    meta = {
+
+
+def _dataset_json(
+    kind: str, shape: tuple[int, ...], spacing: tuple[float, ...], seed: int, cases: int, test_cases: int
+) -> dict:
+    """The phantom's ``dataset.json``: nnU-Net's fields, and how it was made."""
+    ndim = len(shape)
+    return {
         "name": f"phantom_{kind}",
         "description": f"flexpatch synthetic {kind} phantom ({ndim}D, seed {seed})",
         "channel_names": {"0": "CT" if kind == "abdomen" else "microscopy"},
@@ -453,5 +474,3 @@ def make_phantom(
         "kind": kind,
         "seed": seed,
     }
-    write_text(out / "dataset.json", json.dumps(meta, indent=2) + "\n")
-    return out

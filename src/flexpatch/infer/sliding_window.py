@@ -274,26 +274,22 @@ def sliding_window(
     progress: bool = False,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Run ``net`` over a regular grid of windows and blend the outputs by a weighted mean.
+    """Run ``net`` over a regular grid of windows; blended by a weighted mean: ``(N, C_out, *spatial)``.
 
     Args:
         net: maps ``(B, C, *window)`` to ``(B, C_out, *window)`` (logits or probabilities).
         image: ``(N, C, *spatial)``, 2D or 3D; cases are processed one after another.
         patch_size: the window, one int per spatial axis (or one int for all).
         overlap: fraction shared by neighbouring windows, in [0, 1).
-        blend: window weights: ``constant``, ``gaussian``, ``cos`` or ``cos2``.
+        blend: window weights: ``constant``, ``gaussian`` (its sigma ``sigma_scale`` x the window
+            side), ``cos`` or ``cos2``.
         batch_size: windows per network call.
-        sigma_scale: Gaussian sigma as a fraction of the window side.
         divisor: the network's size divisor; patch sides must be multiples of it, and an
             image axis the window covers is padded up to a multiple of it.
         pad_mode: how that padding is filled: ``replicate``, ``constant`` (zeros) or ``reflect``.
         device: where the net runs (default: the image's device); each case moves there once.
         stitch_device: where outputs are blended and returned (default: the image's device).
-        progress: show a rich progress bar over windows.
-        out_dtype: dtype of the blended output.
-
-    Returns:
-        ``(N, C_out, *spatial)`` on ``stitch_device``.
+        progress: show a rich progress bar over windows; out_dtype: dtype of the blended output.
     """
     _validate(image, batch_size, blend, sigma_scale, pad_mode)
     spatial = tuple(image.shape[2:])
