@@ -10,7 +10,7 @@ from flexpatch.patchwork import generate
 from flexpatch.patchwork.scheme import Scheme
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchworkConfig:
     """Everything a patchwork run needs besides the data (written to ``patchwork.json``).
 
