@@ -26,6 +26,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from flexpatch.data.sanity import open_nifti
 from flexpatch.errors import FlexPatchError
 
 if TYPE_CHECKING:
@@ -111,13 +112,13 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
 
 
 def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
     if not path.exists():
         raise FlexPatchError(f"{path}: file not found")
     try:
-        img = nib.load(str(path))
+        img = open_nifti(path)  # the header checked before the voxels are read: a bad one costs nothing
         data = np.asarray(img.dataobj)
+    except FlexPatchError:
+        raise
     except Exception as e:  # nibabel raises many types for corrupt or truncated files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: not a readable NIfTI file ({reason})") from None

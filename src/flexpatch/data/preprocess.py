@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from flexpatch.data.dataset import DatasetInfo, load_case
 from flexpatch.data.io import Volume, atomic_path, save_json
+from flexpatch.data.sanity import check_grid
 from flexpatch.errors import FlexPatchError
 from flexpatch.runtime import numpy_rng, track
 
@@ -352,7 +353,7 @@ def preprocess_case(
             f"{where}: has {image.data.shape[0]} channels, the plan expects {plan.in_channels}"
         )
     shape = image.spatial_shape
-    new_shape = resampled_shape(shape, image.spacing, plan.target_spacing)
+    new_shape = check_grid(resampled_shape(shape, image.spacing, plan.target_spacing), image, plan)
     # nnU-Net order: intensities are normalised on the original grid, then resampled
     data = resample(normalize(image.data, plan), new_shape, order=1).astype(np.float32, copy=False)
     seg = None if label is None else resample(label.data, new_shape, order=0).astype(np.int16, copy=False)
