@@ -246,8 +246,8 @@ def test_spec_from_json_rejects_malformed() -> None:
         ModelSpec.from_json({k: v for k, v in good.items() if k != "kwargs"})
     with pytest.raises(FlexPatchError, match=r"unknown keys \['patch'\]"):
         ModelSpec.from_json({**good, "patch": [64, 64]})
-    with pytest.raises(FlexPatchError, match="integers"):
-        ModelSpec.from_json({**good, "ndim": "2"})
+    with pytest.raises(FlexPatchError, match="model.json: field 'ndim' must be an integer, got \"2\""):
+        ModelSpec.from_json({**good, "ndim": "2"}, source="model.json")
 
 
 class _Tiny(nn.Module):

@@ -31,6 +31,8 @@ class Method:
             ``method.json``).
         loader: ``"module:function"`` taking ``(model_dir, device)`` and returning the loaded model.
         predictor: ``"module:function"`` writing segmentations of image files (see the CLI).
+        checker: ``"module:function"`` taking ``model_dir``: refuses a folder whose files hold
+            values of the wrong type, in one line, before the loader builds anything.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Method:
     marker: str
     loader: str
     predictor: str
+    checker: str | None = None
 
     def load(self, model_dir: str | Path, device: str = "auto") -> Any:
         return _resolve(self.loader)(model_dir, device)
@@ -83,14 +86,21 @@ def read_method(model_dir: str | Path) -> dict[str, Any]:
         ``{"method": name, "format": int, "window": list | None, ...}``; ``window`` is absent for
         folders written before ``method.json`` (each method then derives it from its config).
     """
-    from flexpatch.data.io import load_json
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FlexPatchError(f"{model_dir}: model folder not found")
     path = model_dir / METHOD_FILE
-    if not path.is_file():
-        return {"method": _legacy_method(model_dir), "format": 0}
+    info = _read_info(path) if path.is_file() else {"method": _legacy_method(model_dir), "format": 0}
+    checker = get_method_for(path, info["method"]).checker
+    if checker:  # the method's own files, older folders included
+        _resolve(checker)(model_dir)
+    return info
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    """``method.json``, checked by type."""
+    from flexpatch.data.io import load_json
+
     info = load_json(path)
     if not isinstance(info, dict) or not isinstance(info.get("method"), str):
         raise FlexPatchError(f"{path}: needs a JSON object with a string 'method'")
@@ -101,7 +111,6 @@ def read_method(model_dir: str | Path) -> dict[str, Any]:
         isinstance(window, list) and window and all(isinstance(w, int) and w > 0 for w in window)
     ):
         raise FlexPatchError(f"{path}: 'window' must be null or a list of positive integers, got {window!r}")
-    get_method_for(path, info["method"])
     return info
 
 
@@ -160,5 +169,6 @@ register_method(
         "model.json",
         "flexpatch.infer.predictor:load_model",
         "flexpatch.infer.predictor:predict_files",
+        "flexpatch.model_folder:check_sliding_window_folder",
     )
 )

@@ -18,10 +18,12 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flexpatch.axes import nearest_valid, per_axis
 from flexpatch.errors import FlexPatchError
+from flexpatch.schema import check_fields
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,19 +62,14 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> ModelSpec:
-        """The inverse of :meth:`to_json`; names the offending key when ``d`` is malformed."""
-        if not isinstance(d, dict):
-            raise FlexPatchError(f"model spec must be a JSON object, got {type(d).__name__}")
+    def from_json(cls, d: dict, source: str | Path = "model spec") -> ModelSpec:
+        """The inverse of :meth:`to_json`; names ``source`` (the file) and the offending key when
+        ``d`` is malformed (every field is checked by type: :func:`~flexpatch.schema.check_fields`)."""
+        check_fields(cls, d, source)
         keys = {"name", "ndim", "in_channels", "out_channels", "kwargs"}
         missing, extra = sorted(keys - d.keys()), sorted(d.keys() - keys)
         if missing or extra:
-            raise FlexPatchError(f"model spec has missing keys {missing} / unknown keys {extra}")
-        if not isinstance(d["name"], str) or not isinstance(d["kwargs"], dict):
-            raise FlexPatchError(f"model spec needs a string name and a kwargs object, got {d!r}")
-        ints = [d[k] for k in _BASE_ARGS]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
-            raise FlexPatchError(f"model spec ndim/in_channels/out_channels must be integers, got {ints}")
+            raise FlexPatchError(f"{source}: has missing keys {missing} / unknown keys {extra}")
         return cls(d["name"], d["ndim"], d["in_channels"], d["out_channels"], dict(d["kwargs"]))
 
 

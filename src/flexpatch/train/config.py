@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
+from flexpatch.schema import check_fields
 
 OPTIMIZERS = ("adamw", "sgd")
 
 
-def config_from_json(cls: type[Any], d: dict[str, Any], tuples: tuple[str, ...] = ()) -> Any:
+def config_from_json(
+    cls: type[Any], d: dict[str, Any], tuples: tuple[str, ...] = (), source: str | Path | None = None
+) -> Any:
     """Rebuild a frozen config dataclass from JSON: unknown keys dropped (older or newer
-    files still load), lists turned back into tuples for the ``tuples`` fields."""
+    files still load), lists turned back into tuples for the ``tuples`` fields.
+
+    Every field is checked against its annotation first (:func:`~flexpatch.schema.check_fields`),
+    so a hand-edited or foreign file fails in one line naming ``source`` (the file; the class
+    name when None) and the field, not in a TypeError later.
+    """
+    check_fields(cls, d, source or cls.__name__)
     known = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if k in known}
     for key in tuples:
@@ -121,8 +131,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
-        return config_from_json(cls, d, tuples=("val_patch", "target_spacing"))
+    def from_json(cls, d: dict[str, Any], source: str | Path = "config.json") -> TrainConfig:
+        """The config a ``config.json`` (or a checkpoint) holds; ``source`` is named in errors."""
+        return config_from_json(cls, d, tuples=("val_patch", "target_spacing"), source=source)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -189,7 +189,7 @@ def resolve_config(
     given = config.to_json() if config is not None else None
     settings = resume_settings(path, saved, given, changes, RESUME_FREE)
     try:
-        resolved = TrainConfig.from_json(settings)
+        resolved = TrainConfig.from_json(settings, path if state.get("config") else out_dir / "config.json")
     except (TypeError, ValueError) as e:
         raise FlexPatchError(f"{path}: its config does not fit this version ({e})") from None
     if resolved.steps < int(state.get("step", 0)):
