@@ -20,6 +20,7 @@ import torch
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, preprocess_dataset
+from flexpatch.data.sanity import warn_patch_clipped
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.sliding_window import sliding_window
@@ -278,6 +279,7 @@ def train(
     net, loaded, plan, cases = _start(dataset_dir, out_dir, config, resume, overwrite, progress)
     train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
     sizes, val_patch = _write_folder(out_dir, config, plan, net)
+    warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
     opt, sched = make_optimizer(net.to(dev), config, loaded)
     log_path = out_dir / "log.jsonl"
     start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, log_path)
