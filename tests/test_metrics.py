@@ -194,10 +194,13 @@ def test_evaluate_folders_end_to_end(tmp_path: Path, ndim: int) -> None:
     assert summary["classes"]["class_2"]["hd95"] == {"mean": 0.0, "std": 0.0, "n": 1}  # NaN skipped
 
     named = evaluate_folders(
-        pred_dir, label_dir, labels={"background": 0, "organ": 1}, hd95=False, progress=False
+        pred_dir, label_dir, labels={"background": 0, "organ": 1, "vessel": 2}, hd95=False, progress=False
     )
-    assert named.classes == ["organ"] and "hd95" not in named.per_case[0]
-    assert named.per_case[1]["dice"] == report.per_case[2]["dice"]
+    assert named.classes == ["organ", "vessel"] and "hd95" not in named.per_case[0]
+    assert named.per_case[2]["dice"] == report.per_case[2]["dice"]
+    # declaring fewer classes than the maps hold is an error, not a silent subset
+    with pytest.raises(FlexPatchError, match="declares the foreground labels 1, but .* holds 2 too"):
+        evaluate_folders(pred_dir, label_dir, labels={"background": 0, "organ": 1}, progress=False)
 
 
 def test_evaluate_folders_fills_classes_absent_from_a_case(tmp_path: Path) -> None:

@@ -205,22 +205,13 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Dice, IoU, precision, recall and HD95 per case and class."""
-    from flexpatch.data.io import load_json
-    from flexpatch.evaluate.metrics import evaluate_folders
+    from flexpatch.evaluate.metrics import evaluate_folders, read_declared_labels
     from flexpatch.runtime import console
 
-    labels = None
-    if labels_from is not None:
-        meta = load_json(labels_from)
-        labels = meta.get("labels") if isinstance(meta, dict) else None
-        if not isinstance(labels, dict):
-            raise FlexPatchError(f"{labels_from}: has no 'labels' mapping")
-        labels = (
-            {str(k): int(v) for k, v in labels.items()}
-            if all(str(v).isdigit() for v in labels.values())
-            else {str(v): int(k) for k, v in labels.items()}
-        )
-    report = evaluate_folders(pred_dir, label_dir, labels, hd95=hd95, progress=not as_json)
+    labels = None if labels_from is None else read_declared_labels(labels_from)
+    report = evaluate_folders(
+        pred_dir, label_dir, labels, hd95=hd95, progress=not as_json, labels_source=labels_from
+    )
     if out is not None:
         report.write(out)
     if as_json:

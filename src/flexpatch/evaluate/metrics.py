@@ -9,6 +9,7 @@ the boundary voxels of prediction and label, NaN when either is empty.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from flexpatch.data.io import NIFTI_SUFFIXES, PLAIN_2D_SUFFIXES, read_label, suffix_of
+from flexpatch.data.io import NIFTI_SUFFIXES, PLAIN_2D_SUFFIXES, Volume, read_label, suffix_of
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.report import METRICS, EvaluationReport
 
@@ -27,6 +28,7 @@ __all__ = [
     "dice_torch",
     "evaluate_folders",
     "hausdorff95",
+    "read_declared_labels",
     "segmentation_metrics",
 ]
 
@@ -186,25 +188,47 @@ def _class_names(labels: Mapping[str, int] | None) -> dict[int, str] | None:
     return names
 
 
+def read_declared_labels(path: str | Path) -> dict[str, int]:
+    """``{name: value}`` from the ``labels`` of a dataset.json: nnU-Net's ``{"liver": 1}`` or the
+    Medical Segmentation Decathlon's ``{"1": "liver"}``; anything else is refused naming the file."""
+    from flexpatch.data.io import load_json
+
+    meta = load_json(path)
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict):
+        raise FlexPatchError(f"{path}: has no 'labels' mapping")
+    try:
+        if all(str(v).isdigit() for v in labels.values()):
+            return {str(k): int(v) for k, v in labels.items()}
+        return {str(v): int(k) for k, v in labels.items()}
+    except (TypeError, ValueError):  # region lists ({"tumour": [1, 2]}) or names on both sides
+        raise FlexPatchError(f"{path}: 'labels' must map each name to one integer label value") from None
+
+
 def evaluate_folders(
     pred_dir: Path,
     label_dir: Path,
     labels: dict[str, int] | None = None,
     hd95: bool = True,
     progress: bool = True,
+    labels_source: str | Path | None = None,
 ) -> EvaluationReport:
     """Score every prediction in ``pred_dir`` against the label of the same case in ``label_dir``.
 
     Files pair by case id (name without ``.nii.gz``/``.nii``/``.png``/``.tif``); each
-    side must have a partner. HD95 uses the label's voxel spacing.
+    side must have a partner on the same grid: the same shape and, for NIfTI, the same affine
+    (a prediction shifted in the world is not scored voxel by voxel as if it were not). HD95
+    uses the label's voxel spacing.
 
     Args:
         pred_dir: folder of predicted label maps.
         label_dir: folder of reference label maps.
-        labels: ``{name: value}`` as in nnU-Net's dataset.json (background skipped); when
-            None, every value > 0 found in any prediction or label is a class ``class_<v>``.
+        labels: ``{name: value}`` as in nnU-Net's dataset.json (background skipped); every
+            value > 0 in a prediction or label must be one of them. When None, every value > 0
+            found is a class ``class_<v>``.
         hd95: also compute HD95.
         progress: show a progress bar on stderr.
+        labels_source: the file ``labels`` came from, named when a value is not declared.
     """
     from flexpatch.runtime import track
 
@@ -215,17 +239,53 @@ def evaluate_folders(
     for case, pred_path, label_path in bar:
         label = read_label(label_path)
         pred = read_label(pred_path, ndim=label.ndim)
-        if pred.data.shape != label.data.shape:
-            raise FlexPatchError(
-                f"{pred_path}: shape {pred.data.shape} differs from label {label_path} "
-                f"with shape {label.data.shape}"
-            )
+        _check_same_grid(pred, label)
+        if names is not None:
+            for volume in (label, pred):
+                _check_declared(volume, names, labels_source)
         classes = sorted(names) if names is not None else _present(pred.data, label.data)
         results[case] = segmentation_metrics(pred.data, label.data, classes, label.spacing, hd95)
     if names is None:
         names = {c: f"class_{c}" for c in sorted({c for res in results.values() for c in res})}
     metrics = METRICS if hd95 else tuple(m for m in METRICS if m != "hd95")
     return EvaluationReport(_rows(results, names, metrics), metrics)
+
+
+# Farthest two grids may lie apart (at any corner) and still be the same: float32 headers round.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def _check_same_grid(pred: Volume, label: Volume) -> None:
+    """A prediction must lie on its label's grid: the same shape and, where both files carry a
+    world placement (NIfTI), the same voxels in the same places."""
+    if pred.data.shape != label.data.shape:
+        raise FlexPatchError(
+            f"{pred.path}: shape {pred.data.shape} differs from label {label.path} "
+            f"with shape {label.data.shape}"
+        )
+    if not all(p is not None and suffix_of(p) in NIFTI_SUFFIXES for p in (pred.path, label.path)):
+        return  # PNG/TIFF have no geometry to compare
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in label.spatial_shape])), np.float64)
+    corners = np.pad(corners, ((0, 0), (0, 3 - corners.shape[1])))  # 2D: the singleton third axis
+    world = [corners @ v.affine[:3, :3].T + v.affine[:3, 3] for v in (pred, label)]
+    apart = float(np.linalg.norm(world[0] - world[1], axis=1).max())
+    if apart > GRID_TOLERANCE_MM:
+        raise FlexPatchError(
+            f"{pred.path}: lies up to {apart:.3g} mm away from label {label.path} (their affines differ); "
+            "resample the prediction onto the label's grid"
+        )
+
+
+def _check_declared(volume: Volume, names: Mapping[int, str], source: str | Path | None) -> None:
+    """Every value > 0 of a map must be a declared class: scoring only some would drop the rest."""
+    found = np.flatnonzero(np.bincount(volume.data.ravel()))  # read_label: int16, never negative
+    undeclared = [int(v) for v in found if v > 0 and v not in names]
+    if undeclared:
+        declared = ", ".join(str(v) for v in sorted(names))
+        raise FlexPatchError(
+            f"{source or 'the labels given'}: declares the foreground labels {declared}, but "
+            f"{volume.path} holds {', '.join(map(str, undeclared))} too; every class must be declared"
+        )
 
 
 def _present(*maps: np.ndarray) -> list[int]:
