@@ -20,6 +20,7 @@ from flexpatch.methods import (
     register_method,
     write_method,
 )
+from flexpatch.models import ModelSpec
 
 
 def test_the_three_methods_are_registered_with_importable_entry_points() -> None:
@@ -48,8 +49,10 @@ def test_method_json_round_trips(tmp_path: Path, ndim: int) -> None:
     ],
 )
 def test_folders_without_method_json_are_known_by_marker(tmp_path: Path, marker: str, name: str) -> None:
-    (tmp_path / "model.json").write_text("{}")  # cascades and patchworks may hold one too
-    (tmp_path / marker).write_text("{}")
+    # cascades and patchworks may hold one too; a sliding-window folder's is checked by type
+    (tmp_path / "model.json").write_text(json.dumps(ModelSpec("unet", 3, 1, 2, {}).to_json()))
+    if marker != "model.json":
+        (tmp_path / marker).write_text("{}")
     assert read_method(tmp_path) == {"method": name, "format": 0}
 
 

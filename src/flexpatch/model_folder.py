@@ -24,11 +24,18 @@ _OLDER_PLAN = {"normalization": str, "ct_window": tuple[float, float] | None}
 
 def check_sliding_window_folder(model_dir: str | Path) -> None:
     """Refuse a folder whose ``model.json``, ``plan.json``, ``config.json`` or ``method.json``
-    holds a value of the wrong type or names an unregistered model (one line naming the file)."""
+    holds a value of the wrong type or names an unregistered model (one line naming the file).
+
+    A file that is absent is left to the loader, which refuses it as missing when it needs it:
+    the method registry also opens folders only to learn their method.
+    """
     model_dir = Path(model_dir)
-    name = check_model_json(model_dir / "model.json")
-    _check_plan(model_dir / "plan.json")
-    _check_config(model_dir / "config.json", name)
+    spec, plan, config = (model_dir / name for name in ("model.json", "plan.json", "config.json"))
+    name = check_model_json(spec) if spec.is_file() else None
+    if plan.is_file():
+        _check_plan(plan)
+    if config.is_file():
+        _check_config(config, name)
     method = model_dir / "method.json"
     if method.is_file():  # read_method checked the common keys; this method adds 'fixed_size'
         fixed = load_json(method).get("fixed_size", False)
@@ -64,15 +71,17 @@ def _check_plan(path: Path) -> None:
         raise FlexPatchError(f"{path}: {_without_prefix(str(e), 'plan: ')}") from None
 
 
-def _check_config(path: Path, model: str) -> None:
+def _check_config(path: Path, model: str | None) -> None:
     """Types only: predicting needs none of the training settings' values, so an older version's
     limits on them must not make its folders unusable; the model must be the one built."""
     from flexpatch.train.config import TrainConfig
 
     data: dict[str, Any] = check_fields(TrainConfig, load_json(path), path)
     named = data.get("model", model)
+    if named is None:
+        return
     _check_registered(path, named, "model")
-    if named != model:
+    if model is not None and named != model:
         raise FlexPatchError(
             f"{path}: model {named!r}, but {path.parent / 'model.json'} builds {model!r}; "
             "the folder mixes two runs"
