@@ -134,6 +134,17 @@ def test_an_empty_axis_is_refused(tmp_path: Path, shape: tuple[int, ...]) -> Non
     one_line(e, path, "x".join(map(str, shape)), "empty axis")
 
 
+def test_an_empty_tiff_is_refused(tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "empty.tif"
+    with pytest.warns(UserWarning, match="zero-size"):  # tifffile writes it all the same
+        tifffile.imwrite(path, np.zeros((0, 5), np.uint8))
+    with pytest.raises(FlexPatchError) as e:
+        read_image(path)
+    one_line(e, path, "0x5", "empty axis")
+
+
 def test_a_nan_origin_is_refused(tmp_path: Path) -> None:
     affine = np.eye(4)
     affine[0, 3] = np.nan

@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from flexpatch.data.sanity import open_nifti
+from flexpatch.data.sanity import check_shape, open_nifti
 from flexpatch.errors import FlexPatchError
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ def _load_plain_2d(path: Path) -> tuple[np.ndarray, np.ndarray]:
             data = tifffile.imread(path)
     except Exception as e:
         raise FlexPatchError(f"{path}: not a readable image ({type(e).__name__})") from None
+    check_shape(data.shape, path)
     if data.ndim == 3 and data.shape[-1] in (3, 4):  # RGB(A) -> channels first
         data = np.moveaxis(data[..., :3], -1, 0)
     # PNG/TIFF rows are y: store (H, W) with unit spacing; the affine is the identity.

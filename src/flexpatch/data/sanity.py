@@ -62,6 +62,14 @@ def open_nifti(path: Path) -> Any:
     return img
 
 
+def check_shape(shape: Sequence[int], path: Path) -> tuple[int, ...]:
+    """``shape`` as ints; an image with no voxels along an axis (or none at all) is refused."""
+    shape = tuple(int(n) for n in shape)
+    if not shape or min(shape) < 1:
+        raise FlexPatchError(f"{path}: image shape {format_shape(shape) or '()'} has an empty axis")
+    return shape
+
+
 def check_nifti_header(header: Nifti1Header, path: Path) -> None:
     """Refuse a NIfTI header with an empty axis or a zero, negative, NaN/Inf or absurd spacing.
 
@@ -71,9 +79,7 @@ def check_nifti_header(header: Nifti1Header, path: Path) -> None:
     the geometry; nibabel silently turns a zero there into 1 and a negative into its absolute
     value, so those are checked as the file holds them.
     """
-    shape = tuple(int(n) for n in header.get_data_shape())
-    if not shape or min(shape) < 1:
-        raise FlexPatchError(f"{path}: image shape {format_shape(shape) or '()'} has an empty axis")
+    shape = check_shape(header.get_data_shape(), path)
     spatial = [ax for ax, n in enumerate(shape[:3]) if n > 1]
     affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     _check_spacings(path, "spacing", np.linalg.norm(affine[:3, :3], axis=0)[: len(shape)], spatial)
