@@ -299,6 +299,17 @@ def test_resume_names_the_file_its_config_came_from(model_dir: Path, tmp_path: P
     one_line(e, path, "field 'patch' must be a string")
 
 
+def test_init_from_a_model_json_of_the_wrong_type_names_it(
+    model_dir: Path, tiny_abdomen: Path, tmp_path: Path
+) -> None:
+    source = shutil.copytree(model_dir, tmp_path / "source")
+    path = _edit(source, "model.json", {"in_channels": 1.5})
+    config = TrainConfig(model_kwargs=TINY, patch="16", steps=1, batch=1, workers=0, init_from=str(source))
+    with pytest.raises(FlexPatchError) as e:
+        train(tiny_abdomen, tmp_path / "new", config, device="cpu", progress=False)
+    one_line(e, path, "field 'in_channels' must be an integer, got 1.5")
+
+
 def test_predict_on_a_bad_model_folder_is_one_line_exit_2(
     model_dir: Path, tiny_abdomen: Path, tmp_path: Path
 ) -> None:

@@ -79,7 +79,7 @@ def _source_state(model_dir: Path, target: torch.nn.Module) -> tuple[dict[str, t
     """The source's weights (token-resized to ``target`` if both are UNETRs), fresh names, the resize."""
     if not (model_dir / "model.json").is_file():
         raise FlexPatchError(f"{model_dir}: not a model folder (no model.json) to initialise from")
-    spec = ModelSpec.from_json(load_json(model_dir / "model.json"))
+    spec = ModelSpec.from_json(load_json(model_dir / "model.json"), source=model_dir / "model.json")
     state = load_checkpoint(model_dir / BEST, map_location="cpu")["model"]
     tspec = getattr(target, "spec", None)
     if spec.name != "unetr" or tspec is None or tspec.name != "unetr" or "hyper" in spec.kwargs:
