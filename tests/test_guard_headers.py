@@ -30,6 +30,7 @@ from flexpatch.infer.predictor import load_model
 from flexpatch.train.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import resolve_config, train
+from test_cli import assert_one_line_error
 
 torch.set_num_threads(1)
 
@@ -53,15 +54,6 @@ def run_cli(*args: object) -> subprocess.CompletedProcess:
         env=env,
         timeout=300,
     )
-
-
-def assert_cli_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def save_with_sform(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> Path:
@@ -317,7 +309,7 @@ def test_predict_on_a_bad_model_folder_is_one_line_exit_2(
     path = _edit(folder, "config.json", {"model": "resnet9000"})
     out = tmp_path / "pred"
     proc = run_cli("predict", folder, tiny_abdomen / "imagesTs", "--out", out, "--device", "cpu")
-    assert_cli_error(proc, str(path), "resnet9000")
+    assert_one_line_error(proc, str(path), "resnet9000")
     assert not out.exists()
 
 
@@ -404,7 +396,7 @@ def test_labels_from_declaring_fewer_classes_is_an_error(tmp_path: Path, ndim: i
 
 def test_evaluate_cli_refuses_in_one_line(tmp_path: Path) -> None:
     pred_dir, label_dir = _pair(tmp_path, 3, shift=50.0)
-    assert_cli_error(run_cli("evaluate", pred_dir, label_dir), str(pred_dir / "case.nii.gz"), "mm away")
+    assert_one_line_error(run_cli("evaluate", pred_dir, label_dir), str(pred_dir / "case.nii.gz"), "mm away")
     pred_dir, label_dir = _pair(tmp_path / "b", 3, extra=3)
     declared = tmp_path / "dataset.json"
     for labels, needle in (
@@ -413,4 +405,4 @@ def test_evaluate_cli_refuses_in_one_line(tmp_path: Path) -> None:
     ):
         declared.write_text(json.dumps({"labels": labels}))
         proc = run_cli("evaluate", pred_dir, label_dir, "--labels-from", declared)
-        assert_cli_error(proc, str(declared), needle)
+        assert_one_line_error(proc, str(declared), needle)
