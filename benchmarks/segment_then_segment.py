@@ -273,7 +273,7 @@ def run_task(task: Task, mode: str, work: Path, device: torch.device, fresh: boo
     data = make_data(task, work)
     rows = []
     for size in task.sizes:
-        config = CascadeConfig(
+        config = CascadeConfig.of(
             input_size=size,
             steps=task.steps,
             batch=task.batch,

@@ -26,7 +26,8 @@ from flexpatch.infer.cascade import (
 )
 from flexpatch.infer.predictor import load_model
 from flexpatch.train.cascade import CascadeConfig, train_cascade
-from flexpatch.train.checkpoint import LAST, load_checkpoint
+from flexpatch.train.checkpoint import LAST, load_checkpoint, save_checkpoint
+from flexpatch.train.config import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -213,7 +214,7 @@ def tiny_cascade(
     dataset: Path, out: Path, resume: bool = False, stop_after: int | None = None, **changes
 ) -> dict:
     base = dict(input_size=16, steps=3, batch=2, jitter=4, val_every=3, model_kwargs=TINY, min_side=2)
-    config = CascadeConfig(**{**base, **changes})
+    config = CascadeConfig.of(**{**base, **changes})
     return train_cascade(
         dataset, out, config, device="cpu", progress=False, resume=resume, stop_after=stop_after
     )
@@ -274,17 +275,59 @@ def test_bad_input_size_fails_before_preprocessing(tiny_cells: Path, tmp_path: P
         load_cascade(tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("stop", [2, 4])  # in the rough stage, in the fine stage
-def test_resume_reproduces_the_uninterrupted_cascade(tiny_cells: Path, tmp_path: Path, stop: int) -> None:
+def old_flat_config(**changes) -> dict:
+    """The flat ``CascadeConfig`` dict (every field on one level) that older versions saved."""
+    flat = dict(input_size=16, steps=3, fine_steps=None, batch=2, jitter=4, fine_from_rough=True,
+                model="unet", model_kwargs=TINY, lr=1e-3, optimizer="adamw", weight_decay=3e-5,
+                poly_power=0.9, val_every=3, val_fraction=0.2, fuse="or", min_side=2, per_class=True,
+                oversize="drop", amp=True, target_spacing=None, seed=0)  # fmt: skip
+    return {**flat, **changes}
+
+
+def test_config_holds_a_train_config_and_reads_the_older_flat_form() -> None:
+    config = CascadeConfig.of(input_size=16, steps=3, batch=2, jitter=4, val_every=3, model_kwargs=TINY,
+                              min_side=2, target_spacing=(1.0, 2.0))  # fmt: skip
+    assert config.train.batch == 2 and config.train.patch == "16" and config.train.workers == 0
+    assert CascadeConfig().train.batch == 8  # the cascade's default, not TrainConfig's
+    assert CascadeConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    flat = old_flat_config(target_spacing=[1.0, 2.0])
+    assert CascadeConfig.from_json(flat) == config
+    own = {k: v for k, v in config.to_json().items() if k != "train"}
+    assert config.flat() == {**config.train.to_json(), **own}
+    # each stage's config.json: as the older, flat config derived it
+    old_stage = TrainConfig(model="unet", model_kwargs=TINY, patch="16", steps=3, batch=2, val_every=3,
+                            workers=0, target_spacing=(1.0, 2.0))  # fmt: skip
+    assert config.stage("rough") == config.stage("fine") == old_stage
+    assert CascadeConfig.of(steps=3, fine_steps=5).stage("fine").steps == 5
+    with pytest.raises(FlexPatchError, match="does not use train.init_from"):
+        CascadeConfig(train=TrainConfig(init_from="elsewhere"))
+    with pytest.raises(FlexPatchError, match="cascade.json: train: field 'steps' must be an integer"):
+        CascadeConfig.from_json({"input_size": 16, "train": {"steps": "many"}})
+
+
+@pytest.mark.parametrize(
+    ("stop", "flat"), [(2, False), (4, False), (4, True)]
+)  # in the rough stage, in the fine stage; from checkpoints holding the older, flat config
+def test_resume_reproduces_the_uninterrupted_cascade(
+    tiny_cells: Path, tmp_path: Path, stop: int, flat: bool
+) -> None:
     whole = tiny_cascade(tiny_cells, tmp_path / "whole", val_every=2)
     part = tmp_path / "part"
     first = tiny_cascade(tiny_cells, part, val_every=2, stop_after=stop)
     assert first["steps"] == stop and not is_cascade(part)
+    if flat:  # as an older version wrote them
+        for stage in ("rough", "fine"):
+            state = load_checkpoint(part / stage / LAST)
+            state["cascade"] = old_flat_config(val_every=2)
+            save_checkpoint(part / stage / LAST, state)
     with pytest.raises(FlexPatchError, match="not empty .* --resume"):
         tiny_cascade(tiny_cells, part, val_every=2)
     with pytest.raises(FlexPatchError, match="cannot resume with a different lr"):
         tiny_cascade(tiny_cells, part, val_every=2, lr=0.5, resume=True)
-    done = train_cascade(tiny_cells, part, None, device="cpu", progress=False, resume=True)
+    if flat:  # the same config, given: it equals the flat one saved
+        done = tiny_cascade(tiny_cells, part, val_every=2, resume=True)
+    else:
+        done = train_cascade(tiny_cells, part, None, device="cpu", progress=False, resume=True)
     assert done["steps"] == whole["steps"] == 6 and is_cascade(part)
     assert done["best_val_dice"] == whole["best_val_dice"]
     for stage in ("rough", "fine"):
@@ -294,6 +337,15 @@ def test_resume_reproduces_the_uninterrupted_cascade(tiny_cells: Path, tmp_path:
     read = lambda m: [json.loads(x) for x in (m / "log.jsonl").read_text().splitlines()]  # noqa: E731
     logs = [read(tmp_path / "whole"), read(part)]
     assert logs[0] == logs[1] and len(logs[0]) == 6
+    if flat:  # a finished folder of an older version: its cascade.json holds the flat config
+        meta = json.loads((part / "cascade.json").read_text())
+        old = old_flat_config(val_every=2)
+        assert CascadeConfig.from_json(meta["config"]) == CascadeConfig.from_json(old)
+        (part / "cascade.json").write_text(json.dumps({**meta, "config": old}))
+        cascade = load_cascade(part, device="cpu")
+        assert cascade.input_size == 16 and cascade.rules["min_side"] == 2
+        images, pred = [tiny_cells / "imagesTs"], tmp_path / "pred"
+        assert len(predict_cascade_files(part, images, pred, device="cpu", progress=False)) == 2
 
 
 def test_resume_needs_a_started_cascade(tiny_cells: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def sliding_window(data: Path, out: Path) -> None:
 
 
 def segment_then_segment(data: Path, out: Path) -> None:
-    config = CascadeConfig(
+    config = CascadeConfig.of(
         input_size=16, steps=1, batch=2, jitter=2, val_every=1, min_side=1, model_kwargs=TINY
     )
     train_cascade(data, out, config, device="cpu", progress=False, stop_after=1)  # the rough stage only

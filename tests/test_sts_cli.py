@@ -202,7 +202,7 @@ def test_3d_cascade_api_and_benchmark_scores(
     lesions: tuple[Path, Path], tmp_path: Path, benchmark: ModuleType
 ) -> None:
     _, data = lesions
-    config = CascadeConfig(
+    config = CascadeConfig.of(
         input_size=16, steps=2, batch=2, jitter=2, val_every=2, model_kwargs=TINY, min_side=2
     )
     summary = train_cascade(data, tmp_path / "sts", config, device="cpu", progress=False)
@@ -253,7 +253,7 @@ def test_benchmark_targets_and_table(benchmark: ModuleType) -> None:
 
 
 def test_cli_resumes_an_interrupted_cascade(tiny_cells, tmp_path):
-    config = CascadeConfig(input_size=16, steps=2, batch=2, jitter=4, val_every=2, min_side=2,
+    config = CascadeConfig.of(input_size=16, steps=2, batch=2, jitter=4, val_every=2, min_side=2,
                            model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2})  # fmt: skip
     train_cascade(tiny_cells, tmp_path / "sts", config, device="cpu", progress=False, stop_after=3)
     assert not (tmp_path / "sts" / "cascade.json").exists()

@@ -23,11 +23,13 @@ def train_cli(
     overwrite: bool = False,
 ) -> None:
     """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
-    from flexpatch.train.cascade import CascadeConfig, train_cascade
+    from flexpatch.train.cascade import train_cascade
+    from flexpatch.train.cascade_config import SHARED, CascadeConfig
 
     if kind != "sts":
         raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
-    known = {f.name for f in dataclasses.fields(CascadeConfig)} - set(flags)
+    own = {f.name for f in dataclasses.fields(CascadeConfig)} - {"train"}
+    known = (own | set(SHARED)) - set(flags)  # flat, as the flags: the shared settings are train's
     unknown = sorted(set(options) - known)
     if unknown:
         raise FlexPatchError(
@@ -35,7 +37,7 @@ def train_cli(
             f"it takes {', '.join(sorted(known))}"
         )
     try:
-        config = CascadeConfig(**flags, **options)
+        config = CascadeConfig.of(**flags, **options)
     except TypeError as e:  # a value of the wrong type, e.g. a list for min_side
         raise FlexPatchError(f"--cascade-options: {e}") from None
     result = train_cascade(dataset_dir, out, config, device=device, progress=not as_json, overwrite=overwrite)

@@ -211,7 +211,7 @@ def _train_stage(
     h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
     with h.progress(stage, at.step, progress) as update, jsonl_log(out_dir / "log.jsonl") as log:
         for step in range(at.step + 1, end + 1):
-            g = generator("flexpatch-sts", stage, config.seed, step)
+            g = generator("flexpatch-sts", stage, config.train.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
             x, y = sample(cases, config.input_size, idx, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -234,15 +234,15 @@ def _train_stage(
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
     """Fail in seconds, before preprocessing: model, input size, output folder. Returns the rough net."""
-    seed_everything(config.seed)
+    seed_everything(config.train.seed)
     net = create_model(
-        config.model,
+        config.train.model,
         ndim=ds.ndim,
         in_channels=len(ds.channel_names),
         out_channels=ds.num_classes,
-        **config.model_kwargs,
+        **config.train.model_kwargs,
     )
-    check_patch_size((config.input_size,) * ds.ndim, net.divisor, "input size", model=config.model)
+    check_patch_size((config.input_size,) * ds.ndim, net.divisor, "input size", model=config.train.model)
     check_writable(out_dir, "model folder")
     return net
 
@@ -296,26 +296,26 @@ def train_cascade(
     plan, paths = prepare(ds, out_dir, config.stage("rough"), progress, resume)
     (out_dir / CASCADE_FILE).unlink(missing_ok=True)  # an old run's marker must not outlive it
     _start_log(out_dir / "log.jsonl", saved)
-    train_paths, val_paths = split_cases(paths, config.val_fraction, config.seed)
+    train_paths, val_paths = split_cases(paths, config.train.val_fraction, config.train.seed)
     train_cases, val_cases = _Cases(train_paths, config.per_class), _Cases(val_paths, config.per_class)
-    console.print(f"[bold]segment-then-segment[/] {config.model} at S={config.input_size} on "
-                  f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.batch}, {dev}")
+    console.print(f"[bold]segment-then-segment[/] {config.train.model} at S={config.input_size} on "
+                  f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.train.batch}, {dev}")
     k = plan.num_classes
     _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
     validate = lambda net: validate_cascade(net, None, val_cases, config, k, dev)  # noqa: E731
     base = _train_stage("rough", rough, train_cases, _rough_sample, validate, config, dev, out_dir, progress,
                         saved.get("rough"), stop_after)  # fmt: skip
-    if base.step < config.steps:
+    if base.step < config.train.steps:
         return _summary(out_dir, base.step, float("nan"), base, t0)
     fine = _fine_net(rough, config, load_checkpoint(out_dir / "rough" / BEST, map_location=dev)["model"])
     _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"), "fine" in saved)
     validate = lambda net: validate_cascade(rough, net, val_cases, config, k, dev)  # noqa: E731
-    left = None if stop_after is None else stop_after - config.steps
+    left = None if stop_after is None else stop_after - config.train.steps
     at = _train_stage("fine", fine, train_cases, _fine_sampler(config), validate, config, dev, out_dir,
                       progress, saved.get("fine"), left)  # fmt: skip
     if at.step == config.stage("fine").steps:  # not stopped early: the folder is complete
         _finish(out_dir, config)
-    return _summary(out_dir, config.steps + at.step, at.best, base, t0, at.loss)
+    return _summary(out_dir, config.train.steps + at.step, at.best, base, t0, at.loss)
 
 
 def _resolve(
@@ -330,9 +330,10 @@ def _resolve(
     saved = {s: load_checkpoint(out_dir / s / LAST) for s in STAGES if (out_dir / s / LAST).is_file()}
     if "cascade" not in saved["rough"]:
         raise FlexPatchError(f"{path}: written by a version without cascade resume; train again")
-    given = config.to_json() if config is not None else None
-    try:
-        resolved = CascadeConfig.from_json(resume_settings(path, saved["rough"]["cascade"], given, None, ()))
+    given = config.flat() if config is not None else None
+    try:  # compared flat: an older checkpoint holds the flat form, and a message names the setting
+        ours = CascadeConfig.from_json(saved["rough"]["cascade"], path).flat()
+        resolved = CascadeConfig.from_json(resume_settings(path, ours, given, None, ()), path)
     except (TypeError, ValueError) as e:
         raise FlexPatchError(f"{path}: its config does not fit this version ({e})") from None
     return resolved, saved
@@ -351,7 +352,7 @@ def _fine_net(rough: torch.nn.Module, config: CascadeConfig, best: dict[str, Any
     """The rough net with its ``best`` weights, in eval mode; the fine net starts from them or anew."""
     rough.load_state_dict(best)
     rough.eval()
-    seed_everything(config.seed + 1)  # a fresh fine network differs from the rough one's start
+    seed_everything(config.train.seed + 1)  # a fresh fine network differs from the rough one's start
     fine = build(rough.spec)
     if config.fine_from_rough:
         fine.load_state_dict(rough.state_dict())

@@ -4,60 +4,59 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.cascade import FUSIONS, OVERSIZE
+from flexpatch.schema import check_fields
 from flexpatch.train.config import TrainConfig, config_from_json
+
+# The TrainConfig fields the cascade's loop reads; it sets patch (S) and workers (0) itself.
+SHARED = (
+    "model", "model_kwargs", "steps", "batch", "lr", "optimizer", "weight_decay", "poly_power",
+    "val_every", "val_fraction", "amp", "target_spacing", "seed",
+)  # fmt: skip
+_PER_STAGE = ("patch", "workers")
+# Where the cascade's defaults differ from TrainConfig's (the paper's batch; crops are drawn in-process).
+_TRAIN_DEFAULTS: dict[str, Any] = {"batch": 8, "workers": 0}
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(**_TRAIN_DEFAULTS)
 
 
 @dataclass(frozen=True)
 class CascadeConfig:
     """Everything that decides a segment-then-segment run; saved in ``cascade.json``.
 
+    :meth:`of` builds one from flat settings (``steps=...`` beside ``jitter=...``), as the CLI does.
+
     Attributes:
         input_size: S, the network input per axis for both stages (the paper: 32 to 256).
-        steps: optimiser steps of the rough stage.
-        fine_steps: steps of the fine stage; None means ``steps``.
-        batch: images per step (the fine stage takes one random object crop of each).
+        train: what both stages share (model, steps of the rough stage, batch, lr, optimizer,
+            validation cadence, amp, spacing, seed); its patch is S and its workers 0. The batch is
+            images per step (the fine stage takes one random object crop of each). The loop trains
+            unclipped (the paper), so the fields outside :data:`SHARED` keep their defaults.
+        fine_steps: steps of the fine stage; None means ``train.steps``.
         jitter: the fine stage's box augmentation: an integer in ``[-jitter, jitter]`` added
             to every box start and size (the paper: 16 pixels).
         fine_from_rough: start the fine network from the rough one's best weights.
-        model, model_kwargs: the registered network used by both stages.
-        lr, optimizer, weight_decay, poly_power: as :class:`TrainConfig`.
-        val_every: validate every this many steps and at the end (baseline Dice for the
-            rough stage, cascade Dice for the fine stage); the best weights are kept.
-        val_fraction: share of cases held out for validation.
         fuse: default fusion at inference: ``or`` (thresholded masks, the paper) or ``max``.
         min_side: components of the rough mask with a side under this many voxels are noise.
         per_class: one box per component of each class (else of the foreground as a whole).
         oversize: a padded box larger than the image: ``drop`` (the authors) or ``clip``.
-        amp: bfloat16 autocast on CUDA.
-        target_spacing: resampling spacing in mm; None means the dataset's median.
-        seed: seeds the split, the weights and every draw.
     """
 
     input_size: int = 64
-    steps: int = 1000
+    train: TrainConfig = field(default_factory=_default_train)
     fine_steps: int | None = None
-    batch: int = 8
     jitter: int = 16
     fine_from_rough: bool = True
-    model: str = "unet"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 3e-5
-    poly_power: float = 0.9
-    val_every: int = 100
-    val_fraction: float = 0.2
     fuse: str = "or"
     min_side: int = 5
     per_class: bool = True
     oversize: str = "drop"
-    amp: bool = True
-    target_spacing: tuple[float, ...] | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.input_size < 4:
@@ -72,28 +71,22 @@ class CascadeConfig:
             raise FlexPatchError(
                 f"unknown oversize rule {self.oversize!r}; choose one of {', '.join(OVERSIZE)}"
             )
-        self.stage("rough")  # the shared settings (steps, batch, lr, ...) are checked by TrainConfig
+        _check_unused(self.train)
+        # saved as the rough stage runs it, so that cascade.json says what was trained
+        object.__setattr__(self, "train", self.train.replace(patch=str(self.input_size), workers=0))
+
+    @classmethod
+    def of(cls, **settings: Any) -> CascadeConfig:
+        """A config from flat settings: the :data:`SHARED` ones go to ``train`` (batch 8 unless
+        given), the rest are the cascade's own. The CLI's form, and older ``cascade.json`` files'."""
+        shared = {k: settings.pop(k) for k in SHARED if k in settings}
+        return cls(train=TrainConfig(**{**_TRAIN_DEFAULTS, **shared}), **settings)
 
     def stage(self, name: str) -> TrainConfig:
         """The :class:`TrainConfig` of one stage (saved as its ``config.json``; its patch is S)."""
-        steps = self.fine_steps if name == "fine" and self.fine_steps is not None else self.steps
-        return TrainConfig(
-            model=self.model,
-            model_kwargs=dict(self.model_kwargs),
-            patch=str(self.input_size),
-            steps=steps,
-            batch=self.batch,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            weight_decay=self.weight_decay,
-            poly_power=self.poly_power,
-            val_every=self.val_every,
-            val_fraction=self.val_fraction,
-            workers=0,
-            amp=self.amp,
-            target_spacing=self.target_spacing,
-            seed=self.seed,
-        )
+        if name == "fine" and self.fine_steps is not None:
+            return self.train.replace(steps=self.fine_steps)
+        return self.train
 
     def rules(self) -> dict[str, Any]:
         """The box rules inference must share with training."""
@@ -102,6 +95,30 @@ class CascadeConfig:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """The settings on one level, as JSON (a resume names a changed ``lr``, not ``train``)."""
+        own = self.to_json()
+        return {**own.pop("train"), **own}
+
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CascadeConfig:
-        return config_from_json(cls, d, tuples=("target_spacing",))
+    def from_json(cls, d: dict[str, Any], source: str | Path = "cascade.json") -> CascadeConfig:
+        """The config of a ``cascade.json`` or a checkpoint, nested (``train``) or flat (written
+        before the config held a TrainConfig); ``source`` is named in errors."""
+        check_fields(cls, d, source)
+        if "train" in d:
+            train = TrainConfig.from_json(d["train"], f"{source}: train")
+        else:
+            train = TrainConfig.from_json({**_TRAIN_DEFAULTS, **{k: d[k] for k in SHARED if k in d}}, source)
+        own = {k: v for k, v in d.items() if k not in SHARED}
+        return config_from_json(cls, {**own, "train": train}, source=source)
+
+
+def _check_unused(train: TrainConfig) -> None:
+    """A setting the cascade's loop does not read must not look as if it were honoured."""
+    default = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in SHARED + _PER_STAGE and getattr(train, f.name) != getattr(default, f.name):
+            raise FlexPatchError(
+                f"segment-then-segment does not use train.{f.name} (got {getattr(train, f.name)!r}); "
+                f"it shares only {', '.join(SHARED)}"
+            )
