@@ -37,14 +37,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import describe_device, write_section  # noqa: E402
 
+from flexpatch.cascade.config import CascadeConfig  # noqa: E402
+from flexpatch.cascade.infer import Cascade, load_cascade  # noqa: E402
+from flexpatch.cascade.train import train_cascade  # noqa: E402
 from flexpatch.data.dataset import Case, load_case, load_dataset  # noqa: E402
 from flexpatch.data.io import read_label, save_json, write_image  # noqa: E402
 from flexpatch.data.phantom import ABDOMEN_LABELS, make_phantom  # noqa: E402
 from flexpatch.errors import FlexPatchError  # noqa: E402
 from flexpatch.evaluate.metrics import segmentation_metrics  # noqa: E402
-from flexpatch.infer.cascade import Cascade, load_cascade  # noqa: E402
 from flexpatch.runtime import resolve_device  # noqa: E402
-from flexpatch.train.cascade import CascadeConfig, train_cascade  # noqa: E402
 
 METRICS = ("dice", "iou", "precision", "recall")
 METHODS = ("baseline", "cascade")

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexpatch.data.io import read_image
-from flexpatch.errors import FlexPatchError
-from flexpatch.infer.cascade import (
+from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.infer import (
     Box,
     crop_resize,
     expand_box,
@@ -24,8 +23,10 @@ from flexpatch.infer.cascade import (
     predict_cascade_files,
     segment,
 )
+from flexpatch.cascade.train import train_cascade
+from flexpatch.data.io import read_image
+from flexpatch.errors import FlexPatchError
 from flexpatch.infer.predictor import load_model
-from flexpatch.train.cascade import CascadeConfig, train_cascade
 from flexpatch.train.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 

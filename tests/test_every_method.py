@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.train import train_cascade
 from flexpatch.data.io import read_image
 from flexpatch.methods import get_method, list_methods, method_of, read_method
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.train import train_patchwork
-from flexpatch.train.cascade import CascadeConfig, train_cascade
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 

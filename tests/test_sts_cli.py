@@ -15,13 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.infer import load_cascade
+from flexpatch.cascade.train import train_cascade
 from flexpatch.cli import app
 from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.data.io import read_image, read_label
 from flexpatch.data.phantom import make_phantom
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.cascade import load_cascade
-from flexpatch.train.cascade import CascadeConfig, train_cascade
 
 torch.set_num_threads(1)
 

@@ -158,8 +158,8 @@ register_method(
         "segment-then-segment",
         "a rough network on the downscaled image finds crops for a fine network",
         "cascade.json",
-        "flexpatch.infer.cascade:load_cascade",
-        "flexpatch.infer.cascade:predict_cascade_files",
+        "flexpatch.cascade.infer:load_cascade",
+        "flexpatch.cascade.infer:predict_cascade_files",
     )
 )
 register_method(

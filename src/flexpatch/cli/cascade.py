@@ -23,8 +23,8 @@ def train_cli(
     overwrite: bool = False,
 ) -> None:
     """``train --cascade sts``: the settings that have flags from the flags, the others from ``options``."""
-    from flexpatch.train.cascade import train_cascade
-    from flexpatch.train.cascade_config import SHARED, CascadeConfig
+    from flexpatch.cascade.config import SHARED, CascadeConfig
+    from flexpatch.cascade.train import train_cascade
 
     if kind != "sts":
         raise FlexPatchError(f"unknown cascade {kind!r}; the one offered is 'sts' (segment-then-segment)")
@@ -46,7 +46,7 @@ def train_cli(
 
 def resume_cli(dataset_dir: Path, out: Path, device: str, as_json: bool) -> None:
     """``train --resume`` of a cascade: its checkpoint's config, from where each stage stopped."""
-    from flexpatch.train.cascade import train_cascade
+    from flexpatch.cascade.train import train_cascade
 
     result = train_cascade(dataset_dir, out, None, device=device, progress=not as_json, resume=True)
     _report(result, as_json)

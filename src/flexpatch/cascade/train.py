@@ -20,12 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexpatch.data.dataset import DatasetInfo, load_dataset
-from flexpatch.data.io import save_json
-from flexpatch.data.preprocess import load_preprocessed
-from flexpatch.errors import FlexPatchError
-from flexpatch.evaluate.metrics import dice_torch
-from flexpatch.infer.cascade import (
+from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.infer import (
     CASCADE_FILE,
     Box,
     boxes_from_extents,
@@ -34,6 +30,11 @@ from flexpatch.infer.cascade import (
     rough_probabilities,
     segment,
 )
+from flexpatch.data.dataset import DatasetInfo, load_dataset
+from flexpatch.data.io import save_json
+from flexpatch.data.preprocess import load_preprocessed
+from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.methods import write_method
 from flexpatch.models import build, check_patch_size, create_model
 from flexpatch.runtime import (
@@ -45,7 +46,6 @@ from flexpatch.runtime import (
     seed_everything,
     set_rng_state,
 )
-from flexpatch.train.cascade_config import CascadeConfig
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexpatch.cascade.infer import FUSIONS, OVERSIZE
 from flexpatch.errors import FlexPatchError
-from flexpatch.infer.cascade import FUSIONS, OVERSIZE
 from flexpatch.schema import check_fields
 from flexpatch.train.config import TrainConfig, config_from_json
 
