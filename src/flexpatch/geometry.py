@@ -161,8 +161,11 @@ def patch_grid(affines: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.einsum("pj,bij->bpi", idx, affines[:, :n, :n]) + affines[:, None, :n, n]
 
 
-def _affine_grid(affines: torch.Tensor, shape: Shape, spatial: Shape) -> torch.Tensor:
-    """grid_sample grids (align_corners=True) of patches ``shape`` at ``affines`` ``(B, n+1, n+1)``.
+def _affine_grid(
+    affines: torch.Tensor, shape: Shape, spatial: Shape, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grid_sample grids (align_corners=True) of patches ``shape`` at ``affines`` ``(B, n+1, n+1)``,
+    each voxel moved by ``offsets`` ``(B, *shape, n)`` image voxels where given (a deformation).
 
     Computed in float64 (float32 on MPS, which has none) so that nearest rounding agrees with
     the nearest-voxel scatter of :func:`accumulate`; returns ``(B, *shape, n)`` in that dtype.
@@ -170,15 +173,19 @@ def _affine_grid(affines: torch.Tensor, shape: Shape, spatial: Shape) -> torch.T
     n, device = len(spatial), affines.device
     gdtype = torch.float32 if device.type == "mps" else torch.float64
     pos = patch_grid(affines.to(gdtype), shape)
+    if offsets is not None:
+        pos = pos + offsets.to(device=device, dtype=gdtype).reshape(pos.shape)
     scale = torch.tensor([max(s - 1, 1) for s in spatial], dtype=gdtype, device=device)
     return (2 * pos / scale - 1).flip(-1).reshape(-1, *shape, n)  # grid_sample wants reversed axes
 
 
-def _sampling_grid(patches: Sequence[Patch], spatial: Shape, device: torch.device) -> torch.Tensor:
+def _sampling_grid(
+    patches: Sequence[Patch], spatial: Shape, device: torch.device, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """float32 grid_sample grids for general affines: ``(B, *shape, ndim)``."""
     gdtype = torch.float32 if device.type == "mps" else torch.float64
     affines = torch.as_tensor(np.stack([p.affine for p in patches]), dtype=gdtype, device=device)
-    return _affine_grid(affines, patches[0].shape, spatial).float()
+    return _affine_grid(affines, patches[0].shape, spatial, offsets).float()
 
 
 def extract(
@@ -186,8 +193,13 @@ def extract(
     patches: Sequence[Patch],
     mode: Literal["nearest", "linear"] = "linear",
     padding: Literal["zeros", "border"] = "zeros",
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cut ``patches`` (all of one shape) out of ``image`` ``(C, *spatial)``.
+
+    Args:
+        offsets: ``(B, *patch_shape, ndim)`` image voxels added to where each patch voxel lands
+            (an elastic deformation); None: the affines alone.
 
     Returns:
         ``(B, C, *patch_shape)``. Boxes are sliced (outside voxels padded);
@@ -199,7 +211,7 @@ def extract(
         raise FlexPatchError(
             f"patch is {len(shape)}D but image {tuple(image.shape)} has {len(spatial)} spatial axes"
         )
-    if all(p.is_box for p in patches):
+    if offsets is None and all(p.is_box for p in patches):
         return torch.stack(
             [
                 image[(slice(None), *p.slices())] if p.inside(spatial) else _pad_box(image, p, padding)
@@ -208,7 +220,7 @@ def extract(
         )
     if len(spatial) not in (2, 3):
         raise FlexPatchError(f"resampled patches need 2 or 3 spatial axes, got {len(spatial)}")
-    grid = _sampling_grid(patches, spatial, image.device)
+    grid = _sampling_grid(patches, spatial, image.device, offsets)
     src = image[None].float().expand(len(patches), *image.shape)
     gmode = "bilinear" if mode == "linear" else "nearest"
     out = F.grid_sample(src, grid, mode=gmode, padding_mode=padding, align_corners=True)

@@ -93,6 +93,13 @@ PatchworkOptionsOpt = Annotated[
     typer.Option(help="Patchwork: JSON file with any other option (see README), e.g. augmentation."),
 ]
 BatchOpt = Annotated[int | None, typer.Option(help="Patches per step; default 2.")]
+AugmentOpt = Annotated[
+    str,
+    typer.Option(
+        help="Data augmentation: default (nnU-Net's: rotation, zoom, mirroring, noise, blur, brightness, "
+        "contrast, low resolution, gamma), none, heavy, or JSON changes, e.g. '{\"p_mirror\": 0}'."
+    ),
+]
 OptimizerOpt = Annotated[str, typer.Option(help="adamw or sgd (both with poly decay).")]
 ValEveryOpt = Annotated[int, typer.Option(help="Validate every N steps.")]
 ValPatchOpt = Annotated[str | None, typer.Option(help="Validation window (default: largest training patch).")]
@@ -159,6 +166,7 @@ def train(
     val_patch: ValPatchOpt = None,
     workers: WorkersOpt = 2,
     foreground_ratio: float = 0.33,
+    augment: AugmentOpt = "default",
     spacing: SpacingOpt = None,
     seed: int = 0,
     amp: AmpOpt = True,
@@ -258,6 +266,7 @@ def _train_network(args: SimpleNamespace) -> None:
             val_patch=parse_ints(args.val_patch, "validation patch") if args.val_patch else None,
             workers=args.workers,
             foreground_ratio=args.foreground_ratio,
+            augment=args.augment,
             target_spacing=parse_floats(args.spacing, "target spacing") if args.spacing else None,
             seed=args.seed,
             amp=args.amp,

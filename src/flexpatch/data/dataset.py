@@ -68,6 +68,9 @@ class DatasetInfo:
         training: the labelled cases.
         test: the cases of ``imagesTs`` (labelled where ``labelsTs`` holds their label).
         ndim: spatial dimensions, 2 or 3.
+        mirrored_pairs: label names that differ only by side (``"mirrored_pairs": [["kidney_left",
+            "kidney_right"]]`` in dataset.json): mirroring would swap them, so it is turned off, and
+            the sweep reports how often they are confused.
     """
 
     root: Path
@@ -79,11 +82,18 @@ class DatasetInfo:
     training: tuple[Case, ...]
     test: tuple[Case, ...]
     ndim: int
+    mirrored_pairs: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_classes(self) -> int:
-        """Number of output classes: the largest label value plus one."""
-        return max(self.labels.values()) + 1
+        """Number of output classes: the largest label value plus one, the ``ignore`` label aside
+        (nnU-Net's "don't care" value: not a class, it gets no loss and no metric)."""
+        return max(v for k, v in self.labels.items() if k != "ignore") + 1
+
+    @property
+    def ignore_label(self) -> int | None:
+        """The value of the ``ignore`` label, if dataset.json declares one."""
+        return self.labels.get("ignore")
 
     @property
     def normalizations(self) -> tuple[str, ...]:
@@ -100,6 +110,7 @@ class DatasetInfo:
             "file_ending": self.file_ending,
             "ndim": self.ndim,
             "num_classes": self.num_classes,
+            "mirrored_pairs": [list(p) for p in self.mirrored_pairs],
             "training": [c.to_json() for c in self.training],
             "test": [c.to_json() for c in self.test],
         }
@@ -409,7 +420,25 @@ def _finish(
         training=training,
         test=test,
         ndim=int(ndim),
+        mirrored_pairs=_mirrored_pairs(meta.get("mirrored_pairs", []), labels, path),
     )
+
+
+def _mirrored_pairs(raw: Any, labels: dict[str, int], path: Path) -> tuple[tuple[str, str], ...]:
+    """dataset.json's ``mirrored_pairs``: pairs of declared label names."""
+    ok = isinstance(raw, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in raw
+    )
+    if not ok:
+        raise FlexPatchError(
+            f'{path}: \'mirrored_pairs\' must be a list of name pairs like [["left", "right"]]'
+        )
+    unknown = sorted({n for p in raw for n in p} - set(labels) - {"background"})
+    if unknown:
+        raise FlexPatchError(
+            f"{path}: 'mirrored_pairs' names {unknown[0]!r}, which 'labels' does not declare"
+        )
+    return tuple((a, b) for a, b in raw)
 
 
 def _ndim_of(path: Path) -> int:

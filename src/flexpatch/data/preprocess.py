@@ -140,7 +140,8 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
     rngs = [numpy_rng(1234)] + [numpy_rng(1234, c) for c in range(1, len(ds.channel_names))]
     cap = max(1, MAX_INTENSITY_SAMPLES // len(ds.training))
     parts: list[list[tuple]] = [[] for _ in ds.channel_names]
-    counts = np.zeros(ds.num_classes, dtype=np.int64)
+    values = max(ds.labels.values()) + 1  # the ignore label's voxels are counted too
+    counts = np.zeros(values, dtype=np.int64)
     sizes: dict[int, list[int]] = {v: [] for v in ds.labels.values() if v != 0}
     volumes: dict[int, list[float]] = {v: [] for v in sizes}
     spacings, shapes = [], []
@@ -154,7 +155,7 @@ def compute_fingerprint(ds: DatasetInfo, progress: bool = False) -> dict[str, An
         for c, rng in enumerate(rngs):
             part = _intensity_part(image.data[c][foreground], cap, rng)
             parts[c] += [part] if part else []
-        counts += np.bincount(label.data.ravel(), minlength=ds.num_classes)
+        counts += np.bincount(label.data.ravel(), minlength=values)
         voxel_mm = float(np.prod(image.spacing))
         for value in sizes:
             s = component_sizes(label.data == value)

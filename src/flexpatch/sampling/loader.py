@@ -27,8 +27,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import extract
+from flexpatch.geometry import Patch, extract
 from flexpatch.runtime import derive_seed, generator
+from flexpatch.sampling.augment import (
+    AugmentConfig,
+    apply_intensity,
+    augmented_patch,
+    draw_intensity,
+    draw_spatial,
+    elastic_offsets,
+)
 from flexpatch.sampling.centres import CENTRE_MODES, compute_class_locations, draw_centre, fit_patch, patch_at
 from flexpatch.sampling.sizes import SizeSampler, batch_for_step, size_for_step
 
@@ -49,6 +57,9 @@ class SamplingConfig:
         pad_mode: how ``extract`` pads image and label where a patch exceeds the image (only up to the
             divisor, see ``fit_patch``): ``border`` repeats the edge, ``zeros`` pads 0.
         max_per_class: foreground voxels kept per class for centre draws (nnU-Net's 10000).
+        augment: data augmentation of each patch (None: none); see :mod:`flexpatch.sampling.augment`.
+        spacing: the cases' voxel size per axis, so that rotations act in millimetres.
+        ignore_label: the "don't care" label value: never a foreground centre.
     """
 
     batch_size: int
@@ -57,6 +68,9 @@ class SamplingConfig:
     foreground_ratio: float = 0.33
     pad_mode: str = "border"
     max_per_class: int = 10000
+    augment: AugmentConfig | None = None
+    spacing: tuple[float, ...] | None = None
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "divisor", tuple(int(d) for d in self.divisor))
@@ -153,6 +167,7 @@ class PatchStream(IterableDataset):
             self._cache.move_to_end(index)
             return self._cache[index]
         case = _read_case(self.cases[index], len(self.cfg.divisor), self.cfg.max_per_class, self.seed, index)
+        case.locations.pop(self.cfg.ignore_label, None)  # type: ignore[arg-type]
         self._cache[index] = case
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -177,6 +192,9 @@ class PatchStream(IterableDataset):
         smallest = tuple(min(axis) for axis in zip(*(c.shape for c in cases), strict=True))
         size = fit_patch(drawn, smallest, self.cfg.divisor)
         images, labels, starts, centres = [], [], [], []
+        # augmentation draws come from a stream of their own: the cases, sizes and centres of a
+        # step are the same with augmentation on or off
+        ga = generator("flexpatch-augment", self.seed, step) if self.cfg.augment else None
         for case in cases:
             centre = draw_centre(
                 None,
@@ -188,8 +206,9 @@ class PatchStream(IterableDataset):
                 image_shape=case.shape,
             )
             box = patch_at(centre, size, case.shape)
-            images.append(extract(case.image, [box], padding=self.cfg.pad_mode))
-            labels.append(extract(case.label[None], [box], padding=self.cfg.pad_mode)[:, 0])
+            image, label = self._cut(case, box, ga)
+            images.append(image)
+            labels.append(label)
             centres.append(centre)
             starts.append(box.start)
         return {
@@ -202,6 +221,23 @@ class PatchStream(IterableDataset):
             "starts": starts,
             "centres": centres,
         }
+
+    def _cut(self, case: _Case, box: Patch, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(1, C, *size)`` image and ``(1, *size)`` label of one sample, augmented when ``g``."""
+        pad = self.cfg.pad_mode
+        if g is None or self.cfg.augment is None:
+            return extract(case.image, [box], padding=pad), extract(case.label[None], [box], padding=pad)[
+                :, 0
+            ]
+        aug = self.cfg.augment
+        d = draw_spatial(aug, g, box.ndim, self.cfg.spacing)
+        offsets = None if d.elastic is None else elastic_offsets(box.shape, *d.elastic)[None]
+        patch = augmented_patch(box, d.linear)
+        image = extract(case.image, [patch], mode="linear", padding=pad, offsets=offsets)
+        label = extract(case.label[None], [patch], mode="nearest", padding=pad, offsets=offsets)[:, 0]
+        if d.flips:
+            image, label = image.flip([2 + a for a in d.flips]), label.flip([1 + a for a in d.flips])
+        return apply_intensity(image[0], draw_intensity(aug, g, image.shape[1]))[None], label
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

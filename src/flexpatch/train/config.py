@@ -9,6 +9,7 @@ from typing import Any
 
 from flexpatch.axes import per_axis
 from flexpatch.errors import FlexPatchError
+from flexpatch.sampling.augment import parse_augment
 from flexpatch.schema import check_fields
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -62,6 +63,10 @@ class TrainConfig:
         init_from: a model folder whose matching weights start the run (transfer learning).
         freeze_loaded: keep the weights loaded by ``init_from`` fixed.
         loaded_lr_scale: learning-rate factor of the weights loaded by ``init_from``.
+        augment: data augmentation of the training patches: ``default`` (nnU-Net's set),
+            ``none``, ``heavy``, or a JSON object of changed settings (see
+            :mod:`flexpatch.sampling.augment`). Mirroring is off for datasets that declare
+            ``mirrored_pairs`` (it would swap left and right).
     """
 
     model: str = "unet"
@@ -88,8 +93,10 @@ class TrainConfig:
     init_from: str | None = None
     freeze_loaded: bool = False
     loaded_lr_scale: float = 1.0
+    augment: str = "default"
 
     def __post_init__(self) -> None:
+        parse_augment(self.augment)  # a bad setting fails here, not in a loader worker
         if self.steps < 1:
             raise FlexPatchError(f"steps must be >= 1, got {self.steps}")
         if self.batch < 1:
@@ -132,7 +139,9 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], source: str | Path = "config.json") -> TrainConfig:
-        """The config a ``config.json`` (or a checkpoint) holds; ``source`` is named in errors."""
+        """The config a ``config.json`` (or a checkpoint) holds; ``source`` is named in errors.
+        Runs saved before augmentation existed trained without it, and resume so."""
+        d = {"augment": "none", **d} if isinstance(d, dict) else d
         return config_from_json(cls, d, tuples=("val_patch", "target_spacing"), source=source)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -37,11 +37,13 @@ from flexpatch.runtime import (
     set_rng_state,
 )
 from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_loader, parse_patch_spec
+from flexpatch.sampling.augment import AugmentConfig, parse_augment
 from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import FixedSize, smallest_sizes
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
+from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
 
@@ -158,6 +160,9 @@ def validate(
             net, image[None], patch, overlap=overlap, divisor=divisor, device=device, batch_size=4
         )
         pred = logits.argmax(1).cpu()
+        # the ignore label (the only value >= num_classes) is neither hit nor miss: background in both
+        care = label[None] < num_classes
+        pred, label = torch.where(care, pred, 0), torch.where(care, label[None], 0)[0]
         onehot = lambda x: torch.nn.functional.one_hot(x, num_classes).movedim(-1, 1)  # noqa: E731
         scores.append(dice_torch(onehot(pred), onehot(label[None]))[0, 1:])
     net.train(was_training)
@@ -221,16 +226,29 @@ def _restore(
         raise FlexPatchError(f"{path}: does not fit this model and config ({reason})") from None
 
 
+def augmentation(config: TrainConfig, mirrored_pairs: Sequence[Any]) -> AugmentConfig | None:
+    """The run's augmentation; mirroring off where the dataset has labels that differ by side."""
+    aug = parse_augment(config.augment)
+    if mirrored_pairs and aug.p_mirror > 0:
+        console.print(
+            "[yellow]note[/] mirroring is off: the dataset declares mirrored_pairs (left/right labels)"
+        )
+        aug = aug.without_mirroring()
+    return aug if aug != parse_augment("none") else None
+
+
 def _batches(
     cases: list[Path],
     sizes: SizeSampler,
     divisor: tuple[int, ...],
     config: TrainConfig,
-    start: int,
-    end: int,
+    span: tuple[int, int],
     dev: torch.device,
+    plan: Plan,
+    augment: AugmentConfig | None,
 ) -> Iterator[dict[str, Any]]:
-    """Batches ``start .. end - 1`` of the run's stream (the same whatever ``config.workers``)."""
+    """Batches ``span`` = ``(start, end)`` (end excluded) of the run's stream, the same whatever
+    ``config.workers``."""
     # progressive growing oversamples foreground at 0.5 while the patch grows (all three of its trainers)
     growing = isinstance(sizes, ProgressiveSchedule)
     sampling = SamplingConfig(
@@ -238,7 +256,11 @@ def _batches(
         mode=config.sampling,
         foreground_ratio=0.5 if growing else config.foreground_ratio,
         divisor=divisor,
+        augment=augment,
+        spacing=plan.target_spacing,
+        ignore_label=plan.labels.get("ignore"),
     )
+    start, end = span
     stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
     return iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
 
@@ -286,12 +308,11 @@ def train(
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
-    from monai.losses import DiceCELoss  # seconds to import: not before the inputs are checked
-
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
+    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"))
     harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
     run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
-    batches = _batches(train_cases, sizes, net.divisor, config, start, end, dev)
+    augment = augmentation(config, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
+    batches = _batches(train_cases, sizes, net.divisor, config, (start, end), dev, plan, augment)
     if rng is not None:
         # only now: making the loader's iterator draws a seed from torch's RNG, which the
         # uninterrupted run did before its first step, not at this one
@@ -329,7 +350,8 @@ def _write_folder(
     save_json(out_dir / "model.json", net.spec.to_json())
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
-    write_method(out_dir, "sliding-window", val_patch, fixed_size=isinstance(sizes, FixedSize))
+    fixed = isinstance(sizes, FixedSize)
+    write_method(out_dir, "sliding-window", val_patch, fixed_size=fixed, largest=list(sizes.max_size()))
     return sizes, val_patch
 
 
