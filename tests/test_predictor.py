@@ -143,7 +143,22 @@ def test_window_is_validated(model3d: LoadedModel) -> None:
         model3d.window((0,))
     with pytest.raises(FlexPatchError, match="has 2 axes, the model is 3D"):
         model3d.window((16, 16))
-    assert model3d.window(None) == (16, 16, 16) and model3d.window((24,)) == (24, 24, 24)
+    assert model3d.window(None) == (16, 16, 16) and model3d.window((8,)) == (8, 8, 8)
+
+
+def test_windows_beyond_the_largest_training_patch_run_as_it(
+    model3d: LoadedModel, capsys: pytest.CaptureFixture
+) -> None:
+    """A window larger than any training patch normalises over a field training never saw:
+    it runs as the largest trained window, said once, and gives that window's output."""
+    assert model3d.largest_trained == (16, 16, 16)
+    assert model3d.window((24,)) == (16, 16, 16) and model3d.window((32, 8, 64)) == (16, 8, 16)
+    assert "larger than any training patch: running 16x16x16" in capsys.readouterr().err
+    image = torch.randn(1, 1, 20, 18, 22)
+    props = {"original_shape": (20, 18, 22)}
+    big = model3d.probabilities((image, props), patch_size=(48,))
+    same = model3d.probabilities((image, props), patch_size=(16,))
+    np.testing.assert_array_equal(big, same)
 
 
 def test_anisotropic_input_returns_to_its_own_grid(

@@ -37,10 +37,17 @@ def check_sliding_window_folder(model_dir: str | Path) -> None:
     if config.is_file():
         _check_config(config, name)
     method = model_dir / "method.json"
-    if method.is_file():  # read_method checked the common keys; this method adds 'fixed_size'
-        fixed = load_json(method).get("fixed_size", False)
+    if method.is_file():  # read_method checked the common keys; this method adds two
+        info = load_json(method)
+        fixed, largest = info.get("fixed_size", False), info.get("largest")
         if not isinstance(fixed, bool):
             raise FlexPatchError(f"{method}: field 'fixed_size' must be true or false, got {fixed!r}")
+        if largest is not None and not (
+            isinstance(largest, list) and largest and all(type(v) is int and v > 0 for v in largest)
+        ):
+            raise FlexPatchError(
+                f"{method}: field 'largest' must be a list of positive integers, got {largest!r}"
+            )
 
 
 def check_model_json(path: Path) -> str:

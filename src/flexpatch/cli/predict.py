@@ -42,6 +42,13 @@ MemoryOpt = Annotated[
         "Patchwork: picks the patch batch (at most --batch)."
     ),
 ]
+TtaOpt = Annotated[
+    str,
+    typer.Option(
+        help="Test-time mirroring: auto (when the model was trained with mirroring, as nnU-Net), "
+        "mirror (all axis combinations: 4x the time in 2D, 8x in 3D) or none."
+    ),
+]
 LazyOpt = Annotated[
     float | None, typer.Option(help="Patchwork: fraction of patches per level that get children.")
 ]
@@ -86,6 +93,7 @@ def predict(
     stitch_device: StitchDeviceOpt = None,
     probabilities: ProbabilitiesOpt = False,
     memory: MemoryOpt = None,
+    tta: TtaOpt = "auto",
     lazy: LazyOpt = None,
     generate: GenerateOpt = "tree",
     num_patches: NumPatchesOpt = 16,
@@ -106,6 +114,8 @@ def predict(
 
     args.patch = parse_ints(patch_size, "patch size") if patch_size else None
     method = method_of(model_dir).name  # method.json says which method wrote the folder
+    if method != "sliding-window" and tta == "mirror":
+        raise FlexPatchError(f"{model_dir}: --tta mirror is for sliding-window models so far, not {method}")
     if method == "patchwork":
         _predict_patchwork(args)
         return
@@ -171,6 +181,7 @@ def _predict_windows(args: SimpleNamespace) -> list[Path]:
         args.probabilities,
         progress=not args.as_json,
         memory=args.memory,
+        tta=args.tta,
     )
 
 

@@ -22,9 +22,11 @@ from flexpatch.infer.runner import (
     run_prediction,
 )
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.infer.tta import Mirrored, mirroring_for
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
 from flexpatch.runtime import console, resolve_device
+from flexpatch.sampling.augment import parse_augment
 from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 
 if TYPE_CHECKING:  # the planner is loaded when a budget is planned
@@ -58,6 +60,11 @@ class LoadedModel:
         return tuple(self.method["window"])
 
     @property
+    def largest_trained(self) -> tuple[int, ...]:
+        """The largest training patch per axis: no window runs larger (see :meth:`window`)."""
+        return tuple(self.method.get("largest") or self.method["window"])
+
+    @property
     def fixed_size(self) -> bool:
         """Trained at one patch size (FP): other windows may lose accuracy (nnU-Net's warning)."""
         return bool(self.method["fixed_size"])
@@ -73,9 +80,9 @@ class LoadedModel:
     ) -> WindowChoice:
         """The window and window batch that fit ``budget`` bytes for an image (at the model's spacing).
 
-        A given ``patch_size`` is kept; otherwise the largest window that fits, up to the whole
-        image for models trained at varying sizes (AP, HN, progressive) and up to the training
-        patch for a fixed-size model. Probes calibrate the memory model once per model; the
+        A given ``patch_size`` is kept; otherwise the largest window that fits, up to the largest
+        training patch (the whole image when that covers it). Probes calibrate the memory model
+        once per model; the
         network's call at the chosen window and batch is measured (once per window and batch)
         and the plan checked by it (:func:`~flexpatch.plan.planner.checked`).
         """
@@ -91,7 +98,7 @@ class LoadedModel:
             image_shape,
             self.divisor,
             window=self.window(patch_size) if patch_size is not None else None,
-            max_window=self.train_patch if self.fixed_size else None,
+            max_window=self.largest_trained,  # larger windows run as this one (see window())
             overlap=overlap,
             max_batch=max_batch,
             stitch_device=stitch_device,
@@ -112,7 +119,14 @@ class LoadedModel:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def window(self, patch_size: Sequence[int] | None) -> tuple[int, ...]:
-        """Validate a user's window (isotropic when one number is given)."""
+        """Validate a user's window (isotropic when one number is given), capped per axis at the
+        largest patch the model was trained on.
+
+        Why the cap: a window larger than every training patch normalises (InstanceNorm) over a
+        field no training patch had and lost Dice on real data (e.g. .71 -> .58 for a fixed-size
+        model); run as the largest trained window it gives that window's result instead. The
+        whole image still runs in one window when it is no larger than the trained patch.
+        """
         if patch_size is None:
             return self.train_patch
         patch = tuple(int(p) for p in patch_size)
@@ -120,7 +134,32 @@ class LoadedModel:
             patch = patch * self.plan.ndim
         if len(patch) != self.plan.ndim:
             raise FlexPatchError(f"patch size {patch} has {len(patch)} axes, the model is {self.plan.ndim}D")
-        return check_patch_size(patch, self.divisor, what=f"patch size for model {self.spec.name}")
+        patch = check_patch_size(patch, self.divisor, what=f"patch size for model {self.spec.name}")
+        capped = tuple(min(p, t) for p, t in zip(patch, self.largest_trained, strict=True))
+        if capped != patch:
+            self._report(
+                f"window {format_shape(patch)} is larger than any training patch: "
+                f"running {format_shape(capped)}, the largest trained"
+            )
+        return capped
+
+    @property
+    def trained_mirrored(self) -> bool:
+        """Whether training mirrored its patches (runs saved before augmentation did not)."""
+        return parse_augment(str(self.config.get("augment", "none"))).p_mirror > 0
+
+    @property
+    def mirrored_pairs(self) -> list[Any]:
+        """The training dataset's labels that differ only by side (dataset.json's mirrored_pairs)."""
+        path = self.model_dir / "dataset.json"
+        return list(load_json(path).get("mirrored_pairs", [])) if path.is_file() else []
+
+    def network(self, tta: str = "none") -> torch.nn.Module:
+        """The network to run: wrapped for test-time mirroring when ``tta`` asks for it."""
+        where = str(self.model_dir)
+        if mirroring_for(tta, self.trained_mirrored, self.mirrored_pairs, where):
+            return Mirrored(self.net, self.plan.ndim)
+        return self.net
 
     def prepare(self, volume: Volume) -> tuple[torch.Tensor, dict]:
         """Resample and normalise a raw volume as in training.
@@ -146,6 +185,7 @@ class LoadedModel:
         stitch_device: str | None = None,
         progress: bool = False,
         memory: int | None = None,
+        tta: str = "none",
     ) -> np.ndarray:
         """Softmax probabilities ``(classes, *spatial)`` on the volume's original grid.
 
@@ -153,14 +193,17 @@ class LoadedModel:
         With a ``memory`` budget (bytes), the window (unless ``patch_size`` is given) and the
         window batch (at most ``batch_size``) are planned to fit it (:meth:`plan_window`),
         out-of-memory errors are retried smaller, and the choice is reported on stderr.
+        ``tta``: ``mirror`` averages the logits over all mirror images, ``auto`` does when the
+        model was trained with mirroring (see :func:`~flexpatch.infer.tta.mirroring_for`).
         """
         image, props = self.prepare(volume) if isinstance(volume, Volume) else volume
+        net = self.network(tta)
         if memory is not None:
-            logits = self._within(image, memory, patch_size, overlap, blend, batch_size, stitch_device)
+            logits = self._within(net, image, memory, patch_size, overlap, blend, batch_size, stitch_device)
             probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
             return restore(probs, props, is_label=False)
         logits = sliding_window(
-            self.net,
+            net,
             image,
             self.window(patch_size),
             overlap=overlap,
@@ -176,6 +219,7 @@ class LoadedModel:
 
     def _within(
         self,
+        net: torch.nn.Module,
         image: torch.Tensor,
         budget: int,
         patch_size: Sequence[int] | None,
@@ -190,7 +234,7 @@ class LoadedModel:
         shape = tuple(image.shape[2:])
         choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
         logits, ran = sliding_window_within(
-            self.net,
+            net,
             image,
             choice,
             self.divisor,
@@ -250,7 +294,11 @@ def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: 
     except (KeyError, TypeError) as e:
         raise FlexPatchError(f"{model_dir / 'config.json'}: unreadable training settings ({e})") from None
     window = per_axis(val, ndim, "val_patch") if val else spec.max_size()
-    return {"window": list(window), "fixed_size": isinstance(spec, FixedSize)}
+    return {
+        "window": list(window),
+        "fixed_size": isinstance(spec, FixedSize),
+        "largest": list(spec.max_size()),
+    }
 
 
 def predict_files(
@@ -266,6 +314,7 @@ def predict_files(
     save_probabilities: bool = False,
     progress: bool = True,
     memory: str | int | None = None,
+    tta: str = "auto",
 ) -> Written:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
@@ -275,9 +324,11 @@ def predict_files(
     The window, the input files' existence and the output folder are checked before any
     case runs; each output is written atomically, so a failure never leaves a partial file.
     ``memory`` (``"2GB"``, ``"auto"``, bytes) plans the window and window batch per case
-    within that budget on the device (:meth:`LoadedModel.plan_window`).
+    within that budget on the device (:meth:`LoadedModel.plan_window`). ``tta``: test-time
+    mirroring, ``auto`` (when trained with mirroring, as nnU-Net), ``mirror`` or ``none``.
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    mirrored = isinstance(lm.network(tta), Mirrored)  # a refused --tta fails before any case runs
     if memory is not None:
         from flexpatch.plan.budget import parse_budget
 
@@ -288,7 +339,9 @@ def predict_files(
     dtype = label_dtype(lm.plan.num_classes)
 
     def segment(volume: Volume) -> Prediction:
-        probs = lm.probabilities(volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory)
+        probs = lm.probabilities(
+            volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory, tta=tta
+        )
         return Prediction(probs.argmax(0).astype(dtype), probs)
 
     return run_prediction(
@@ -299,5 +352,5 @@ def predict_files(
         label_names=names_by_value(lm.plan.labels),
         save_probabilities=save_probabilities,
         progress=progress,
-        describe=f"predict {chosen or 'within the memory budget'}",
+        describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}",
     )
