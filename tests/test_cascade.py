@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.config import CascadeConfig, check_unused
 from flexpatch.cascade.infer import (
     Box,
     crop_resize,
@@ -270,6 +270,10 @@ def test_bad_input_size_fails_before_preprocessing(tiny_cells: Path, tmp_path: P
     with pytest.raises(FlexPatchError, match="nearest valid sizes 16 or 20"):
         tiny_cascade(tiny_cells, tmp_path / "sts", input_size=18)
     assert not (tmp_path / "sts").exists()
+    with pytest.raises(FlexPatchError, match="does not use train.grad_clip"):
+        config = CascadeConfig(input_size=16, train=TrainConfig(grad_clip=1.0))
+        train_cascade(tiny_cells, tmp_path / "sts", config, device="cpu", progress=False)
+    assert not (tmp_path / "sts").exists()
     with pytest.raises(FlexPatchError, match="fusion"):
         CascadeConfig(fuse="and")
     with pytest.raises(FlexPatchError, match="not a segment-then-segment"):
@@ -301,7 +305,7 @@ def test_config_holds_a_train_config_and_reads_the_older_flat_form() -> None:
     assert config.stage("rough") == config.stage("fine") == old_stage
     assert CascadeConfig.of(steps=3, fine_steps=5).stage("fine").steps == 5
     with pytest.raises(FlexPatchError, match="does not use train.init_from"):
-        CascadeConfig(train=TrainConfig(init_from="elsewhere"))
+        check_unused(CascadeConfig(train=TrainConfig(init_from="elsewhere")).train)
     with pytest.raises(FlexPatchError, match="cascade.json: train: field 'steps' must be an integer"):
         CascadeConfig.from_json({"input_size": 16, "train": {"steps": "many"}})
 

@@ -37,7 +37,8 @@ class CascadeConfig:
         train: what both stages share (model, steps of the rough stage, batch, lr, optimizer,
             validation cadence, amp, spacing, seed); its patch is S and its workers 0. The batch is
             images per step (the fine stage takes one random object crop of each). The loop trains
-            unclipped (the paper), so the fields outside :data:`SHARED` keep their defaults.
+            unclipped (the paper), so the fields outside :data:`SHARED` keep their defaults
+            (:func:`check_unused`: a new run refuses others).
         fine_steps: steps of the fine stage; None means ``train.steps``.
         jitter: the fine stage's box augmentation: an integer in ``[-jitter, jitter]`` added
             to every box start and size (the paper: 16 pixels).
@@ -71,7 +72,6 @@ class CascadeConfig:
             raise FlexPatchError(
                 f"unknown oversize rule {self.oversize!r}; choose one of {', '.join(OVERSIZE)}"
             )
-        _check_unused(self.train)
         # saved as the rough stage runs it, so that cascade.json says what was trained
         object.__setattr__(self, "train", self.train.replace(patch=str(self.input_size), workers=0))
 
@@ -107,14 +107,19 @@ class CascadeConfig:
         check_fields(cls, d, source)
         if "train" in d:
             train = TrainConfig.from_json(d["train"], f"{source}: train")
-        else:
-            train = TrainConfig.from_json({**_TRAIN_DEFAULTS, **{k: d[k] for k in SHARED if k in d}}, source)
+        else:  # the rest of its TrainConfig was the cascade's defaults then, as it is now
+            shared = {**_TRAIN_DEFAULTS, **{k: d[k] for k in SHARED if k in d}}
+            train = config_from_json(TrainConfig, shared, tuples=("target_spacing",), source=source)
         own = {k: v for k, v in d.items() if k not in SHARED}
         return config_from_json(cls, {**own, "train": train}, source=source)
 
 
-def _check_unused(train: TrainConfig) -> None:
-    """A setting the cascade's loop does not read must not look as if it were honoured."""
+def check_unused(train: TrainConfig) -> None:
+    """Refuse a setting the cascade's loop does not read: it must not look as if it were honoured.
+
+    A new run checks its config; a saved one is not checked again, as TrainConfig's defaults
+    (what "unused" is measured against) may change between versions.
+    """
     default = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name not in SHARED + _PER_STAGE and getattr(train, f.name) != getattr(default, f.name):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexpatch.cascade.config import CascadeConfig
+from flexpatch.cascade.config import CascadeConfig, check_unused
 from flexpatch.cascade.infer import (
     CASCADE_FILE,
     Box,
@@ -323,7 +323,9 @@ def _resolve(
 ) -> tuple[CascadeConfig, dict[str, dict[str, Any]]]:
     """The run's config and, on resume, each started stage's last checkpoint (by stage name)."""
     if not resume:
-        return config or CascadeConfig(), {}
+        config = config or CascadeConfig()
+        check_unused(config.train)
+        return config, {}
     path = out_dir / "rough" / LAST
     if not path.is_file():
         raise FlexPatchError(f"{path}: nothing to resume from")
