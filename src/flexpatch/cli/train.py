@@ -93,6 +93,13 @@ PatchworkOptionsOpt = Annotated[
     typer.Option(help="Patchwork: JSON file with any other option (see README), e.g. augmentation."),
 ]
 BatchOpt = Annotated[int | None, typer.Option(help="Patches per step; default 2.")]
+ContextOpt = Annotated[
+    str,
+    typer.Option(
+        help="Location context: coords gives the network coordinate channels in the body's frame "
+        "(a small window then knows where it is); none. Saved with the model."
+    ),
+]
 AugmentOpt = Annotated[
     str,
     typer.Option(
@@ -167,6 +174,7 @@ def train(
     workers: WorkersOpt = 2,
     foreground_ratio: float = 0.33,
     augment: AugmentOpt = "default",
+    context: ContextOpt = "none",
     spacing: SpacingOpt = None,
     seed: int = 0,
     amp: AmpOpt = True,
@@ -198,8 +206,8 @@ def train(
 def _train_patchwork_or_resume(args: SimpleNamespace) -> bool:
     """A patchwork run, or the resume of a patchwork's or a cascade's (known by its checkpoint);
     False for the rest."""
+    from flexpatch.checkpoint import LAST
     from flexpatch.patchwork.files import RESUME
-    from flexpatch.train.checkpoint import LAST
 
     if args.resume and args.overwrite:
         raise FlexPatchError(f"{args.out}: --resume continues the folder's run, --overwrite replaces it")
@@ -267,6 +275,7 @@ def _train_network(args: SimpleNamespace) -> None:
             workers=args.workers,
             foreground_ratio=args.foreground_ratio,
             augment=args.augment,
+            context=args.context,
             target_spacing=parse_floats(args.spacing, "target spacing") if args.spacing else None,
             seed=args.seed,
             amp=args.amp,

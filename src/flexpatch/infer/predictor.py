@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint
+from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError, format_shape
@@ -27,7 +29,6 @@ from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
 from flexpatch.runtime import console, resolve_device
 from flexpatch.sampling.augment import parse_augment
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 
 if TYPE_CHECKING:  # the planner is loaded when a budget is planned
     from flexpatch.plan.planner import WindowChoice
@@ -173,7 +174,13 @@ class LoadedModel:
                 f"the model expects {self.plan.in_channels}"
             )
         image, _, props = preprocess_case(volume, None, self.plan)
+        image = with_context(image, props["resampled_affine"], self.context)
         return torch.from_numpy(image)[None], props
+
+    @property
+    def context(self) -> str:
+        """The location context the model was trained with (none for runs saved before it)."""
+        return check_context(str(self.config.get("context", "none")))
 
     def probabilities(
         self,

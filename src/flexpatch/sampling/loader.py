@@ -14,6 +14,7 @@ of loader workers, and resuming at ``start_step=k`` gives exactly batches
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import random
 from collections import OrderedDict
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flexpatch.data.context import context_channels, with_context
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, extract
 from flexpatch.runtime import derive_seed, generator
@@ -60,6 +62,8 @@ class SamplingConfig:
         augment: data augmentation of each patch (None: none); see :mod:`flexpatch.sampling.augment`.
         spacing: the cases' voxel size per axis, so that rotations act in millimetres.
         ignore_label: the "don't care" label value: never a foreground centre.
+        context: location context appended to each case's image (:mod:`flexpatch.data.context`);
+            its channels move with the patch but get no intensity augmentation.
     """
 
     batch_size: int
@@ -71,6 +75,7 @@ class SamplingConfig:
     augment: AugmentConfig | None = None
     spacing: tuple[float, ...] | None = None
     ignore_label: int | None = None
+    context: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "divisor", tuple(int(d) for d in self.divisor))
@@ -166,7 +171,13 @@ class PatchStream(IterableDataset):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        case = _read_case(self.cases[index], len(self.cfg.divisor), self.cfg.max_per_class, self.seed, index)
+        case = _read_case(
+            self.cases[index],
+            len(self.cfg.divisor),
+            self.cfg.max_per_class,
+            (self.seed, index),
+            self.cfg.context,
+        )
         case.locations.pop(self.cfg.ignore_label, None)  # type: ignore[arg-type]
         self._cache[index] = case
         if len(self._cache) > self.cache_size:
@@ -237,7 +248,9 @@ class PatchStream(IterableDataset):
         label = extract(case.label[None], [patch], mode="nearest", padding=pad, offsets=offsets)[:, 0]
         if d.flips:
             image, label = image.flip([2 + a for a in d.flips]), label.flip([1 + a for a in d.flips])
-        return apply_intensity(image[0], draw_intensity(aug, g, image.shape[1]))[None], label
+        channels = image.shape[1] - context_channels(self.cfg.context, box.ndim)  # coordinates stay
+        image[0, :channels] = apply_intensity(image[0, :channels], draw_intensity(aug, g, channels))
+        return image, label
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -253,13 +266,17 @@ class PatchStream(IterableDataset):
             yield self.batch(step)
 
 
-def _read_case(path: Path, ndim: int, max_per_class: int, seed: int, index: int) -> _Case:
+def _read_case(path: Path, ndim: int, max_per_class: int, key: tuple[int, int], context: str) -> _Case:
+    """A cached case; ``key`` (the run's seed, the case's index) seeds its foreground subsample."""
+    needed = ("image", "label", "props") if context != "none" else ("image", "label")
     try:
         with np.load(path) as z:
-            missing = [k for k in ("image", "label") if k not in z.files]
+            missing = [k for k in needed if k not in z.files]
             if missing:
-                raise FlexPatchError(f"case {path} lacks array {missing[0]!r}; expected 'image' and 'label'")
+                raise FlexPatchError(f"case {path} lacks array {missing[0]!r}; expected {', '.join(needed)}")
             image, label = z["image"], z["label"]
+            if context != "none":
+                image = with_context(image, json.loads(str(z["props"]))["resampled_affine"], context)
     except (OSError, ValueError) as err:
         raise FlexPatchError(f"cannot read case {path}: {err}") from None
     if label.ndim != ndim or image.ndim != ndim + 1 or image.shape[1:] != label.shape:
@@ -268,7 +285,7 @@ def _read_case(path: Path, ndim: int, max_per_class: int, seed: int, index: int)
         )
     if not np.issubdtype(label.dtype, np.integer):
         raise FlexPatchError(f"case {path}: label dtype {label.dtype} is not an integer type")
-    locations = compute_class_locations(label, max_per_class, seed=derive_seed("flexpatch-case", seed, index))
+    locations = compute_class_locations(label, max_per_class, seed=derive_seed("flexpatch-case", *key))
     return _Case(
         torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(label, dtype=np.int16)),

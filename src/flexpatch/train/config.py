@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flexpatch.axes import per_axis
+from flexpatch.data.context import check_context
 from flexpatch.errors import FlexPatchError
 from flexpatch.sampling.augment import parse_augment
 from flexpatch.schema import check_fields
@@ -67,6 +68,9 @@ class TrainConfig:
             ``none``, ``heavy``, or a JSON object of changed settings (see
             :mod:`flexpatch.sampling.augment`). Mirroring is off for datasets that declare
             ``mirrored_pairs`` (it would swap left and right).
+        context: location context given to the network: ``none`` or ``coords`` (coordinate
+            channels in the body's frame, see :mod:`flexpatch.data.context`); saved with the
+            model, so ``predict`` needs no flag.
     """
 
     model: str = "unet"
@@ -94,9 +98,11 @@ class TrainConfig:
     freeze_loaded: bool = False
     loaded_lr_scale: float = 1.0
     augment: str = "default"
+    context: str = "none"
 
     def __post_init__(self) -> None:
         parse_augment(self.augment)  # a bad setting fails here, not in a loader worker
+        check_context(self.context)
         if self.steps < 1:
             raise FlexPatchError(f"steps must be >= 1, got {self.steps}")
         if self.batch < 1:

@@ -17,9 +17,17 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from flexpatch.data.context import context_channels, with_context
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import load_json, save_json
-from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, preprocess_dataset
+from flexpatch.data.preprocess import (
+    Plan,
+    compute_fingerprint,
+    load_preprocessed,
+    make_plan,
+    preprocess_dataset,
+)
 from flexpatch.data.sanity import warn_patch_clipped
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
@@ -40,7 +48,6 @@ from flexpatch.sampling import PatchStream, SamplingConfig, SizeSampler, make_lo
 from flexpatch.sampling.augment import AugmentConfig, parse_augment
 from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import FixedSize, smallest_sizes
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
 from flexpatch.train.loss import segmentation_loss
@@ -78,7 +85,7 @@ def check_inputs(
     net = create_model(
         config.model,
         ndim=ds.ndim,
-        in_channels=len(ds.channel_names),
+        in_channels=len(ds.channel_names) + context_channels(config.context, ds.ndim),
         out_channels=ds.num_classes,
         **config.model_kwargs,
     )
@@ -148,14 +155,17 @@ def validate(
     divisor: tuple[int, ...],
     device: torch.device,
     overlap: float = 0.5,
+    context: str = "none",
 ) -> dict[int, float]:
-    """Mean Dice per foreground class over ``cases`` (sliding window at ``patch``)."""
+    """Mean Dice per foreground class over ``cases`` (sliding window at ``patch``), each case's image
+    with its ``context`` channels."""
     was_training = net.training
     net.eval()
     scores: list[torch.Tensor] = []
     for path in cases:
-        with np.load(path) as z:
-            image, label = torch.from_numpy(z["image"]), torch.from_numpy(z["label"].astype(np.int64))
+        array, label_array, props = load_preprocessed(path)
+        image = torch.from_numpy(with_context(array, props["resampled_affine"], context))
+        label = torch.from_numpy(label_array.astype(np.int64))
         logits = sliding_window(
             net, image[None], patch, overlap=overlap, divisor=divisor, device=device, batch_size=4
         )
@@ -259,6 +269,7 @@ def _batches(
         augment=augment,
         spacing=plan.target_spacing,
         ignore_label=plan.labels.get("ignore"),
+        context=config.context,
     )
     start, end = span
     stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
@@ -410,6 +421,7 @@ class _Run:
             self.net.divisor,
             self.dev,
             self.config.val_overlap,
+            self.config.context,
         )
         mean = float(np.nanmean(list(dice.values())))
         self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
