@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from flexpatch.data.dataset import load_dataset
+from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.stats import compare, dice_table, paired, wilcoxon_tests
-from flexpatch.evaluate.sweep import parse_sizes, plot_sweep, random_sizes, run_sweep, summarize, write_rows
+from flexpatch.evaluate.sweep import (
+    context_error,
+    parse_sizes,
+    plot_sweep,
+    random_sizes,
+    run_sweep,
+    summarize,
+    write_rows,
+)
 from flexpatch.infer.predictor import load_model
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
@@ -111,3 +119,30 @@ def test_sweep_on_tiny_phantom(tiny_abdomen: Path, tmp_path: Path) -> None:
     png = plot_sweep(rows, tmp_path / "report" / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summarize(rows)["tiny"]["16x16x16"]["mean"] >= 0.0
+
+
+def test_context_error_counts_voxels_given_the_other_side() -> None:
+    truth = np.zeros((4, 6), np.int16)
+    truth[:, :2], truth[:, 4:] = 4, 5  # right kidney 8 voxels, left kidney 8 voxels
+    seg = truth.copy()
+    seg[0, :2] = 5  # two right voxels called left
+    seg[1, 4:] = 4  # two left voxels called right
+    seg[2, 4:] = 0  # two left voxels missed: a Dice error, not a side error
+    assert context_error(seg, truth, [(4, 5)]) == pytest.approx(4 / 16)
+    assert np.isnan(context_error(seg, truth, []))
+    assert np.isnan(context_error(seg, np.zeros_like(truth), [(4, 5)]))
+
+
+def test_sweep_rows_carry_the_side_error_of_the_phantoms_kidneys(tiny_abdomen: Path, tmp_path: Path) -> None:
+    assert load_dataset(tiny_abdomen).mirrored_pairs == (("kidney_left", "kidney_right"),)
+    config = TrainConfig(patch="16", steps=1, batch=1, val_every=1, workers=0, model_kwargs={"channels": 4})
+    train(tiny_abdomen, tmp_path / "m", config, progress=False)
+    model = load_model(tmp_path / "m", device="cpu")
+    case = load_dataset(tiny_abdomen).test[0]
+    rows = run_sweep(model, [case], [(16, 16, 16)], progress=False)
+    volume, truth = load_case(case, 3, model.plan.labels)
+    seg = model.probabilities(volume, (16, 16, 16)).argmax(0)
+    labels = model.plan.labels
+    want = context_error(seg, truth.data, [(labels["kidney_left"], labels["kidney_right"])])
+    assert all(r["context_error"] == pytest.approx(want, nan_ok=True) for r in rows)
+    assert all(r["image"] == "x".join(map(str, model.prepare(volume)[0].shape[2:])) for r in rows)

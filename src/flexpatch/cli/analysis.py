@@ -71,23 +71,35 @@ def sweep(
         emit_json({"report": str(out), "summary": summary})
         return
     for size, means in next(iter(summary.values())).items():
-        typer.echo(f"{size:>14s}  mean Dice {means['mean']:.3f}")
+        side = f"  wrong side {means['context_error']:.2%}" if "context_error" in means else ""
+        typer.echo(f"{size:>14s}  mean Dice {means['mean']:.3f}{side}")
     typer.echo(f"report in {out} (sweep.csv, sweep.json, sweep.png)")
 
 
 def compare(
     reports: Annotated[list[Path], typer.Argument(help="Report folders written by flexpatch sweep.")],
+    png: Annotated[
+        Path | None, typer.Option(help="Also draw every model's Dice against the window in this PNG.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Table 1 (all sizes) and Table 2 (isotropic sizes) of mean Dice, with Wilcoxon signed-rank tests."""
     from flexpatch.evaluate.stats import compare as run_compare
-    from flexpatch.evaluate.stats import markdown_table
+    from flexpatch.evaluate.stats import load_rows, markdown_table
+    from flexpatch.evaluate.sweep import plot_sweep
 
+    if png is not None and png.exists():
+        raise FlexPatchError(f"{png}: exists; choose a new --png file (compare never overwrites one)")
     result = run_compare(reports)
+    if png is not None:
+        result["png"] = str(plot_sweep(load_rows(reports), png))
     if as_json:
         emit_json(result)
         return
-    typer.echo(f"{result['n_cases']} cases, {result['n_sizes']} sizes\n\nTable 1: mean Dice over all sizes")
+    typer.echo(
+        f"{result['n_cases']} cases, {result['n_sizes']} sizes; the p-values rest on "
+        f"{result['n_cases']} paired cases\n\nTable 1: mean Dice over all sizes"
+    )
     typer.echo(markdown_table(result["table1_all_sizes"], result["wilcoxon_all_sizes"]))
     typer.echo("\nTable 2: mean Dice over isotropic sizes")
     typer.echo(markdown_table(result["table2_isotropic"], result["wilcoxon_isotropic"]))

@@ -465,6 +465,8 @@ def _dataset_json(
         "description": f"flexpatch synthetic {kind} phantom ({ndim}D, seed {seed})",
         "channel_names": {"0": "CT" if kind == "abdomen" else "microscopy"},
         "labels": ABDOMEN_LABELS if kind == "abdomen" else CELLS_LABELS,
+        # the kidneys differ only by side: no mirroring in training, and sweeps count side mix-ups
+        "mirrored_pairs": [["kidney_left", "kidney_right"]] if kind == "abdomen" else [],
         "numTraining": cases,
         "numTest": test_cases,
         "file_ending": ".nii.gz",

@@ -65,8 +65,10 @@ def run_sweep(
     progress: bool = True,
     label: str = "model",
 ) -> list[dict]:
-    """One row per (size, case, class): Dice of the model's segmentation at that window."""
-    classes = {name: v for name, v in model.plan.labels.items() if v > 0}
+    """One row per (size, case, class): Dice of the model's segmentation at that window, and the
+    case's ``context_error`` at it (:func:`context_error`; NaN without mirrored pairs)."""
+    classes = {name: v for name, v in model.plan.labels.items() if 0 < v < model.plan.num_classes}
+    pairs = [(model.plan.labels[a], model.plan.labels[b]) for a, b in model.mirrored_pairs]
     rows: list[dict] = []
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"sweep {label}", total=len(sizes) * len(cases), info="")
@@ -75,11 +77,13 @@ def run_sweep(
             if truth is None:
                 raise FlexPatchError(f"{case.images[0]}: sweep needs labelled cases (labelsTs/)")
             prepared = model.prepare(volume)
+            image = format_shape(tuple(prepared[0].shape[2:]))  # the grid windows are measured on
             for size in sizes:
                 seg = model.probabilities(prepared, size, overlap=overlap, batch_size=batch_size).argmax(0)
                 scores = segmentation_metrics(
                     seg, truth.data, list(classes.values()), truth.spacing, hd95=False
                 )
+                wrong_side = context_error(seg, truth.data, pairs)
                 for name, value in classes.items():
                     rows.append(
                         {
@@ -87,17 +91,32 @@ def run_sweep(
                             "size": format_shape(size),
                             "isotropic": len(set(size)) == 1,
                             "volume": int(np.prod(size)),
+                            "image": image,
                             "case": case.id,
                             "class": name,
                             "dice": scores[value]["dice"],
+                            "context_error": wrong_side,
                         }
                     )
                 bar.update(task, advance=1, info=f"{case.id} {size}")
     return rows
 
 
+def context_error(seg: np.ndarray, truth: np.ndarray, pairs: Sequence[tuple[int, int]]) -> float:
+    """The share of the voxels of label pairs that differ only by side (``(left, right)`` values)
+    given the other side of their pair: a small window that cannot tell where it is mixes them.
+    NaN without pairs or without such voxels in ``truth``."""
+    wrong = total = 0
+    for a, b in pairs:
+        in_a, in_b = truth == a, truth == b
+        total += int(in_a.sum() + in_b.sum())
+        wrong += int((in_a & (seg == b)).sum() + (in_b & (seg == a)).sum())
+    return wrong / total if total else float("nan")
+
+
 def summarize(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """model -> size -> {class: mean Dice, ..., "mean": mean over classes} (NaNs ignored)."""
+    """model -> size -> {class: mean Dice, ..., "mean": mean over classes} (NaNs ignored), and
+    ``context_error``, its mean over cases, where the rows have it and it is defined."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for r in rows:
         out.setdefault(r["model"], {}).setdefault(r["size"], {}).setdefault(r["class"], []).append(r["dice"])
@@ -109,6 +128,10 @@ def summarize(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
                 c: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for c, v in by_class.items()
             }
             means["mean"] = float(np.nanmean(list(means.values())))
+            errors = [r.get("context_error") for r in rows if r["model"] == m and r["size"] == s]
+            errors = [e for e in errors if e is not None and np.isfinite(e)]
+            if errors:
+                means["context_error"] = float(np.mean(errors))
             table[m][s] = means
     return table
 
@@ -156,6 +179,11 @@ def plot_sweep(rows: Sequence[dict], path: Path, per_class: bool = False) -> Pat
             line = ax.plot(edges, m, style, marker="o", ms=3, label=f"{model} {group}")[0]
             if group == "mean":
                 ax.fill_between(edges, m - s, m + s, alpha=0.15, color=line.get_color())
+    images = [max(int(v) for v in str(r["image"]).split("x")) for r in rows if r.get("image")]
+    if images:  # where windows reach the whole image (larger ones run as the largest trained)
+        edge = float(np.median(images))
+        ax.axvline(edge, color="grey", ls="--", lw=1)
+        ax.annotate(f"image {edge:g}", (edge, 0.02), rotation=90, fontsize=8, color="grey", ha="right")
     ax.set_xlabel("window edge (voxels, isotropic)")
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
