@@ -24,10 +24,10 @@ from flexpatch.cascade.infer import (
     segment,
 )
 from flexpatch.cascade.train import train_cascade
+from flexpatch.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.data.io import read_image
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.predictor import load_model
-from flexpatch.train.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 
 torch.set_num_threads(1)

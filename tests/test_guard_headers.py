@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+from flexpatch.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.data import sanity
 from flexpatch.data.io import Volume, read_image, read_label
 from flexpatch.data.preprocess import Plan, preprocess_case
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import evaluate_folders
 from flexpatch.infer.predictor import load_model
-from flexpatch.train.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import resolve_config, train
 from test_cli import assert_one_line_error

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexpatch.checkpoint import load_checkpoint
 from flexpatch.errors import FlexPatchError
-from flexpatch.train.checkpoint import load_checkpoint
 from flexpatch.train.harness import Harness, jsonl_log, truncate_log
 
 

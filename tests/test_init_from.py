@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.cli import app
 from flexpatch.errors import FlexPatchError
 from flexpatch.models import create_model
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import make_optimizer, train
 from flexpatch.train.transfer import TRANSFER, load_matching

@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from flexpatch.checkpoint import LAST, load_checkpoint
 from flexpatch.cli import app
 from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.infer.predictor import load_model
-from flexpatch.train.checkpoint import LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.errors import FlexPatchError
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexpatch.checkpoint import LAST, load_checkpoint
 from flexpatch.errors import FlexPatchError
-from flexpatch.train.checkpoint import LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 from flexpatch.train.step import Divergence, advance, guarded_step

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.errors import FlexPatchError
 from flexpatch.train import loop
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import train
 

@@ -30,6 +30,7 @@ from flexpatch.cascade.infer import (
     rough_probabilities,
     segment,
 )
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.data.preprocess import load_preprocessed
@@ -46,7 +47,6 @@ from flexpatch.runtime import (
     seed_everything,
     set_rng_state,
 )
-from flexpatch.train.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
 from flexpatch.train.loop import make_optimizer, prepare, split_cases

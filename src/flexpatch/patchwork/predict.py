@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexpatch.checkpoint import load_checkpoint
 from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.runner import Prediction, Written, cases_for, run_prediction
@@ -26,7 +27,6 @@ from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.outputs import parse_out_type, to_output
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.runtime import resolve_device
-from flexpatch.train.checkpoint import load_checkpoint
 
 
 @dataclass

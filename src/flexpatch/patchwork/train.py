@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexpatch.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
@@ -32,7 +33,6 @@ from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_tabl
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, generator, resolve_device, seed_everything
-from flexpatch.train.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.train.harness import Harness, claim_folder, resume_settings
 from flexpatch.train.loop import split_cases
 from flexpatch.train.step import Divergence, guarded_step

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexpatch.checkpoint import save_checkpoint
 from flexpatch.data.io import TEMP_PREFIX, write_text
 from flexpatch.errors import FlexPatchError
 from flexpatch.runtime import check_writable, progress_bar
-from flexpatch.train.checkpoint import save_checkpoint
 from flexpatch.train.step import Divergence
 
 # Files whose presence marks a folder as written by a flexpatch training run (any method).

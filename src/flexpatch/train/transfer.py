@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from flexpatch.checkpoint import BEST, load_checkpoint
 from flexpatch.data.io import load_json, save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.models import ModelSpec, build
 from flexpatch.runtime import console
-from flexpatch.train.checkpoint import BEST, load_checkpoint
 
 TRANSFER = "transfer.json"
 

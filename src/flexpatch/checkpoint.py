@@ -1,4 +1,4 @@
-"""Model folders: what ``train`` writes and ``predict`` reads (weights, config, plan, fingerprint).
+"""Checkpoints: the weights ``train`` writes and ``predict`` reads (below both: predict needs no train code).
 
 Checkpoints are read with ``torch.load(weights_only=True)``: a model folder may come from a stranger,
 and full unpickling would run whatever code the file names. Only tensors, plain containers and
