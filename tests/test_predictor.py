@@ -14,6 +14,7 @@ import torch
 
 from flexpatch.data.io import read_image
 from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate.postprocess import keep_largest, read_postprocessing
 from flexpatch.infer.predictor import LoadedModel, load_model, predict_files
 from flexpatch.infer.runner import group_inputs
 from flexpatch.train.config import TrainConfig
@@ -123,7 +124,9 @@ def test_probabilities_are_written_channels_last_and_sum_to_one(
     assert probs.shape == (32, 32, 32, model3d.plan.num_classes) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert (probs >= 0).all()
-    np.testing.assert_array_equal(probs.argmax(-1), np.asarray(nib.load(str(pred)).dataobj))
+    # the label map is the argmax, then the model's post-processing (probabilities stay as predicted)
+    want = keep_largest(probs.argmax(-1), read_postprocessing(model3d.model_dir))
+    np.testing.assert_array_equal(want, np.asarray(nib.load(str(pred)).dataobj))
     assert_same_grid(probs_path, image)
 
 

@@ -97,6 +97,7 @@ def test_model_folder_is_self_contained(reference_runs: dict[str, Path], tmp_pat
         LAST,
         "log.jsonl",
         "method.json",
+        "postprocessing.json",
     }
     assert not [p for p in ref.iterdir() if p.name.startswith(".tmp-")]
     assert TrainConfig.from_json(json.loads((ref / "config.json").read_text())) == tiny_config()

@@ -49,6 +49,13 @@ TtaOpt = Annotated[
         "mirror (all axis combinations: 4x the time in 2D, 8x in 3D) or none."
     ),
 ]
+PostprocessOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Apply the model's post-processing (largest connected component of the classes it "
+        "helped on validation, postprocessing.json)."
+    ),
+]
 LazyOpt = Annotated[
     float | None, typer.Option(help="Patchwork: fraction of patches per level that get children.")
 ]
@@ -94,6 +101,7 @@ def predict(
     probabilities: ProbabilitiesOpt = False,
     memory: MemoryOpt = None,
     tta: TtaOpt = "auto",
+    postprocess: PostprocessOpt = True,
     lazy: LazyOpt = None,
     generate: GenerateOpt = "tree",
     num_patches: NumPatchesOpt = 16,
@@ -182,6 +190,7 @@ def _predict_windows(args: SimpleNamespace) -> list[Path]:
         progress=not args.as_json,
         memory=args.memory,
         tta=args.tta,
+        postprocess=args.postprocess,
     )
 
 

@@ -15,6 +15,7 @@ from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
 from flexpatch.errors import FlexPatchError, format_shape
+from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -322,6 +323,7 @@ def predict_files(
     progress: bool = True,
     memory: str | int | None = None,
     tta: str = "auto",
+    postprocess: bool = True,
 ) -> Written:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
@@ -333,6 +335,8 @@ def predict_files(
     ``memory`` (``"2GB"``, ``"auto"``, bytes) plans the window and window batch per case
     within that budget on the device (:meth:`LoadedModel.plan_window`). ``tta``: test-time
     mirroring, ``auto`` (when trained with mirroring, as nnU-Net), ``mirror`` or ``none``.
+    ``postprocess``: apply the model's post-processing (``postprocessing.json``: the classes cut
+    to their largest connected component, decided on validation when training ended).
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     mirrored = isinstance(lm.network(tta), Mirrored)  # a refused --tta fails before any case runs
@@ -360,4 +364,5 @@ def predict_files(
         save_probabilities=save_probabilities,
         progress=progress,
         describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}",
+        largest_component=read_postprocessing(lm.model_dir) if postprocess else (),
     )

@@ -9,6 +9,7 @@ one progress bar, and the per-case information each method reports (:class:`Writ
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from flexpatch.data.io import (
     write_like,
 )
 from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate.postprocess import keep_largest
 from flexpatch.runtime import check_writable, progress_bar
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -93,6 +95,7 @@ def run_prediction(
     progress: bool = True,
     describe: str = "predict",
     suffix: str | None = None,
+    largest_component: Sequence[int] = (),
 ) -> Written:
     """Segment every case and write ``out_dir/CASE<suffix>``; probabilities, when asked, go to
     ``out_dir/probabilities/CASE.nii.gz`` (classes last), a folder of their own so that
@@ -101,6 +104,8 @@ def run_prediction(
     ``suffix`` is the label maps' file ending; by default the input's (PNG in, PNG out).
     Every file is written atomically and a case's label map last: a label map on disk means
     its case is complete, and a failure (in ``segment`` or a write) leaves no partial file.
+    ``largest_component``: classes cut to their largest connected component in every label map
+    (the model's post-processing, decided on validation; :mod:`flexpatch.evaluate.postprocess`).
     """
     out = Path(out_dir)
     written = Written()
@@ -109,6 +114,9 @@ def run_prediction(
         for case, files in cases.items():
             volume = read_case(files, ndim)
             prediction = segment(volume)
+            if largest_component and not prediction.channels:
+                labels = keep_largest(prediction.labels, largest_component)
+                prediction = dataclasses.replace(prediction, labels=labels)
             ending = suffix or suffix_of(Path(files[0]))
             path = _write_case(out, case, ending, volume, prediction, label_names, save_probabilities)
             written.append(path)

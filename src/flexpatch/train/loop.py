@@ -18,20 +18,18 @@ import numpy as np
 import torch
 
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from flexpatch.data.context import context_channels, with_context
+from flexpatch.data.context import context_channels
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import (
     Plan,
     compute_fingerprint,
-    load_preprocessed,
     make_plan,
     preprocess_dataset,
 )
 from flexpatch.data.sanity import warn_patch_clipped
 from flexpatch.errors import FlexPatchError
-from flexpatch.evaluate.metrics import dice_torch
-from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.evaluate.postprocess import decide, write_postprocessing
 from flexpatch.methods import write_method
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.registry import check_trainable
@@ -53,6 +51,7 @@ from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_set
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
+from flexpatch.train.validation import predictions, validate
 
 
 @dataclass
@@ -144,40 +143,6 @@ def make_optimizer(
         opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     poly = lambda step: max(1.0 - step / config.steps, 0.0) ** config.poly_power  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
-
-
-@torch.no_grad()
-def validate(
-    net: torch.nn.Module,
-    cases: list[Path],
-    patch: tuple[int, ...],
-    num_classes: int,
-    divisor: tuple[int, ...],
-    device: torch.device,
-    overlap: float = 0.5,
-    context: str = "none",
-) -> dict[int, float]:
-    """Mean Dice per foreground class over ``cases`` (sliding window at ``patch``), each case's image
-    with its ``context`` channels."""
-    was_training = net.training
-    net.eval()
-    scores: list[torch.Tensor] = []
-    for path in cases:
-        array, label_array, props = load_preprocessed(path)
-        image = torch.from_numpy(with_context(array, props["resampled_affine"], context))
-        label = torch.from_numpy(label_array.astype(np.int64))
-        logits = sliding_window(
-            net, image[None], patch, overlap=overlap, divisor=divisor, device=device, batch_size=4
-        )
-        pred = logits.argmax(1).cpu()
-        # the ignore label (the only value >= num_classes) is neither hit nor miss: background in both
-        care = label[None] < num_classes
-        pred, label = torch.where(care, pred, 0), torch.where(care, label[None], 0)[0]
-        onehot = lambda x: torch.nn.functional.one_hot(x, num_classes).movedim(-1, 1)  # noqa: E731
-        scores.append(dice_torch(onehot(pred), onehot(label[None]))[0, 1:])
-    net.train(was_training)
-    mean = torch.nanmean(torch.stack(scores).float(), dim=0)
-    return {c + 1: float(v) for c, v in enumerate(mean)}
 
 
 # Settings a resumed run may change: workers leave the numbers alone; more steps extend the run
@@ -334,7 +299,19 @@ def train(
     )
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     run.finish(end)
+    if end == config.steps and val_cases:
+        _decide_postprocessing(run, out_dir, val_cases, val_patch)
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
+
+
+def _decide_postprocessing(run: _Run, out_dir: Path, val_cases: list[Path], patch: tuple[int, ...]) -> None:
+    """With the best weights: keep the largest component of the classes it helps on validation."""
+    run.net.load_state_dict(load_checkpoint(out_dir / BEST, map_location="cpu")["model"])
+    pairs = predictions(run.net, val_cases, patch, run.plan.num_classes, run.dev, run.config)
+    decision = decide(pairs, list(range(1, run.plan.num_classes)))
+    write_postprocessing(out_dir, decision)
+    kept = decision["largest_component"]
+    console.print(f"post-processing: largest component kept for classes {kept or 'none'} (validation Dice)")
 
 
 def _start(
@@ -413,16 +390,7 @@ class _Run:
 
     def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
         """Validation Dice per class; saves the best checkpoint when it improves, and the last."""
-        dice = validate(
-            self.net,
-            val_cases,
-            val_patch,
-            self.plan.num_classes,
-            self.net.divisor,
-            self.dev,
-            self.config.val_overlap,
-            self.config.context,
-        )
+        dice = validate(self.net, val_cases, val_patch, self.plan.num_classes, self.dev, self.config)
         mean = float(np.nanmean(list(dice.values())))
         self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
         self.harness.save_last(self.state(step))
