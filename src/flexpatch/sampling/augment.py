@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import Patch
+from flexpatch.geometry import Patch, extract
 
 PRESETS: tuple[str, ...] = ("none", "default", "heavy")
 # Strongly anisotropic data (nnU-Net's "dummy 2D" threshold) rotates in-plane only.
@@ -318,6 +318,33 @@ def apply_intensity(image: torch.Tensor, d: IntensityDraw) -> torch.Tensor:
         if gamma:
             x[c] = adjust_gamma(x[c], d.gamma, d.invert)
     return x.to(image.dtype)
+
+
+def augmented_sample(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    box: Patch,
+    cfg: AugmentConfig,
+    g: torch.Generator,
+    padding: str = "border",
+    spacing: Sequence[float] | None = None,
+    fixed_channels: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training sample cut from ``image`` ``(C, *S)`` and ``label`` ``(*S)`` at ``box``, augmented:
+    ``(1, C, *box)`` and ``(1, *box)``. The last ``fixed_channels`` image channels (coordinates)
+    move with the patch but get no intensity change. Every method's trainer augments through here.
+    """
+    d = draw_spatial(cfg, g, box.ndim, spacing)
+    offsets = None if d.elastic is None else elastic_offsets(box.shape, *d.elastic)[None]
+    patch = augmented_patch(box, d.linear)
+    pad: Any = padding
+    out = extract(image, [patch], mode="linear", padding=pad, offsets=offsets)
+    lab = extract(label[None], [patch], mode="nearest", padding=pad, offsets=offsets)[:, 0]
+    if d.flips:
+        out, lab = out.flip([2 + a for a in d.flips]), lab.flip([1 + a for a in d.flips])
+    channels = out.shape[1] - fixed_channels
+    out[0, :channels] = apply_intensity(out[0, :channels], draw_intensity(cfg, g, channels))
+    return out, lab
 
 
 def describe(cfg: AugmentConfig) -> dict[str, Any]:

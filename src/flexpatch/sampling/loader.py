@@ -31,14 +31,7 @@ from flexpatch.data.context import context_channels, with_context
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, extract
 from flexpatch.runtime import derive_seed, generator
-from flexpatch.sampling.augment import (
-    AugmentConfig,
-    apply_intensity,
-    augmented_patch,
-    draw_intensity,
-    draw_spatial,
-    elastic_offsets,
-)
+from flexpatch.sampling.augment import AugmentConfig, augmented_sample
 from flexpatch.sampling.centres import CENTRE_MODES, compute_class_locations, draw_centre, fit_patch, patch_at
 from flexpatch.sampling.sizes import SizeSampler, batch_for_step, size_for_step
 
@@ -237,20 +230,10 @@ class PatchStream(IterableDataset):
         """The ``(1, C, *size)`` image and ``(1, *size)`` label of one sample, augmented when ``g``."""
         pad = self.cfg.pad_mode
         if g is None or self.cfg.augment is None:
-            return extract(case.image, [box], padding=pad), extract(case.label[None], [box], padding=pad)[
-                :, 0
-            ]
-        aug = self.cfg.augment
-        d = draw_spatial(aug, g, box.ndim, self.cfg.spacing)
-        offsets = None if d.elastic is None else elastic_offsets(box.shape, *d.elastic)[None]
-        patch = augmented_patch(box, d.linear)
-        image = extract(case.image, [patch], mode="linear", padding=pad, offsets=offsets)
-        label = extract(case.label[None], [patch], mode="nearest", padding=pad, offsets=offsets)[:, 0]
-        if d.flips:
-            image, label = image.flip([2 + a for a in d.flips]), label.flip([1 + a for a in d.flips])
-        channels = image.shape[1] - context_channels(self.cfg.context, box.ndim)  # coordinates stay
-        image[0, :channels] = apply_intensity(image[0, :channels], draw_intensity(aug, g, channels))
-        return image, label
+            label = extract(case.label[None], [box], padding=pad)[:, 0]
+            return extract(case.image, [box], padding=pad), label
+        keep = context_channels(self.cfg.context, box.ndim)  # coordinates move, keep their values
+        return augmented_sample(case.image, case.label, box, self.cfg.augment, g, pad, self.cfg.spacing, keep)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
