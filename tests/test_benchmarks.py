@@ -65,3 +65,19 @@ def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
     assert "segment-then-segment unet at S=" not in second.stdout + second.stderr  # nothing trained
     assert json.loads((tmp_path / "smoke" / "results.json").read_text())["rows"] == rows
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps
+
+
+def test_context_smoke_trains_every_model_and_reports_dice_compute_and_targets(tmp_path):
+    """benchmarks/context.py --mode smoke: FP, AP, the context models and the MONAI baseline, tiny."""
+    before = _tracked_outputs()
+    script = ROOT / "benchmarks" / "context.py"
+    cmd = [sys.executable, str(script), "--mode", "smoke", "--work", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
+    work = tmp_path / "smoke"
+    text = (work / "BENCHMARKS.md").read_text()
+    assert "<!-- context-smoke:start -->" in text and "Targets" in text
+    assert "FP 16^3" in text and "MONAI UNet 16^3" in text and "train TFLOP" in text
+    assert (work / "context_smoke.png").stat().st_size > 0 and (work / "sweep.csv").is_file()
+    assert "wrote" in (work / "context.log").read_text()  # progress lines reach the log file too
+    assert _tracked_outputs() == before, "context --mode smoke rewrote BENCHMARKS.md or a committed figure"
