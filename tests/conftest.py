@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny phantom dataset made once per session."""
+"""Shared fixtures: a tiny phantom dataset made once per session; the CLI run as a real process."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,26 @@ def tiny_cells(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_phantom(
         out, cases=4, shape=(64, 64), ndim=2, kind="cells", seed=0, test_cases=2, progress=False
     )
+
+
+def run_cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m flexpatch ARGS`` as a real process (one thread, a wide terminal): exit code,
+    stdout and stderr as a user's shell sees them, which ``CliRunner`` does not show."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "flexpatch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The CLI's error contract: exit code 2, one line ``error: ...`` holding every needle, no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"

@@ -22,6 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import assert_one_line_error, run_cli
 from flexpatch.cli import app
 
 torch.set_num_threads(1)
@@ -34,27 +35,6 @@ def invoke(*args: object) -> dict:
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, f"{args}: {result.stderr}\n{result.exception!r}"
     return json.loads(result.stdout)
-
-
-def run_cli(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``python -m flexpatch ARGS`` as a real process, one thread, wide terminal."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "flexpatch", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,8 @@ warning: the run goes on with the patch clipped, and says to what.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from flexpatch.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.data import sanity
 from flexpatch.data.io import Volume, read_image, read_label
@@ -30,7 +28,6 @@ from flexpatch.evaluate.metrics import evaluate_folders
 from flexpatch.infer.predictor import load_model
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.loop import resolve_config, train
-from test_cli import assert_one_line_error
 
 torch.set_num_threads(1)
 
@@ -43,17 +40,6 @@ def one_line(error: pytest.ExceptionInfo, path: Path | str, *needles: str) -> st
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
     return message
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "flexpatch", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def save_with_sform(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> Path:

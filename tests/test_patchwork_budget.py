@@ -5,8 +5,6 @@ and ``predict --memory`` through the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import nibabel as nib
@@ -15,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import run_cli
 from flexpatch.cli import app
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork.apply import ApplyOptions, apply_image
@@ -132,8 +131,7 @@ def test_predict_memory_through_the_cli(tiny_cells, tmp_path) -> None:
     for path in sorted((tmp_path / "plain").iterdir()):
         other = tmp_path / "budget" / path.name
         np.testing.assert_array_equal(np.asarray(nib.load(other).dataobj), np.asarray(nib.load(path).dataobj))
-    cmd = [sys.executable, "-m", "flexpatch", *base, "--out", str(tmp_path / "tiny"), "--memory", "1kB"]
-    tiny = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    tiny = run_cli(*base, "--out", tmp_path / "tiny", "--memory", "1kB", timeout=120)
     assert tiny.returncode == 2 and len(tiny.stderr.strip().splitlines()) == 1
     assert "below the patchwork's smallest need" in tiny.stderr and "Traceback" not in tiny.stderr
     assert not (tmp_path / "tiny").exists() or not any((tmp_path / "tiny").iterdir())

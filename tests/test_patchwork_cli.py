@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import run_cli
 from flexpatch.cli import app
 from flexpatch.data.io import read_image, read_label_names
 from flexpatch.errors import FlexPatchError
@@ -104,18 +105,15 @@ def test_rounds_are_the_same_with_and_without_a_worker_process(tiny_abdomen):
 
 
 def test_bad_patchwork_input_is_one_line_and_exit_2(tiny_abdomen, tmp_path):
-    cmd = [sys.executable, "-m", "flexpatch", "train", str(tiny_abdomen), "--out", str(tmp_path / "m"),
-           "--patchwork", "--matrix", "13", "--device", "cpu"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = ["train", tiny_abdomen, "--out", tmp_path / "m", "--patchwork", "--matrix", "13", "--device", "cpu"]
+    r = run_cli(*cmd, timeout=120)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "13" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"no_such_option": 1}))
-    r = subprocess.run(
-        cmd[:-4] + ["--patchwork-options", str(bad)], capture_output=True, text=True, timeout=120
-    )
+    r = run_cli(*cmd[:-4], "--patchwork-options", bad, timeout=120)
     assert r.returncode == 2 and "no_such_option" in r.stderr
-    r = subprocess.run(cmd[:-4] + ["--matrix", "8"], capture_output=True, text=True, timeout=120)
+    r = run_cli(*cmd[:-4], "--matrix", 8, timeout=120)
     assert r.returncode == 2 and "bottleneck" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -234,9 +232,8 @@ def test_worker_processes_do_not_hang_after_the_parent_used_openmp(tmp_path, tin
 @pytest.mark.parametrize("patch", ["8,8,8", "uniform:8-32"])
 def test_core_training_refuses_a_one_voxel_bottleneck(tiny_abdomen, tmp_path, patch):
     """unet (divisor 8) at 8^3 has one voxel at the bottleneck: a one-line error, exit 2, no traceback."""
-    cmd = [sys.executable, "-m", "flexpatch", "train", str(tiny_abdomen), "--out", str(tmp_path / "m"),
-           "--patch", patch, "--steps", "2", "--device", "cpu"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    args = ("train", tiny_abdomen, "--out", tmp_path / "m", "--patch", patch, "--steps", 2, "--device", "cpu")
+    r = run_cli(*args, timeout=120)
     assert r.returncode == 2 and "bottleneck" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -319,9 +316,8 @@ def test_a_model_folder_this_version_cannot_read_is_one_line_and_exit_2(tiny_cel
     meta = json.loads((model / CONFIG).read_text())
     meta["scheme"]["from_a_later_version"] = 1
     (model / CONFIG).write_text(json.dumps(meta))
-    cmd = [sys.executable, "-m", "flexpatch", "predict", str(model), str(tiny_cells / "imagesTs"), "--out",
-           str(tmp_path / "pred"), "--device", "cpu"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = run_cli("predict", model, tiny_cells / "imagesTs", "--out", tmp_path / "pred", "--device", "cpu",
+                timeout=120)  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(model / CONFIG) in r.stderr and "from_a_later_version" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "pred").exists()

@@ -8,18 +8,17 @@ included, still load.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from flexpatch.errors import FlexPatchError
 from flexpatch.train.config import TrainConfig
@@ -36,12 +35,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "flexpatch", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, path: Path, marker: Path) -> None:

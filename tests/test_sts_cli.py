@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import run_cli
 from flexpatch.cascade.config import CascadeConfig
 from flexpatch.cascade.infer import load_cascade
 from flexpatch.cascade.train import train_cascade
@@ -159,15 +158,7 @@ def test_bad_cascade_options_are_one_line_errors(
 
 
 def test_unknown_cascade_exits_2_with_one_line(cells: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "flexpatch", "train", str(cells), "--out", str(tmp_path / "m")]
-    proc = subprocess.run(
-        [*cmd, "--cascade", "patchwork", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    proc = run_cli("train", cells, "--out", tmp_path / "m", "--cascade", "patchwork", "--device", "cpu")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -258,9 +249,6 @@ def test_cli_resumes_an_interrupted_cascade(tiny_cells, tmp_path):
                            model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2})  # fmt: skip
     train_cascade(tiny_cells, tmp_path / "sts", config, device="cpu", progress=False, stop_after=3)
     assert not (tmp_path / "sts" / "cascade.json").exists()
-    cmd = [sys.executable, "-m", "flexpatch", "train", str(tiny_cells), "--out", str(tmp_path / "sts"),
-           "--resume", "--device", "cpu", "--json"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_cli("train", tiny_cells, "--out", tmp_path / "sts", "--resume", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps"] == 4 and (tmp_path / "sts" / "cascade.json").is_file()
