@@ -140,6 +140,7 @@ def lesion_dataset(abdomen: Path, out: Path) -> Path:
     if kept["Ts"] == 0:
         raise FlexPatchError(f"{abdomen}: no test case holds a lesion; ask for more test cases")
     meta = json.loads((abdomen / "dataset.json").read_text())
+    meta.pop("mirrored_pairs", None)  # it names the abdomen's kidneys; lesion vs rest has no sides
     meta.update(
         name="phantom_lesions",
         description=f"liver lesions of {abdomen.name}, lesion vs rest",
