@@ -32,10 +32,11 @@ from flexpatch.cascade.infer import (
 )
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset
-from flexpatch.data.io import save_json
+from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import load_preprocessed
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
+from flexpatch.geometry import Patch
 from flexpatch.methods import write_method
 from flexpatch.models import build, check_patch_size, create_model
 from flexpatch.runtime import (
@@ -47,9 +48,11 @@ from flexpatch.runtime import (
     seed_everything,
     set_rng_state,
 )
+from flexpatch.sampling.augment import AugmentConfig, augmented_sample
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
-from flexpatch.train.loop import make_optimizer, prepare, split_cases
+from flexpatch.train.loop import augmentation, make_optimizer, prepare, split_cases
+from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 
 STAGES = ("rough", "fine")
@@ -201,12 +204,12 @@ def _train_stage(
 ) -> _Stage:
     """Train one stage into ``out_dir/stage/model_{best,last}.pt``, from ``saved`` (a resumed
     stage's last checkpoint) on, up to step ``end`` (default: the stage's steps)."""
-    from monai.losses import DiceCELoss  # seconds to import: only once the inputs are checked
-
     tc = config.stage(stage)
     net.to(dev).train()
     opt, sched = make_optimizer(net, tc)
-    loss_fn, amp = DiceCELoss(to_onehot_y=True, softmax=True), tc.amp and dev.type == "cuda"
+    ignore = load_json(out_dir / "plan.json")["labels"].get("ignore")
+    loss_fn, amp = segmentation_loss(False, ignore), tc.amp and dev.type == "cuda"
+    aug = augmentation(tc, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
     at = _start_stage(saved, out_dir / stage, tc, net, opt, sched)
     h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
     with h.progress(stage, at.step, progress) as update, jsonl_log(out_dir / "log.jsonl") as log:
@@ -214,6 +217,10 @@ def _train_stage(
             g = generator("flexpatch-sts", stage, config.train.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
             x, y = sample(cases, config.input_size, idx, g)
+            if aug is not None:
+                x, y = _augmented(
+                    x, y, aug, generator("flexpatch-sts-augment", stage, config.train.seed, step)
+                )
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 loss_t = loss_fn(net(x.to(dev)), y.to(dev))
             stepped = guarded_step(loss_t, opt, net.parameters(), None)  # the paper trains unclipped
@@ -230,6 +237,17 @@ def _train_stage(
     if at.step < tc.steps or not (h.folder / LAST).is_file():  # stopped early: where to go on from
         h.save_last(_stage_state(net, opt, sched, at, config))
     return at
+
+
+def _augmented(
+    x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(B, C, *S)`` and labels ``(B, 1, *S)``, each augmented as a patch of itself (the core
+    trainer's set and draws): the network sees the image resized to S, so the augmented field is
+    that S-cube, its edges repeated."""
+    box = Patch.box((0,) * (x.ndim - 2), tuple(x.shape[2:]))
+    pairs = [augmented_sample(x[b], y[b, 0], box, aug, g) for b in range(x.shape[0])]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])[:, None]
 
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
@@ -298,8 +316,10 @@ def train_cascade(
     _start_log(out_dir / "log.jsonl", saved)
     train_paths, val_paths = split_cases(paths, config.train.val_fraction, config.train.seed)
     train_cases, val_cases = _Cases(train_paths, config.per_class), _Cases(val_paths, config.per_class)
-    console.print(f"[bold]segment-then-segment[/] {config.train.model} at S={config.input_size} on "
-                  f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.train.batch}, {dev}")
+    console.print(
+        f"[bold]segment-then-segment[/] {config.train.model} at S={config.input_size} on "
+        f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.train.batch}, {dev}"
+    )
     k = plan.num_classes
     _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
     validate = lambda net: validate_cascade(net, None, val_cases, config, k, dev)  # noqa: E731
