@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +21,10 @@ from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import atomic_path, write_text
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.metrics import segmentation_metrics
-from flexpatch.infer.predictor import LoadedModel
 from flexpatch.runtime import generator, progress_bar
+
+if TYPE_CHECKING:  # an annotation only: inference imports evaluate (post-processing), not the reverse
+    from flexpatch.infer.predictor import LoadedModel
 
 
 def parse_sizes(spec: str, ndim: int, divisor: Sequence[int]) -> list[tuple[int, ...]]:
