@@ -28,6 +28,7 @@ from flexpatch.checkpoint import LAST, load_checkpoint, save_checkpoint
 from flexpatch.data.io import read_image
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.predictor import load_model
+from flexpatch.infer.tta import Mirrored
 from flexpatch.train.config import TrainConfig
 
 torch.set_num_threads(1)
@@ -257,6 +258,27 @@ def test_cascade_trains_and_predicts_3d_multiclass(tiny_abdomen: Path, tmp_path:
     seg = cascade.predict(volume)
     assert seg.labels.shape == volume.spatial_shape and seg.probabilities.shape == (7, *volume.spatial_shape)
     assert np.allclose(seg.probabilities.sum(0), 1, atol=1e-4)
+    # the phantom's kidneys are a left/right pair: no mirroring in training, none at test time
+    assert cascade.networks("auto") == (
+        cascade.rough.net,
+        cascade.fine.net,
+    )
+    with pytest.raises(FlexPatchError, match="would swap left and right"):
+        cascade.networks("mirror")
+
+
+def test_cascade_mirrors_at_test_time_when_trained_mirrored(tiny_cells: Path, tmp_path: Path) -> None:
+    tiny_cascade(tiny_cells, tmp_path / "sts", steps=1, val_every=1)
+    cascade = load_cascade(tmp_path / "sts", device="cpu")
+    rough, fine = cascade.networks("auto")  # trained with the default augmentation: mirrored
+    assert isinstance(rough, Mirrored) and isinstance(fine, Mirrored) and rough.net is cascade.rough.net
+    volume = read_image(tiny_cells / "imagesTs" / "phantom_test_000_0000.nii.gz", ndim=2)
+    plain, mirrored = (
+        cascade.predict(volume, baseline=True),
+        cascade.predict(volume, baseline=True, tta="mirror"),
+    )
+    assert plain.probabilities.shape == mirrored.probabilities.shape
+    assert not np.allclose(plain.probabilities, mirrored.probabilities)
 
 
 def test_fine_network_starts_from_the_rough_one(tiny_cells: Path, tmp_path: Path) -> None:

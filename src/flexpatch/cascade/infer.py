@@ -29,9 +29,11 @@ from flexpatch.axes import per_axis
 from flexpatch.data.io import Volume, load_json, save_json
 from flexpatch.data.preprocess import restore
 from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import Patch, Shape, extract
 from flexpatch.infer.predictor import LoadedModel, load_model
 from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, names_by_value, run_prediction
+from flexpatch.infer.tta import Mirrored, mirroring_for
 
 CASCADE_FILE = "cascade.json"
 FUSIONS = ("or", "max")
@@ -310,17 +312,33 @@ class Cascade:
     rules: dict[str, Any]
     model_dir: Path
 
+    def networks(self, tta: str = "none") -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The rough and the fine network, both wrapped for test-time mirroring when ``tta`` asks
+        (``auto``: when trained with mirroring; see :func:`~flexpatch.infer.tta.mirroring_for`)."""
+        path = self.model_dir / "dataset.json"
+        pairs = load_json(path).get("mirrored_pairs", []) if path.is_file() else []
+        if not mirroring_for(tta, self.rough.trained_mirrored, pairs, str(self.model_dir)):
+            return self.rough.net, self.fine.net
+        ndim = self.rough.plan.ndim
+        return Mirrored(self.rough.net, ndim), Mirrored(self.fine.net, ndim)
+
     def predict(
-        self, volume: Volume, fuse: str | None = None, baseline: bool = False, batch_size: int = 16
+        self,
+        volume: Volume,
+        fuse: str | None = None,
+        baseline: bool = False,
+        batch_size: int = 16,
+        tta: str = "none",
     ) -> Segmentation:
         """Segment a raw volume; probabilities ``(K, *S)`` and labels ``(*S)`` (numpy) on its own grid.
 
         The boxes are on the preprocessed grid (the plan's spacing), where the crops were taken.
         """
         image, props = self.rough.prepare(volume)
+        rough, fine = self.networks(tta)
         seg = segment(
-            self.rough.net,
-            self.fine.net,
+            rough,
+            fine,
             image[0],
             self.input_size,
             fuse=fuse or self.fuse,
@@ -360,14 +378,18 @@ def predict_cascade_files(
     batch_size: int = 16,
     save_probabilities: bool = False,
     progress: bool = True,
+    tta: str = "auto",
+    postprocess: bool = True,
 ) -> Written:
     """Segment image files with a cascade into label maps on each input's grid (as ``predict_files``).
 
     Also writes ``out_dir/boxes.json``: the crops of each case on its preprocessed grid (also
     in the result's ``info[case]["boxes"]``). ``baseline`` segments with the rough model alone
-    (whole image at S, upsampled).
+    (whole image at S, upsampled). ``tta`` mirrors both networks' inputs (as ``predict_files``);
+    ``postprocess`` applies a ``postprocessing.json`` in the cascade folder, if there is one.
     """
     cascade = model if isinstance(model, Cascade) else load_cascade(model, device=device)
+    cascade.networks(tta)  # a refused --tta fails before the first case
     if fuse is not None:
         _check_fuse(fuse)  # before the first case, not after it
     plan = cascade.rough.plan
@@ -375,7 +397,7 @@ def predict_cascade_files(
     dtype = label_dtype(plan.num_classes)
 
     def segment(volume: Volume) -> Prediction:
-        seg = cascade.predict(volume, fuse, baseline, batch_size)
+        seg = cascade.predict(volume, fuse, baseline, batch_size, tta)
         boxes = [{"class": c, "start": b.start, "size": b.size} for c, b in seg.boxes]
         return Prediction(seg.labels.astype(dtype), seg.probabilities, info={"boxes": boxes})
 
@@ -388,6 +410,7 @@ def predict_cascade_files(
         save_probabilities=save_probabilities,
         progress=progress,
         describe="baseline" if baseline else "segment-then-segment",
+        largest_component=read_postprocessing(cascade.model_dir) if postprocess else (),
     )
     save_json(Path(out_dir) / "boxes.json", {case: info["boxes"] for case, info in written.info.items()})
     return written

@@ -122,8 +122,8 @@ def predict(
 
     args.patch = parse_ints(patch_size, "patch size") if patch_size else None
     method = method_of(model_dir).name  # method.json says which method wrote the folder
-    if method != "sliding-window" and tta == "mirror":
-        raise FlexPatchError(f"{model_dir}: --tta mirror is for sliding-window models so far, not {method}")
+    if method == "patchwork" and tta == "mirror":
+        raise FlexPatchError(f"{model_dir}: --tta mirror is for sliding-window and cascade models so far")
     if method == "patchwork":
         _predict_patchwork(args)
         return
@@ -169,6 +169,8 @@ def _predict_cascade(args: SimpleNamespace) -> list[Path]:
         batch_size=args.batch,
         save_probabilities=args.probabilities,
         progress=not args.as_json,
+        tta=args.tta,
+        postprocess=args.postprocess,
     )
 
 

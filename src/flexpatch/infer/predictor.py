@@ -147,8 +147,9 @@ class LoadedModel:
 
     @property
     def trained_mirrored(self) -> bool:
-        """Whether training mirrored its patches (runs saved before augmentation did not)."""
-        return parse_augment(str(self.config.get("augment", "none"))).p_mirror > 0
+        """Whether training mirrored its patches (runs saved before augmentation did not, nor do
+        runs on data whose labels differ by side)."""
+        return parse_augment(str(self.config.get("augment", "none"))).p_mirror > 0 and not self.mirrored_pairs
 
     @property
     def mirrored_pairs(self) -> list[Any]:
