@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -317,8 +318,9 @@ def test_config_holds_a_train_config_and_reads_the_older_flat_form() -> None:
     assert config.train.batch == 2 and config.train.patch == "16" and config.train.workers == 0
     assert CascadeConfig().train.batch == 8  # the cascade's default, not TrainConfig's
     assert CascadeConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
-    flat = old_flat_config(target_spacing=[1.0, 2.0])
-    assert CascadeConfig.from_json(flat) == config
+    flat = old_flat_config(target_spacing=[1.0, 2.0])  # older versions trained without augmentation
+    unaugmented = dataclasses.replace(config, train=config.train.replace(augment="none"))
+    assert CascadeConfig.from_json(flat) == unaugmented
     own = {k: v for k, v in config.to_json().items() if k != "train"}
     assert config.flat() == {**config.train.to_json(), **own}
     # each stage's config.json: as the older, flat config derived it
@@ -338,9 +340,10 @@ def test_config_holds_a_train_config_and_reads_the_older_flat_form() -> None:
 def test_resume_reproduces_the_uninterrupted_cascade(
     tiny_cells: Path, tmp_path: Path, stop: int, flat: bool
 ) -> None:
-    whole = tiny_cascade(tiny_cells, tmp_path / "whole", val_every=2)
+    old = {"augment": "none"} if flat else {}  # as older versions trained
+    whole = tiny_cascade(tiny_cells, tmp_path / "whole", val_every=2, **old)
     part = tmp_path / "part"
-    first = tiny_cascade(tiny_cells, part, val_every=2, stop_after=stop)
+    first = tiny_cascade(tiny_cells, part, val_every=2, stop_after=stop, **old)
     assert first["steps"] == stop and not is_cascade(part)
     if flat:  # as an older version wrote them
         for stage in ("rough", "fine"):
@@ -348,11 +351,13 @@ def test_resume_reproduces_the_uninterrupted_cascade(
             state["cascade"] = old_flat_config(val_every=2)
             save_checkpoint(part / stage / LAST, state)
     with pytest.raises(FlexPatchError, match="not empty .* --resume"):
-        tiny_cascade(tiny_cells, part, val_every=2)
+        tiny_cascade(tiny_cells, part, val_every=2, **old)
     with pytest.raises(FlexPatchError, match="cannot resume with a different lr"):
-        tiny_cascade(tiny_cells, part, val_every=2, lr=0.5, resume=True)
-    if flat:  # the same config, given: it equals the flat one saved
-        done = tiny_cascade(tiny_cells, part, val_every=2, resume=True)
+        tiny_cascade(tiny_cells, part, val_every=2, lr=0.5, resume=True, **old)
+    if flat:  # the same config, given: it equals the flat one saved (whose run had no augmentation)
+        with pytest.raises(FlexPatchError, match="cannot resume with a different augment"):
+            tiny_cascade(tiny_cells, part, val_every=2, resume=True)
+        done = tiny_cascade(tiny_cells, part, val_every=2, resume=True, **old)
     else:
         done = train_cascade(tiny_cells, part, None, device="cpu", progress=False, resume=True)
     assert done["steps"] == whole["steps"] == 6 and is_cascade(part)
@@ -366,9 +371,9 @@ def test_resume_reproduces_the_uninterrupted_cascade(
     assert logs[0] == logs[1] and len(logs[0]) == 6
     if flat:  # a finished folder of an older version: its cascade.json holds the flat config
         meta = json.loads((part / "cascade.json").read_text())
-        old = old_flat_config(val_every=2)
-        assert CascadeConfig.from_json(meta["config"]) == CascadeConfig.from_json(old)
-        (part / "cascade.json").write_text(json.dumps({**meta, "config": old}))
+        older = old_flat_config(val_every=2)
+        assert CascadeConfig.from_json(meta["config"]) == CascadeConfig.from_json(older)
+        (part / "cascade.json").write_text(json.dumps({**meta, "config": older}))
         cascade = load_cascade(part, device="cpu")
         assert cascade.input_size == 16 and cascade.rules["min_side"] == 2
         images, pred = [tiny_cells / "imagesTs"], tmp_path / "pred"

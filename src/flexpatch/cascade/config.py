@@ -107,9 +107,10 @@ class CascadeConfig:
         check_fields(cls, d, source)
         if "train" in d:
             train = TrainConfig.from_json(d["train"], f"{source}: train")
-        else:  # the rest of its TrainConfig was the cascade's defaults then, as it is now
+        else:  # the rest of its TrainConfig was the cascade's defaults; TrainConfig.from_json fills
+            # what older files lack as they ran (no augmentation), so that they resume so
             shared = {**_TRAIN_DEFAULTS, **{k: d[k] for k in SHARED if k in d}}
-            train = config_from_json(TrainConfig, shared, tuples=("target_spacing",), source=source)
+            train = TrainConfig.from_json(shared, source)
         own = {k: v for k, v in d.items() if k not in SHARED}
         return config_from_json(cls, {**own, "train": train}, source=source)
 
