@@ -23,6 +23,7 @@ SMOKE = {
     "patchwork": ["--smoke", "--budget", "3"],
     "sliding_window": ["--smoke"],
     "patchwork_memory": ["--mode", "smoke"],
+    "augment_loader": ["--smoke"],
 }
 
 
