@@ -81,13 +81,14 @@ def test_divergence_counts_runs_and_names_the_folder() -> None:
 @pytest.fixture
 def nan_config(monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
     """A tiny run whose loss is always NaN: every step is skipped."""
-    import monai.losses
+    import flexpatch.train.loop
+    from flexpatch.train.loss import segmentation_loss
 
-    class NanLoss(monai.losses.DiceCELoss):
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return super().forward(logits, target) * float("nan")
+    def nan_loss(*args: object, **kwargs: object):  # the trainer's loss, times NaN
+        loss = segmentation_loss(*args, **kwargs)  # type: ignore[arg-type]
+        return lambda logits, target: loss(logits, target) * float("nan")
 
-    monkeypatch.setattr(monai.losses, "DiceCELoss", NanLoss)
+    monkeypatch.setattr(flexpatch.train.loop, "segmentation_loss", nan_loss)
     return TrainConfig(
         model="unet",
         model_kwargs={"channels": 4, "levels": 2, "convs_per_level": 2},
