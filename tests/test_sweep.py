@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from conftest import assert_one_line_error, run_cli
 from flexpatch.data.dataset import load_case, load_dataset
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.stats import compare, dice_table, paired, wilcoxon_tests
@@ -146,3 +147,13 @@ def test_sweep_rows_carry_the_side_error_of_the_phantoms_kidneys(tiny_abdomen: P
     want = context_error(seg, truth.data, [(labels["kidney_left"], labels["kidney_right"])])
     assert all(r["context_error"] == pytest.approx(want, nan_ok=True) for r in rows)
     assert all(r["image"] == "x".join(map(str, model.prepare(volume)[0].shape[2:])) for r in rows)
+
+
+def test_compare_draws_every_model_in_one_png_and_names_its_case_count(tmp_path: Path) -> None:
+    write_rows(_fake_rows(), tmp_path / "report")
+    png = tmp_path / "cmp.png"
+    done = run_cli("compare", tmp_path / "report", "--png", png)
+    assert done.returncode == 0, done.stderr
+    assert "the p-values rest on 4 paired cases" in done.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert_one_line_error(run_cli("compare", tmp_path / "report", "--png", png), "cmp.png: exists")
