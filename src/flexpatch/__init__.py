@@ -38,6 +38,12 @@ _LAZY = {
     "ApplyOptions": "flexpatch.patchwork.apply",
     "load_patchwork": "flexpatch.patchwork.predict",
     "predict_patchwork_files": "flexpatch.patchwork.predict",
+    "CascadeConfig": "flexpatch.cascade.config",
+    "train_cascade": "flexpatch.cascade.train",
+    "load_cascade": "flexpatch.cascade.infer",
+    "predict_cascade_files": "flexpatch.cascade.infer",
+    "AugmentConfig": "flexpatch.sampling.augment",
+    "parse_augment": "flexpatch.sampling.augment",
 }
 
 __all__ = ["FlexPatchError", "__version__", *_LAZY]
