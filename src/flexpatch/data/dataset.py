@@ -4,7 +4,8 @@
 images (except one header, to find the number of spatial axes); ``load_case``
 reads one case and checks that its files agree with each other.
 
-nnU-Net v2 (``channel_names``, ``labels`` name->value, ``file_ending``)::
+nnU-Net v2 (``channel_names``, ``labels`` name->value, ``file_ending``; with
+``regions_class_order``, ``labels`` name->values defines regions, see :mod:`flexpatch.data.regions`)::
 
     root/dataset.json
     root/imagesTr/CASE_0000.nii.gz, CASE_0001.nii.gz, ...   one file per channel
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flexpatch.data.io import NIFTI_SUFFIXES, PLAIN_2D_SUFFIXES, Volume, read_image, read_label, suffix_of
+from flexpatch.data.regions import Regions, parse_regions, regions_to_json
 from flexpatch.errors import FlexPatchError
 
 SUPPORTED_ENDINGS = NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES
@@ -63,7 +65,9 @@ class DatasetInfo:
         name: the dataset's name (``name`` in dataset.json, else the folder name).
         layout: ``"nnunet"`` or ``"msd"``.
         channel_names: one name per input channel, e.g. ``("CT",)``.
-        labels: class name -> label value, background 0 included.
+        labels: class name -> label value, background 0 included: the values the label files
+            hold. A region dataset's are derived from its regions (``label_<v>`` for each value
+            a region lists), so that every value check and sampler works on them unchanged.
         file_ending: the image file ending, e.g. ``".nii.gz"``.
         training: the labelled cases.
         test: the cases of ``imagesTs`` (labelled where ``labelsTs`` holds their label).
@@ -71,6 +75,9 @@ class DatasetInfo:
         mirrored_pairs: label names that differ only by side (``"mirrored_pairs": [["kidney_left",
             "kidney_right"]]`` in dataset.json): mirroring would swap them, so it is turned off, and
             the sweep reports how often they are confused.
+        regions: nnU-Net's region-based labels, ``(name, label values)`` per region in
+            dataset.json's order, one network output (sigmoid) each; empty for a plain dataset.
+        regions_class_order: the value each region writes back into a label map, in order.
     """
 
     root: Path
@@ -83,6 +90,13 @@ class DatasetInfo:
     test: tuple[Case, ...]
     ndim: int
     mirrored_pairs: tuple[tuple[str, str], ...] = ()
+    regions: Regions = ()
+    regions_class_order: tuple[int, ...] = ()
+
+    @property
+    def out_channels(self) -> int:
+        """The network's outputs: one sigmoid per region, else one softmax channel per class."""
+        return len(self.regions) or self.num_classes
 
     @property
     def num_classes(self) -> int:
@@ -111,8 +125,18 @@ class DatasetInfo:
             "ndim": self.ndim,
             "num_classes": self.num_classes,
             "mirrored_pairs": [list(p) for p in self.mirrored_pairs],
+            **self._regions_json(),
             "training": [c.to_json() for c in self.training],
             "test": [c.to_json() for c in self.test],
+        }
+
+    def _regions_json(self) -> dict[str, Any]:
+        """A plain dataset's record stays as it was before regions."""
+        if not self.regions:
+            return {}
+        return {
+            "regions": regions_to_json(self.regions),
+            "regions_class_order": list(self.regions_class_order),
         }
 
 
@@ -258,11 +282,14 @@ def _nnunet_labels(raw: Any, path: Path) -> dict[str, int]:
         raise FlexPatchError(f"{path}: 'labels' must be a non-empty object like {{\"background\": 0}}")
     labels: dict[str, int] = {}
     for name, value in raw.items():
-        # nnU-Net's region-based training lists several values per region; we train one class per value
+        if isinstance(value, list):  # nnU-Net refuses regions without an order to write them back in
+            raise FlexPatchError(
+                f"{path}: label '{name}' lists values {value} (a region); region-based labels need "
+                "'regions_class_order' (as in nnU-Net)"
+            )
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise FlexPatchError(
-                f"{path}: label '{name}' has value {value!r}; expected a non-negative integer "
-                "(region-based labels are not supported)"
+                f"{path}: label '{name}' has value {value!r}; expected a non-negative integer"
             )
         labels[str(name)] = value
     return _check_labels(labels, path)
@@ -312,7 +339,12 @@ def _channel_files(folder: Path, case_id: str, n: int, ending: str) -> tuple[Pat
 def _load_nnunet(root: Path, meta: dict[str, Any], path: Path) -> DatasetInfo:
     _require(meta, ("channel_names", "labels", "file_ending"), path)
     channels = _ordered_names(meta["channel_names"], "channel_names", path)
-    labels = _nnunet_labels(meta["labels"], path)
+    regions: Regions = ()
+    order: tuple[int, ...] = ()
+    if "regions_class_order" in meta:
+        labels, regions, order = parse_regions(meta["labels"], meta["regions_class_order"], path)
+    else:
+        labels = _nnunet_labels(meta["labels"], path)
     ending = _check_ending(meta["file_ending"], path)
     labels_tr = root / "labelsTr"
     if not labels_tr.is_dir():
@@ -322,7 +354,11 @@ def _load_nnunet(root: Path, meta: dict[str, Any], path: Path) -> DatasetInfo:
         for cid in (_strip(p.name, ending) for p in _files_with(labels_tr, ending))
     )
     test = _nnunet_test(root, len(channels), ending)
-    return _finish(root, meta, "nnunet", channels, labels, ending, training, test, path)
+    info = _finish(root, meta, "nnunet", channels, labels, ending, training, test, path)
+    if regions and info.mirrored_pairs:
+        # a written-back label map does not hold the files' values: pairs of them mean nothing there
+        raise FlexPatchError(f"{path}: 'mirrored_pairs' is not supported with region-based labels")
+    return replace(info, regions=regions, regions_class_order=order)
 
 
 def _nnunet_test(root: Path, n_channels: int, ending: str) -> tuple[Case, ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from flexpatch.data.dataset import DatasetInfo, load_case
 from flexpatch.data.io import Volume, atomic_path, save_json
+from flexpatch.data.regions import Regions, regions_from_json, regions_to_json
 from flexpatch.data.sanity import check_grid
 from flexpatch.errors import FlexPatchError
 from flexpatch.runtime import numpy_rng, track
@@ -47,6 +48,9 @@ class Plan:
         normalization: one scheme per channel (:data:`NORMALIZATIONS`), from ``channel_names``.
         ct_window: per channel, ``(lo, hi)`` for a CT channel (clip, then scale to [0, 1]), else None.
         median_shape: the dataset's median shape after resampling.
+        regions: nnU-Net's region-based labels, ``(name, label values)`` per network output;
+            empty for a softmax model (see :mod:`flexpatch.data.regions`).
+        regions_class_order: the value each region writes back into a label map.
     """
 
     ndim: int
@@ -57,6 +61,13 @@ class Plan:
     normalization: tuple[str, ...]
     ct_window: tuple[tuple[float, float] | None, ...]
     median_shape: tuple[int, ...]
+    regions: Regions = ()
+    regions_class_order: tuple[int, ...] = ()
+
+    @property
+    def out_channels(self) -> int:
+        """The network's outputs: one sigmoid per region, else one softmax channel per class."""
+        return len(self.regions) or self.num_classes
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -76,6 +87,11 @@ class Plan:
                 )
             if scheme == "ct" and (window is None or len(window) != 2):
                 raise FlexPatchError("plan: CT normalization needs ct_window (lo, hi)")
+        if len(self.regions) != len(self.regions_class_order):
+            raise FlexPatchError(
+                f"plan: {len(self.regions)} regions but {len(self.regions_class_order)} values in "
+                "regions_class_order"
+            )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,11 +99,17 @@ class Plan:
         d["median_shape"] = list(self.median_shape)
         d["normalization"] = list(self.normalization)
         d["ct_window"] = [None if w is None else list(w) for w in self.ct_window]
+        # a plain plan keeps the JSON (and so the digest naming its cache) it had before regions
+        del d["regions"], d["regions_class_order"]
+        if self.regions:
+            d["regions"] = regions_to_json(self.regions)
+            d["regions_class_order"] = list(self.regions_class_order)
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
-        missing = [f for f in cls.__dataclass_fields__ if f not in d]
+        # fields with a default came later: plans saved before them load without
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
         if missing:
             raise FlexPatchError(f"plan: missing field(s) {', '.join(missing)}")
         try:
@@ -99,6 +121,8 @@ class Plan:
                 target_spacing=tuple(float(s) for s in d["target_spacing"]),
                 **_channel_schemes(d["normalization"], d["ct_window"], int(d["in_channels"])),
                 median_shape=tuple(int(s) for s in d["median_shape"]),
+                regions=regions_from_json(d.get("regions", [])),
+                regions_class_order=tuple(int(v) for v in d.get("regions_class_order", [])),
             )
         except (TypeError, ValueError, AttributeError, IndexError) as e:
             raise FlexPatchError(f"plan: malformed field ({e})") from None
@@ -257,6 +281,8 @@ def make_plan(
         normalization=schemes,
         ct_window=windows,
         median_shape=tuple(int(round(v)) for v in np.median(np.array(resampled), axis=0)),
+        regions=ds.regions,
+        regions_class_order=ds.regions_class_order,
     )
 
 

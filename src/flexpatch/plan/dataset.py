@@ -60,7 +60,7 @@ def plan_dataset(
     tokens = plan_tokens(fingerprint, token_class, plan.target_spacing) if token_class else None
     if tokens is not None and model == "unetr":
         kwargs["token_size"] = list(tokens.token_size)
-    net = create_model(model, plan.ndim, plan.in_channels, plan.num_classes, **kwargs)
+    net = create_model(model, plan.ndim, plan.in_channels, plan.out_channels, **kwargs)
     limit = parse_budget(budget, dev)
     train, choices = _plan_network(net, plan, _dataset_voxels(fingerprint, plan), limit, dev, dtype, check)
     if model == "unetr":
