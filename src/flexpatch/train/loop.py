@@ -85,7 +85,7 @@ def check_inputs(
         config.model,
         ndim=ds.ndim,
         in_channels=len(ds.channel_names) + context_channels(config.context, ds.ndim),
-        out_channels=ds.num_classes,
+        out_channels=ds.out_channels,  # one per region for region-based labels
         **config.model_kwargs,
     )
     sizes = parse_patch_spec(config.patch, ds.ndim, net.divisor, batch=config.batch, steps=config.steps)
@@ -284,7 +284,8 @@ def train(
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
-    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"))
+    regions = [values for _, values in plan.regions]
+    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions)
     harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
     run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
     augment = augmentation(config, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
@@ -305,10 +306,16 @@ def train(
 
 
 def _decide_postprocessing(run: _Run, out_dir: Path, val_cases: list[Path], patch: tuple[int, ...]) -> None:
-    """With the best weights: keep the largest component of the classes it helps on validation."""
+    """With the best weights: keep the largest component of the classes it helps on validation.
+
+    A region model decides on its written-back label maps, per value of ``regions_class_order``:
+    that is what prediction writes and what the decision is applied to (per region masks would
+    need a second rule for overlapping regions at prediction time)."""
     run.net.load_state_dict(load_checkpoint(out_dir / BEST, map_location="cpu")["model"])
-    pairs = predictions(run.net, val_cases, patch, run.plan.num_classes, run.dev, run.config)
-    decision = decide(pairs, list(range(1, run.plan.num_classes)))
+    pairs = predictions(run.net, val_cases, patch, run.plan, run.dev, run.config)
+    order = run.plan.regions_class_order
+    classes = sorted(set(order)) if order else list(range(1, run.plan.num_classes))
+    decision = decide(pairs, classes)
     write_postprocessing(out_dir, decision)
     kept = decision["largest_component"]
     console.print(f"post-processing: largest component kept for classes {kept or 'none'} (validation Dice)")
@@ -390,7 +397,7 @@ class _Run:
 
     def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
         """Validation Dice per class; saves the best checkpoint when it improves, and the last."""
-        dice = validate(self.net, val_cases, val_patch, self.plan.num_classes, self.dev, self.config)
+        dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config)
         mean = float(np.nanmean(list(dice.values())))
         self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
         self.harness.save_last(self.state(step))

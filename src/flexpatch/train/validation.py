@@ -10,24 +10,19 @@ import numpy as np
 import torch
 
 from flexpatch.data.context import with_context
-from flexpatch.data.preprocess import load_preprocessed
+from flexpatch.data.preprocess import Plan, load_preprocessed
+from flexpatch.data.regions import THRESHOLD, region_mask, to_labels, written_truth
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.train.config import TrainConfig
 
 
 @torch.no_grad()
-def predictions(
-    net: torch.nn.Module,
-    cases: list[Path],
-    patch: tuple[int, ...],
-    num_classes: int,
-    device: torch.device,
-    config: TrainConfig,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(prediction, truth)`` label maps of each preprocessed case (sliding window at ``patch``,
-    the image with its context channels); the ignore label (the only value >= ``num_classes``) is
-    background in both, so it is neither hit nor miss."""
+def _outputs(
+    net: torch.nn.Module, cases: list[Path], patch: tuple[int, ...], device: torch.device, config: TrainConfig
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """``(probabilities (C, *S), label (*S))`` of each preprocessed case (sliding window at
+    ``patch``, the image with its context channels): softmax, or sigmoids with ``regions``."""
     was_training = net.training
     net.eval()
     try:
@@ -37,27 +32,59 @@ def predictions(
             logits = sliding_window(
                 net, image[None], patch, overlap=config.val_overlap, divisor=net.divisor, device=device,
                 batch_size=4,
-            )  # fmt: skip
-            pred = logits.argmax(1)[0].cpu().numpy()
-            care = label < num_classes
-            yield np.where(care, pred, 0), np.where(care, label, 0).astype(np.int64)
+            )[0].float().cpu()  # fmt: skip
+            yield logits, label
     finally:
         net.train(was_training)
+
+
+def predictions(
+    net: torch.nn.Module,
+    cases: list[Path],
+    patch: tuple[int, ...],
+    plan: Plan,
+    device: torch.device,
+    config: TrainConfig,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(prediction, truth)`` label maps of each preprocessed case; the ignore label (the only value
+    >= ``plan.num_classes``) is background in both, so it is neither hit nor miss. A region model's
+    prediction is its written-back label map, and the truth what perfect regions write back."""
+    order = plan.regions_class_order
+    for logits, label in _outputs(net, cases, patch, device, config):
+        care = label < plan.num_classes
+        if order:
+            pred = to_labels(torch.sigmoid(logits).numpy(), order)
+            truth = written_truth(label, plan.regions, order)
+        else:
+            pred, truth = logits.argmax(0).numpy(), label.astype(np.int64)
+        yield np.where(care, pred, 0), np.where(care, truth, 0)
 
 
 def validate(
     net: torch.nn.Module,
     cases: list[Path],
     patch: tuple[int, ...],
-    num_classes: int,
+    plan: Plan,
     device: torch.device,
     config: TrainConfig,
-) -> dict[int, float]:
-    """Mean Dice per foreground class over ``cases``."""
-    onehot = lambda x: torch.nn.functional.one_hot(torch.from_numpy(x), num_classes).movedim(-1, 0)  # noqa: E731
+) -> dict[int | str, float]:
+    """Mean Dice per foreground class (by value) over ``cases``; for a region model, per region (by
+    name) of its thresholded sigmoid (> 0.5) against the region's mask."""
     scores = [
-        dice_torch(onehot(pred)[None], onehot(truth)[None])[0, 1:]
-        for pred, truth in predictions(net, cases, patch, num_classes, device, config)
+        _case_dice(logits, label, plan) for logits, label in _outputs(net, cases, patch, device, config)
     ]
     mean = torch.nanmean(torch.stack(scores).float(), dim=0)
+    if plan.regions:
+        return {name: float(v) for (name, _), v in zip(plan.regions, mean, strict=True)}
     return {c + 1: float(v) for c, v in enumerate(mean)}
+
+
+def _case_dice(logits: torch.Tensor, label: np.ndarray, plan: Plan) -> torch.Tensor:
+    """One case's Dice per foreground class, or per region; ignored voxels are off in both."""
+    truth, care = torch.from_numpy(label.astype(np.int64)), torch.from_numpy(label < plan.num_classes)
+    if plan.regions:
+        pred = (torch.sigmoid(logits) > THRESHOLD) & care
+        ref = torch.stack([region_mask(truth, values) for _, values in plan.regions]) & care
+        return dice_torch(pred[None], ref[None])[0]
+    onehot = lambda x: torch.nn.functional.one_hot(x, plan.num_classes).movedim(-1, 0)  # noqa: E731
+    return dice_torch(onehot(logits.argmax(0) * care)[None], onehot(truth * care)[None])[0, 1:]
