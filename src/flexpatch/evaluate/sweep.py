@@ -19,6 +19,7 @@ import torch
 from flexpatch.axes import round_up
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import atomic_path, write_text
+from flexpatch.data.regions import written_truth
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.metrics import segmentation_metrics
 from flexpatch.runtime import generator, progress_bar
@@ -69,24 +70,39 @@ def run_sweep(
     label: str = "model",
 ) -> list[dict]:
     """One row per (size, case, class): Dice of the model's segmentation at that window, and the
-    case's ``context_error`` at it (:func:`context_error`; NaN without mirrored pairs)."""
-    classes = {name: v for name, v in model.plan.labels.items() if 0 < v < model.plan.num_classes}
+    case's ``context_error`` at it (:func:`context_error`; NaN without mirrored pairs).
+
+    A region model's classes are the values its label maps are written back with (named after
+    their regions), scored against what perfect regions write back: the label map a user gets.
+    """
+    plan = model.plan
+    if plan.regions:
+        classes = {name: v for v, name in model.label_names.items() if v > 0}
+    else:
+        classes = {name: v for name, v in plan.labels.items() if 0 < v < plan.num_classes}
     pairs = [(model.plan.labels[a], model.plan.labels[b]) for a, b in model.mirrored_pairs]
     rows: list[dict] = []
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(f"sweep {label}", total=len(sizes) * len(cases), info="")
         for case in cases:
-            volume, truth = load_case(case, model.plan.ndim, model.plan.labels)
+            volume, truth = load_case(case, plan.ndim, plan.labels)
             if truth is None:
                 raise FlexPatchError(f"{case.images[0]}: sweep needs labelled cases (labelsTs/)")
+            reference = (
+                written_truth(truth.data, plan.regions, plan.regions_class_order)
+                if plan.regions
+                else truth.data
+            )
             prepared = model.prepare(volume)
             image = format_shape(tuple(prepared[0].shape[2:]))  # the grid windows are measured on
             for size in sizes:
-                seg = model.probabilities(prepared, size, overlap=overlap, batch_size=batch_size).argmax(0)
-                scores = segmentation_metrics(
-                    seg, truth.data, list(classes.values()), truth.spacing, hd95=False
+                seg = model.labels(
+                    model.probabilities(prepared, size, overlap=overlap, batch_size=batch_size)
                 )
-                wrong_side = context_error(seg, truth.data, pairs)
+                scores = segmentation_metrics(
+                    seg, reference, list(classes.values()), truth.spacing, hd95=False
+                )
+                wrong_side = context_error(seg, reference, pairs)
                 for name, value in classes.items():
                     rows.append(
                         {

@@ -14,6 +14,7 @@ from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case, restore
+from flexpatch.data.regions import to_labels, written_names
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.infer.runner import (
@@ -196,7 +197,8 @@ class LoadedModel:
         memory: int | None = None,
         tta: str = "none",
     ) -> np.ndarray:
-        """Softmax probabilities ``(classes, *spatial)`` on the volume's original grid.
+        """Softmax probabilities ``(classes, *spatial)`` on the volume's original grid; a region
+        model's sigmoids ``(regions, *spatial)`` (see :meth:`labels`).
 
         ``volume`` may be the result of :meth:`prepare`, so sweeps preprocess each case once.
         With a ``memory`` budget (bytes), the window (unless ``patch_size`` is given) and the
@@ -209,8 +211,7 @@ class LoadedModel:
         net = self.network(tta)
         if memory is not None:
             logits = self._within(net, image, memory, patch_size, overlap, blend, batch_size, stitch_device)
-            probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
-            return restore(probs, props, is_label=False)
+            return restore(self._activate(logits[0]), props, is_label=False)
         logits = sliding_window(
             net,
             image,
@@ -223,8 +224,31 @@ class LoadedModel:
             stitch_device=stitch_device or self.device,
             progress=progress,
         )
-        probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
-        return restore(probs, props, is_label=False)
+        return restore(self._activate(logits[0]), props, is_label=False)
+
+    def _activate(self, logits: torch.Tensor) -> np.ndarray:
+        """Probabilities of ``(C, *S)`` logits: one sigmoid per region (regions overlap), else softmax."""
+        if self.plan.regions:
+            return torch.sigmoid(logits.float()).cpu().numpy()
+        return torch.softmax(logits.float(), dim=0).cpu().numpy()
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        """The label map of :meth:`probabilities`: the most probable class, or for a region model
+        nnU-Net's write-back (:func:`~flexpatch.data.regions.to_labels`)."""
+        return to_labels(probs, self.plan.regions_class_order)
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Value -> name of the label maps this model writes (a region model's: its regions')."""
+        if self.plan.regions:
+            background = next((n for n, v in self.plan.labels.items() if v == 0), "background")
+            return written_names(self.plan.regions, self.plan.regions_class_order, background)
+        return names_by_value(self.plan.labels)
+
+    @property
+    def largest_value(self) -> int:
+        """The largest value a label map of this model holds (its type must hold it)."""
+        return max(self.plan.regions_class_order, default=self.plan.num_classes - 1)
 
     def _within(
         self,
@@ -277,6 +301,12 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
     config = load_json(model_dir / "config.json")
     if checkpoint not in CHECKPOINTS:
         raise FlexPatchError(f"unknown checkpoint {checkpoint!r}; choose one of {', '.join(CHECKPOINTS)}")
+    if plan.regions and spec.out_channels != len(plan.regions):
+        # e.g. a cascade's stage folder: trained with softmax on the label values of a region dataset
+        raise FlexPatchError(
+            f"{model_dir / 'model.json'}: {spec.out_channels} outputs, but plan.json declares "
+            f"{len(plan.regions)} regions (one sigmoid output each)"
+        )
     dev = resolve_device(device)
     net = build(spec)
     if "window" not in method:
@@ -328,8 +358,10 @@ def predict_files(
 ) -> Written:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
-    Probabilities go to ``out_dir/probabilities/CASE.nii.gz`` (classes last); the label maps
-    carry the plan's label names in their header (:func:`~flexpatch.infer.runner.run_prediction`).
+    Probabilities go to ``out_dir/probabilities/CASE.nii.gz`` (classes last; a region model's
+    sigmoids, regions last); the label maps carry the plan's label names in their header
+    (:func:`~flexpatch.infer.runner.run_prediction`), a region model's written back as nnU-Net
+    does (:meth:`LoadedModel.labels`).
 
     The window, the input files' existence and the output folder are checked before any
     case runs; each output is written atomically, so a failure never leaves a partial file.
@@ -348,20 +380,20 @@ def predict_files(
     window = lm.window(patch_size)
     cases = cases_for(inputs, lm.plan.in_channels, out_dir)
     chosen = window if memory is None or patch_size is not None else None
-    dtype = label_dtype(lm.plan.num_classes)
+    dtype = label_dtype(lm.largest_value + 1)
 
     def segment(volume: Volume) -> Prediction:
         probs = lm.probabilities(
             volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory, tta=tta
         )
-        return Prediction(probs.argmax(0).astype(dtype), probs)
+        return Prediction(lm.labels(probs).astype(dtype), probs)
 
     return run_prediction(
         cases,
         out_dir,
         lm.plan.ndim,
         segment,
-        label_names=names_by_value(lm.plan.labels),
+        label_names=lm.label_names,
         save_probabilities=save_probabilities,
         progress=progress,
         describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}",
