@@ -22,6 +22,7 @@ from flexpatch.data.preprocess import Plan
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.predictor import LoadedModel
 from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.infer.within import sliding_window_within
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
 from flexpatch.plan.budget import format_bytes, parse_budget
@@ -34,7 +35,6 @@ from flexpatch.plan.planner import (
     shrink,
     sliding_window_peak,
 )
-from flexpatch.plan.within import sliding_window_within
 from flexpatch.train.config import TrainConfig
 
 torch.set_num_threads(1)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from flexpatch.axes import per_axis
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
@@ -27,13 +28,15 @@ from flexpatch.infer.runner import (
 )
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.infer.tta import Mirrored, mirroring_for
+from flexpatch.infer.within import sliding_window_within
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
+from flexpatch.plan.budget import format_bytes, parse_budget
+from flexpatch.plan.memory import Prober, calibrate
+from flexpatch.plan.planner import WindowChoice, plan_window
 from flexpatch.runtime import console, resolve_device
 from flexpatch.sampling.augment import parse_augment
-
-if TYPE_CHECKING:  # the planner is loaded when a budget is planned
-    from flexpatch.plan.planner import WindowChoice
+from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
 
 CHECKPOINTS = {"best": BEST, "last": LAST}
 
@@ -89,9 +92,6 @@ class LoadedModel:
         network's call at the chosen window and batch is measured (once per window and batch)
         and the plan checked by it (:func:`~flexpatch.plan.planner.checked`).
         """
-        from flexpatch.plan.memory import Prober, calibrate
-        from flexpatch.plan.planner import plan_window
-
         if "model" not in self._memory:
             prober = Prober(self.net, "infer", self.device)
             self._memory.update(model=calibrate(self.net, prober=prober), prober=prober, measured={})
@@ -261,9 +261,6 @@ class LoadedModel:
         batch_size: int,
         stitch_device: str | None,
     ) -> torch.Tensor:
-        from flexpatch.plan.budget import format_bytes
-        from flexpatch.plan.within import sliding_window_within
-
         shape = tuple(image.shape[2:])
         choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
         logits, ran = sliding_window_within(
@@ -324,9 +321,6 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
 
 def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: tuple[int, ...]) -> dict:
     """For a folder written before method.json: the default window and fixed size from its config."""
-    from flexpatch.axes import per_axis
-    from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
-
     try:
         spec = parse_patch_spec(config["patch"], ndim, divisor, batch=config["batch"], steps=config["steps"])
         val = config.get("val_patch")
@@ -374,8 +368,6 @@ def predict_files(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     mirrored = isinstance(lm.network(tta), Mirrored)  # a refused --tta fails before any case runs
     if memory is not None:
-        from flexpatch.plan.budget import parse_budget
-
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)
     cases = cases_for(inputs, lm.plan.in_channels, out_dir)

@@ -27,68 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from flexpatch.accumulator import Accumulator, grid_coverage, mean_
-from flexpatch.axes import nearest_valid, per_axis, round_up
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import WINDOW_KINDS, grid_starts, window_weights
+from flexpatch.geometry import WINDOW_KINDS, window_layout, window_weights
 
 Shape = tuple[int, ...]
 Starts = list[Shape]
 PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
 
 __all__ = ["PAD_MODES", "sliding_window", "window_layout"]
-
-
-def _check_divisible(patch: Shape, divisor: Shape) -> None:
-    """Every patch side must be a multiple of the divisor; name the nearest valid sizes."""
-    if any(d < 1 for d in divisor):
-        raise FlexPatchError(f"divisor {divisor} must be >= 1 on every axis")
-    if all(p % d == 0 for p, d in zip(patch, divisor, strict=True)):
-        return
-    pairs = [nearest_valid(p, d) for p, d in zip(patch, divisor, strict=True)]
-    lower, upper = tuple(b for b, _ in pairs), tuple(a for _, a in pairs)
-    raise FlexPatchError(
-        f"patch_size {patch} is not divisible by divisor {divisor}; nearest valid sizes: {lower} or {upper}"
-    )
-
-
-def window_layout(
-    image_shape: Sequence[int],
-    patch_size: int | Sequence[int],
-    overlap: float = 0.5,
-    divisor: int | Sequence[int] = 1,
-) -> tuple[Shape, Shape, list[Shape]]:
-    """The pure geometry of a sliding window: window shape, padded image shape, window starts.
-
-    Along an axis where the patch is smaller than the image, the window is the patch
-    and the image is not padded. Where the patch covers the image, the window is the
-    whole image extent rounded up to a multiple of ``divisor`` (one position), and the
-    image is padded to that size, never to the patch size.
-
-    Args:
-        image_shape: spatial shape of the image.
-        patch_size: requested window, one int per axis (or one int for all axes).
-        overlap: fraction of a window shared with its neighbour, in [0, 1).
-        divisor: the network's size divisor (``2**levels`` for a U-Net), per axis or one int.
-
-    Returns:
-        ``(window, padded, starts)``: the effective window shape, the padded image shape
-        and the start of every window in the padded image (MONAI's order).
-    """
-    spatial = tuple(int(s) for s in image_shape)
-    n = len(spatial)
-    patch = per_axis(patch_size, n, "patch_size")
-    div = per_axis(divisor, n, "divisor")
-    if any(p <= 0 for p in patch):
-        raise FlexPatchError(f"patch_size {patch} must be positive on every axis")
-    if any(s <= 0 for s in spatial):
-        raise FlexPatchError(f"image shape {spatial} must be positive on every axis")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise FlexPatchError(f"overlap must be in [0, 1), got {overlap}")
-    _check_divisible(patch, div)
-    covered = [p >= s for p, s in zip(patch, spatial, strict=True)]
-    padded = tuple(round_up(s, d) if c else s for s, d, c in zip(spatial, div, covered, strict=True))
-    window = tuple(q if c else p for p, q, c in zip(patch, padded, covered, strict=True))
-    return window, padded, grid_starts(padded, window, overlap)
 
 
 def _pad_case(case: torch.Tensor, padded: Shape, mode: str) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -25,8 +25,7 @@ from flexpatch.patchwork.outputs import labelling_bytes
 from flexpatch.patchwork.scheme import ImageFrame, Scheme, level_widths, undersampling
 from flexpatch.patchwork.stitch import Stitcher, mix_levels
 from flexpatch.plan.patchwork import BatchPlan, kept_bytes, plan_batch, resident_bytes
-from flexpatch.plan.within import is_out_of_memory
-from flexpatch.runtime import numpy_rng
+from flexpatch.runtime import is_out_of_memory, numpy_rng
 
 
 @dataclass(frozen=True)

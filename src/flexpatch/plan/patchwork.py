@@ -33,7 +33,7 @@ import torch
 from flexpatch.errors import FlexPatchError
 from flexpatch.plan.budget import format_bytes
 from flexpatch.plan.memory import measure_peak, tensor_bytes
-from flexpatch.plan.within import is_out_of_memory
+from flexpatch.runtime import is_out_of_memory
 
 if TYPE_CHECKING:  # annotations only: the patchwork's application imports this module
     from flexpatch.patchwork.generate import Level

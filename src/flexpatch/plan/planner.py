@@ -20,7 +20,7 @@ choice is over (each such round raises the scale, so it ends). What it returns h
 measured. For a window only the network call is measured: the image and the stitching
 buffers are counted exactly.
 
-What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.plan.within`.
+What a prediction does when it runs out of memory anyway is in :mod:`flexpatch.infer.within`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from flexpatch.axes import round_up
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.infer.sliding_window import window_layout
+from flexpatch.geometry import window_layout
 from flexpatch.plan.budget import format_bytes
 from flexpatch.plan.memory import MemoryModel
 

@@ -1,4 +1,5 @@
-"""Running a planned prediction within its budget when it runs out of memory anyway.
+"""Running a planned prediction within its budget when it runs out of memory anyway (the plan is
+:mod:`flexpatch.plan.planner`'s; running it is inference's).
 
 :func:`sliding_window_within` retries with, in order, half the window batch, stitching on
 the CPU, and a smaller window; the first two leave the output unchanged.
@@ -14,14 +15,7 @@ import torch
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.plan.planner import WindowChoice, shrink
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+from flexpatch.runtime import is_out_of_memory
 
 
 def fallback(
