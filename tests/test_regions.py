@@ -244,3 +244,18 @@ def test_region_model_trains_and_predicts_2d(tiny_cells: Path, tmp_path: Path) -
     [pred] = predict_files(model, [image], tmp_path / "out", progress=False)
     seg = np.asarray(nib.load(str(pred)).dataobj)
     assert seg.shape == (64, 64, 1) and set(np.unique(seg).tolist()) <= {0, 1}
+
+
+def test_cascade_and_patchwork_refuse_region_datasets(abdomen_regions: Path, tmp_path: Path) -> None:
+    from flexpatch.cascade.config import CascadeConfig
+    from flexpatch.cascade.train import train_cascade
+    from flexpatch.patchwork.config import PatchworkConfig
+    from flexpatch.patchwork.train import check_training_inputs
+
+    with pytest.raises(FlexPatchError, match="region-based labels train with the core trainer, not segment"):
+        train_cascade(abdomen_regions, tmp_path / "sts", CascadeConfig.of(input_size=16), progress=False)
+    with pytest.raises(
+        FlexPatchError, match="region-based labels train with the core trainer, not the patchwork"
+    ):
+        check_training_inputs(abdomen_regions, tmp_path / "pw", PatchworkConfig())
+    assert not (tmp_path / "sts").exists()

@@ -31,7 +31,7 @@ from flexpatch.cascade.infer import (
     segment,
 )
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
-from flexpatch.data.dataset import DatasetInfo, load_dataset
+from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import load_preprocessed
 from flexpatch.errors import FlexPatchError
@@ -252,6 +252,7 @@ def _augmented(
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
     """Fail in seconds, before preprocessing: model, input size, output folder. Returns the rough net."""
+    refuse_regions(ds, "segment-then-segment")
     seed_everything(config.train.seed)
     net = create_model(
         config.train.model,

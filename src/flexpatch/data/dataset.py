@@ -146,6 +146,15 @@ _SCHEME_OF_NAME = {
 }  # fmt: skip
 
 
+def refuse_regions(ds: DatasetInfo, method: str) -> None:
+    """One line for a method that trains one softmax class per label value: region-based labels
+    (overlapping regions with sigmoid outputs) are the core trainer's."""
+    if ds.regions:
+        raise FlexPatchError(
+            f"{ds.root / 'dataset.json'}: region-based labels train with the core trainer, not {method}"
+        )
+
+
 def scheme_of(channel_name: str) -> str:
     """The normalisation of a channel named as in nnU-Net's ``channel_names``: a CT channel by its
     Hounsfield window, ``noNorm`` none, ``rescale_to_0_1`` min-max, ``rgb_to_0_1`` / 255, the rest

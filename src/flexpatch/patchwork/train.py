@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from flexpatch.checkpoint import load_checkpoint, save_checkpoint
-from flexpatch.data.dataset import DatasetInfo, load_dataset
+from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import save_json
 from flexpatch.errors import FlexPatchError
 from flexpatch.methods import write_method
@@ -139,6 +139,7 @@ def check_training_inputs(dataset_dir: Path, out_dir: Path, config: PatchworkCon
     """Fail in seconds: dataset layout, labels, scheme, blocks and matrices, output folder."""
     config.check()
     ds = load_dataset(dataset_dir)
+    refuse_regions(ds, "the patchwork")
     values, _ = label_table(ds, config)
     scheme = config.scheme_obj(ds.ndim)
     build_net(config, scheme, len(ds.channel_names), len(values))
