@@ -139,7 +139,9 @@ class LoadedModel:
             raise FlexPatchError(f"patch size {patch} has {len(patch)} axes, the model is {self.plan.ndim}D")
         patch = check_patch_size(patch, self.divisor, what=f"patch size for model {self.spec.name}")
         capped = tuple(min(p, t) for p, t in zip(patch, self.largest_trained, strict=True))
-        if capped != patch:
+        told = self._memory.setdefault("capped", set())
+        if capped != patch and patch not in told:
+            told.add(patch)  # once per window, not once per case
             self._report(
                 f"window {format_shape(patch)} is larger than any training patch: "
                 f"running {format_shape(capped)}, the largest trained"
