@@ -193,3 +193,19 @@ def test_ignore_label_gets_no_gradient() -> None:
     x, y = torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 1, 5, 5))
     ref = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)(x, y)
     assert torch.allclose(segmentation_loss(False)(x, y), ref)
+
+
+def test_patchwork_crops_get_the_intensity_set_reproducibly() -> None:
+    from flexpatch.patchwork.config import PatchworkConfig
+    from flexpatch.patchwork.rounds import _intensity
+
+    crops = torch.randn(16, 1, 8, 8, 8)
+    off = PatchworkConfig(intensity="none")
+    assert _intensity(crops, off, torch.Generator().manual_seed(0)) is crops
+    on = PatchworkConfig(intensity='{"p_gamma": 1.0}')
+    a = _intensity(crops, on, torch.Generator().manual_seed(1))
+    b = _intensity(crops, on, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, crops)
+    assert torch.allclose(a.mean((1, 2, 3, 4)), crops.mean((1, 2, 3, 4)), atol=1e-4)  # gamma keeps stats
+    with pytest.raises(FlexPatchError, match="unknown augmentation setting"):
+        PatchworkConfig(intensity='{"p_x": 1}').check()

@@ -8,6 +8,7 @@ from typing import Any
 from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import generate
 from flexpatch.patchwork.scheme import Scheme
+from flexpatch.sampling.augment import parse_augment
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,10 @@ class PatchworkConfig:
     """Everything a patchwork run needs besides the data (written to ``patchwork.json``).
 
     ``scheme`` holds the :class:`Scheme` options; the rest mirrors DNP's PatchWorkModel and
-    training options (deep neural patchworks, section "Application interface").
+    training options (deep neural patchworks, section "Application interface"). ``intensity``:
+    the intensity part of an augmentation setting (:func:`~flexpatch.sampling.augment.parse_augment`,
+    nnU-Net's set by default) applied to every crop; spatial augmentation is DNP's own
+    (``dphi``, ``flip``, ``dscale``: the patch affines).
     """
 
     scheme: dict[str, Any] = field(default_factory=dict)
@@ -48,6 +52,7 @@ class PatchworkConfig:
     flip: list[int] = field(default_factory=list)
     dscale: float = 0.0
     independent_augmentation: bool = True
+    intensity: str = "default"
     workers: int = 1
     save_every: int = 5  # rounds between resume checkpoints (and after the last round)
     val_fraction: float = 0.2  # cases held out for validation, as the core trainer (0: none)
@@ -61,6 +66,7 @@ class PatchworkConfig:
         return generate.Augment(self.dphi, tuple(self.flip), self.dscale, self.independent_augmentation)
 
     def check(self) -> None:
+        parse_augment(self.intensity)
         counts = (self.rounds, self.epochs, self.num_patches, self.batch_size)
         if min(*counts, self.save_every, self.val_every) < 1:
             raise FlexPatchError(

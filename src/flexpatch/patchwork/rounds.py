@@ -20,7 +20,8 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import crop, generate
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.scheme import ImageFrame, Scheme, level_widths, undersampling
-from flexpatch.runtime import numpy_rng
+from flexpatch.runtime import generator, numpy_rng
+from flexpatch.sampling.augment import apply_intensity, draw_intensity, parse_augment
 
 IGNORE = -1  # "don't care" inside the trainer, whatever value the dataset uses for it
 
@@ -84,14 +85,24 @@ def draw_case(
         scheme, state.geom, state.widths, config.num_patches, rng, state.sampler, config.augment()
     )
     out: dict[str, torch.Tensor] = {}
+    g = generator("flexpatch-patchwork-intensity", config.seed, round_idx, case_idx)
     for k, level in enumerate(levels):
         m = scheme.matrix[k]
-        out[f"x{k}"] = crop.crop_image(state.sources[k], level.affine, m, scheme)
+        out[f"x{k}"] = _intensity(crop.crop_image(state.sources[k], level.affine, m, scheme), config, g)
         out[f"y{k}"] = crop.crop_label(state.label, level.affine, m)
         if k:
             rel = generate.relative_affines(levels[k - 1].affine[level.parent], level.affine)
             out[f"rel{k}"] = torch.from_numpy(rel).float()
     return out
+
+
+def _intensity(crops: torch.Tensor, config: PatchworkConfig, g: torch.Generator) -> torch.Tensor:
+    """Each crop ``(C, *m)`` of ``crops`` with the core trainer's intensity augmentation (draws
+    from ``g``, a function of (seed, round, case), so a resumed run draws the same)."""
+    aug = parse_augment(config.intensity)
+    if not any((aug.p_noise, aug.p_blur, aug.p_brightness, aug.p_contrast, aug.p_lowres, aug.p_gamma)):
+        return crops
+    return torch.stack([apply_intensity(c, draw_intensity(aug, g, c.shape[0])) for c in crops])
 
 
 @dataclass

@@ -281,7 +281,8 @@ def load_resume(
     if not isinstance(saved.get("config"), dict):
         raise FlexPatchError(f"{path}: not a patchwork resume checkpoint (no config)")
     given = asdict(config) if config is not None else None
-    settings = resume_settings(path, saved["config"], given, changes, RESUME_FREE)
+    # runs saved before intensity augmentation existed trained without it, and resume so
+    settings = resume_settings(path, {"intensity": "none", **saved["config"]}, given, changes, RESUME_FREE)
     try:
         config = PatchworkConfig(**settings)
     except TypeError as err:
