@@ -202,7 +202,7 @@ def test_patchwork_crops_get_the_intensity_set_reproducibly() -> None:
     crops = torch.randn(16, 1, 8, 8, 8)
     off = PatchworkConfig(intensity="none")
     assert _intensity(crops, off, torch.Generator().manual_seed(0)) is crops
-    on = PatchworkConfig(intensity='{"p_gamma": 1.0}')
+    on = PatchworkConfig(intensity='{"preset": "none", "p_gamma": 1.0}')
     a = _intensity(crops, on, torch.Generator().manual_seed(1))
     b = _intensity(crops, on, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a, crops)
