@@ -11,7 +11,7 @@ from flexpatch.cli import app
 from flexpatch.demo import MODELS, as_json, run_demo
 
 
-def test_demo_trains_fp_and_the_robust_model_and_reports_every_window(tmp_path: Path) -> None:
+def test_demo_trains_fp_and_ap_with_context_and_reports_every_window(tmp_path: Path) -> None:
     windows = (16, 32, 48)  # 48 exceeds the 32^3 image
     summary = run_demo(
         tmp_path, steps=2, device="cpu", progress=False, shape=(32, 32, 32), cases=(3, 1), windows=windows

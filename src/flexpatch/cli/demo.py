@@ -18,7 +18,7 @@ def demo(
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job on the phantom: a fixed-size and the robust U-Net, Dice at 5 window sizes, a table
+    """The main job on the phantom: a fixed-size and an AP + context U-Net, Dice at 5 windows, a table
     and a PNG; --json prints {"image": [...], "models": {name: {window edge: mean Dice}}}."""
     from flexpatch.demo import as_json as short_form
     from flexpatch.demo import run_demo
