@@ -171,6 +171,7 @@ def lesion_phantom(root: Path, m: dict, radius: tuple[float, float]) -> Path:
         label = read_label(path)
         write_image(path, lut[label.data], label.affine)
     meta = json.loads((root / "dataset.json").read_text())
+    meta.pop("mirrored_pairs", None)  # the kidneys it names are merged away in this task
     write_text(root / "dataset.json", json.dumps({**meta, "labels": LESION_TASK}, indent=2) + "\n")
     return root
 

@@ -29,7 +29,7 @@ from flexpatch.data.preprocess import (
 )
 from flexpatch.data.sanity import warn_patch_clipped
 from flexpatch.errors import FlexPatchError
-from flexpatch.evaluate.postprocess import decide, write_postprocessing
+from flexpatch.evaluate.postprocess import write_postprocessing
 from flexpatch.methods import write_method
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.registry import check_trainable
@@ -51,7 +51,7 @@ from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_set
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
-from flexpatch.train.validation import predictions, validate
+from flexpatch.train.validation import validate, validate_and_decide
 
 
 @dataclass
@@ -300,25 +300,7 @@ def train(
     )
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     run.finish(end)
-    if end == config.steps and val_cases:
-        _decide_postprocessing(run, out_dir, val_cases, val_patch)
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
-
-
-def _decide_postprocessing(run: _Run, out_dir: Path, val_cases: list[Path], patch: tuple[int, ...]) -> None:
-    """With the best weights: keep the largest component of the classes it helps on validation.
-
-    A region model decides on its written-back label maps, per value of ``regions_class_order``:
-    that is what prediction writes and what the decision is applied to (per region masks would
-    need a second rule for overlapping regions at prediction time)."""
-    run.net.load_state_dict(load_checkpoint(out_dir / BEST, map_location="cpu")["model"])
-    pairs = predictions(run.net, val_cases, patch, run.plan, run.dev, run.config)
-    order = run.plan.regions_class_order
-    classes = sorted(set(order)) if order else list(range(1, run.plan.num_classes))
-    decision = decide(pairs, classes)
-    write_postprocessing(out_dir, decision)
-    kept = decision["largest_component"]
-    console.print(f"post-processing: largest component kept for classes {kept or 'none'} (validation Dice)")
 
 
 def _start(
@@ -396,8 +378,18 @@ class _Run:
         return {"model": self.net.state_dict(), "step": step, "val_mean": val_mean}
 
     def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
-        """Validation Dice per class; saves the best checkpoint when it improves, and the last."""
-        dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config)
+        """Validation Dice per class; saves the best checkpoint when it improves, and the last. At
+        the run's last step the same predictions decide the post-processing (as nnU-Net, on the
+        final weights' validation), so it costs no pass of its own."""
+        if step < self.config.steps:
+            dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config)
+        else:
+            dice, decision = validate_and_decide(
+                self.net, val_cases, val_patch, self.plan, self.dev, self.config
+            )
+            write_postprocessing(self.harness.folder, decision)
+            kept = decision["largest_component"] or "none"
+            console.print(f"post-processing: largest component kept for classes {kept} (validation Dice)")
         mean = float(np.nanmean(list(dice.values())))
         self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
         self.harness.save_last(self.state(step))

@@ -3,8 +3,9 @@ and the post-processing decided on them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from flexpatch.data.context import with_context
 from flexpatch.data.preprocess import Plan, load_preprocessed
 from flexpatch.data.regions import THRESHOLD, region_mask, to_labels, written_truth
 from flexpatch.evaluate.metrics import dice_torch
+from flexpatch.evaluate.postprocess import decide
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.train.config import TrainConfig
 
@@ -49,8 +51,14 @@ def predictions(
     """``(prediction, truth)`` label maps of each preprocessed case; the ignore label (the only value
     >= ``plan.num_classes``) is background in both, so it is neither hit nor miss. A region model's
     prediction is its written-back label map, and the truth what perfect regions write back."""
+    return _label_maps(_outputs(net, cases, patch, device, config), plan)
+
+
+def _label_maps(
+    outputs: Iterable[tuple[torch.Tensor, np.ndarray]], plan: Plan
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     order = plan.regions_class_order
-    for logits, label in _outputs(net, cases, patch, device, config):
+    for logits, label in outputs:
         care = label < plan.num_classes
         if order:
             pred = to_labels(torch.sigmoid(logits).numpy(), order)
@@ -73,6 +81,29 @@ def validate(
     scores = [
         _case_dice(logits, label, plan) for logits, label in _outputs(net, cases, patch, device, config)
     ]
+    return _per_class(scores, plan)
+
+
+def validate_and_decide(
+    net: torch.nn.Module,
+    cases: list[Path],
+    patch: tuple[int, ...],
+    plan: Plan,
+    device: torch.device,
+    config: TrainConfig,
+) -> tuple[dict[int | str, float], dict[str, Any]]:
+    """:func:`validate`, and from the same predictions the post-processing decision (largest
+    component per class, :func:`~flexpatch.evaluate.postprocess.decide`): one pass over the cases.
+    A region model decides on its written-back label maps, per value of ``regions_class_order``:
+    what prediction writes and what the decision is applied to."""
+    outputs = list(_outputs(net, cases, patch, device, config))
+    scores = [_case_dice(logits, label, plan) for logits, label in outputs]
+    order = plan.regions_class_order
+    classes = sorted(set(order)) if order else list(range(1, plan.num_classes))
+    return _per_class(scores, plan), decide(_label_maps(outputs, plan), classes)
+
+
+def _per_class(scores: list[torch.Tensor], plan: Plan) -> dict[int | str, float]:
     mean = torch.nanmean(torch.stack(scores).float(), dim=0)
     if plan.regions:
         return {name: float(v) for (name, _), v in zip(plan.regions, mean, strict=True)}
