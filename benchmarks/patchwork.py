@@ -73,13 +73,16 @@ class Mode:
     lazy_mix: tuple[float, ...]  # lazy fractions also run with level mix (coarse levels fill the rest)
     batch_pw: int
     sw_batch: int
+    # the U-Net's options (smoke: a narrow one, so the suite checks the code, not the machine)
+    unet: tuple[tuple[str, int], ...] = ()
+    probes: tuple[int, int, int] = (2, 7, 10)  # calibration runs: short, rough rate, least extra steps
 
 
 MODES = {
     "quick": Mode(96, 2.0, 6, 2, 16, 48, 3, 480.0, (0.5, 0.25), (0.25,), 8, 2),
     # 240 s a method: its one H100 run (2026-11-23, GPU shared with 4 other benchmarks) took 22 min
     "full": Mode(256, 0.75, 8, 3, 32, 128, 3, 240.0, (0.5, 0.25), (0.25,), 16, 2),
-    "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), (0.5,), 4, 2),
+    "smoke": Mode(48, 4.0, 3, 1, 16, 32, 2, 8.0, (0.5,), (0.5,), 4, 2, (("channels", 4),), (1, 2, 2)),
 }
 UNET = {}  # the registry's unet (seed 01's U-Net, 3.33 M parameters) as is
 
@@ -126,7 +129,7 @@ def pw_config(mode: Mode, rounds: int) -> Any:
             "fov_rel": [FOV_REL] * 3,
             "destvox_rel": [1.0] * 3,
         },
-        block_options=UNET,
+        block_options={**UNET, **dict(mode.unet)},
         intermediate_loss=True,
         rounds=rounds,
         num_patches=8,
@@ -188,6 +191,7 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
     def config(steps: int) -> TrainConfig:
         return TrainConfig(
             model="unet",
+            model_kwargs={**UNET, **dict(mode.unet)},
             patch=f"{patch},{patch},{patch}",
             steps=steps,
             batch=2,
@@ -209,10 +213,11 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
                     overwrite=True)
         return run.seconds
 
-    short = seconds(2)
-    rough = max((seconds(7) - short) / 5, 1e-4)
-    extra = min(max(10, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
-    steps = max(4, int(mode.budget / max((seconds(2 + extra) - short) / extra, 1e-4)))
+    first, second, least = mode.probes
+    short = seconds(first)
+    rough = max((seconds(second) - short) / max(second - first, 1), 1e-4)
+    extra = min(max(least, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
+    steps = max(4, int(mode.budget / max((seconds(first + extra) - short) / extra, 1e-4)))
     done = train(ds, out / "model", config(steps), device=device, progress=True, overwrite=True)
     return Result(f"U-Net {patch}^3", done.seconds, steps)
 
@@ -501,7 +506,8 @@ def describe(mode: Mode) -> str:
         f"{mode.cases} training and {mode.test} test cases.",
         f"Patchwork: depth {mode.depth}, {mode.matrix}^3 matrices at every level, fov_rel {FOV_REL},",
         "finest voxel = the image's, tree generation, cos window,",
-        "one U-Net (seed 01's, 3.33 M parameters) per level, intermediate losses, batch Dice + CE,",
+        f"one U-Net (seed 01's, {dict(mode.unet) or '3.33 M parameters'}) per level,",
+        "intermediate losses, batch Dice + CE,",
         "centres on labels half the time with every label equally likely (DNP's ratio 0.5, autoweight 1),",
         f"8 chains per image and round, batch {mode.batch_pw}.",
         f"Sliding-window U-Nets (the same network) at {mode.matrix}^3 and {mode.large}^3,",
