@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {
     "patch_size_robustness": ["--mode", "smoke"],
     "progressive": ["--smoke", "--seeds", "1"],  # 4 spawned trainings instead of 8
-    "segment_then_segment": ["--smoke"],
     "planning": ["--mode", "smoke"],
     "patchwork": ["--smoke", "--budget", "3"],
     "sliding_window": ["--smoke"],
@@ -46,7 +45,9 @@ def test_smoke_mode_runs_and_reports_without_touching_the_recorded_results(scrip
 
 
 def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
-    """A mode that outlasts one time-limited device call goes on where it stopped (seed 05's full mode)."""
+    """A mode that outlasts one time-limited device call goes on where it stopped (seed 05's full mode).
+    Its first call is also the script's smoke run (report, table, targets, recorded results untouched)."""
+    before = _tracked_outputs()
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "segment_then_segment.py"),
@@ -56,6 +57,9 @@ def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
     ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
     assert first.returncode == 0, first.stderr[-3000:]
+    text = [*tmp_path.rglob("BENCHMARKS.md"), *tmp_path.rglob("report.md")][0].read_text()
+    assert "| " in text and "target" in text.lower()
+    assert _tracked_outputs() == before
     assert "segment-then-segment unet at S=" in first.stdout + first.stderr
     kept = sorted(tmp_path.rglob("rows.json"))
     assert len(kept) == 3  # cells at S 16 and 32, lesions at S 16
