@@ -85,15 +85,24 @@ def draw_case(
         scheme, state.geom, state.widths, config.num_patches, rng, state.sampler, config.augment()
     )
     out: dict[str, torch.Tensor] = {}
-    g = generator("flexpatch-patchwork-intensity", config.seed, round_idx, case_idx)
     for k, level in enumerate(levels):
         m = scheme.matrix[k]
-        out[f"x{k}"] = _intensity(crop.crop_image(state.sources[k], level.affine, m, scheme), config, g)
+        out[f"x{k}"] = crop.crop_image(state.sources[k], level.affine, m, scheme)
         out[f"y{k}"] = crop.crop_label(state.label, level.affine, m)
         if k:
             rel = generate.relative_affines(levels[k - 1].affine[level.parent], level.affine)
             out[f"rel{k}"] = torch.from_numpy(rel).float()
     return out
+
+
+def with_intensity(
+    part: dict[str, torch.Tensor], config: PatchworkConfig, round_idx: int, case_idx: int
+) -> dict[str, torch.Tensor]:
+    """One image's patch set with its crops (``x0``, ``x1``, ...) intensity-augmented. Run in the
+    parent, not in the forked croppers: torch's convolutions in a child forked from a process
+    whose OpenMP pool is running can hang (seen in the suite)."""
+    g = generator("flexpatch-patchwork-intensity", config.seed, round_idx, case_idx)
+    return {k: _intensity(v, config, g) if k.startswith("x") else v for k, v in part.items()}
 
 
 def _intensity(crops: torch.Tensor, config: PatchworkConfig, g: torch.Generator) -> torch.Tensor:
@@ -162,9 +171,12 @@ class RoundSource:
 
     def get(self, round_idx: int) -> dict[str, torch.Tensor]:
         if self.pool is None:
-            return _concat([self.job.draw(round_idx, i) for i in range(len(self.job.states))])
-        self.prefetch(round_idx)
-        return _concat([f.result() for f in self.pending.pop(round_idx)])
+            parts = [self.job.draw(round_idx, i) for i in range(len(self.job.states))]
+        else:
+            self.prefetch(round_idx)
+            parts = [f.result() for f in self.pending.pop(round_idx)]
+        config = self.job.config
+        return _concat([with_intensity(part, config, round_idx, i) for i, part in enumerate(parts)])
 
     def close(self) -> None:
         global _JOB
