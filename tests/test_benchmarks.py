@@ -8,6 +8,7 @@ fails here rather than on a lent GPU. Smoke runs write under their --work folder
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ SMOKE = {
 }
 
 
+# Each script runs beside the other xdist worker: torch's default threads in both (and in their
+# loader and inference children) oversubscribe the two cores, and OpenMP's spinning made the
+# patchwork smoke run, a minute alone, overrun the 300 s test timeout.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _tracked_outputs() -> dict[Path, float]:
     paths = [ROOT / "BENCHMARKS.md", *(ROOT / "benchmarks" / "figures").glob("*.png")]
     return {p: p.stat().st_mtime for p in paths if p.exists()}
@@ -35,7 +42,7 @@ def _tracked_outputs() -> dict[Path, float]:
 def test_smoke_mode_runs_and_reports_without_touching_the_recorded_results(script, tmp_path):
     before = _tracked_outputs()
     cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *SMOKE[script], "--work", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, env=ONE_THREAD)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
     reports = [*tmp_path.rglob("BENCHMARKS.md"), *tmp_path.rglob("report.md")]
     assert reports, f"{script}: no report under {tmp_path}"
@@ -55,7 +62,7 @@ def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
         "--work",
         str(tmp_path),
     ]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, env=ONE_THREAD)
     assert first.returncode == 0, first.stderr[-3000:]
     text = [*tmp_path.rglob("BENCHMARKS.md"), *tmp_path.rglob("report.md")][0].read_text()
     assert "| " in text and "target" in text.lower()
@@ -65,7 +72,7 @@ def test_sts_keeps_finished_sizes_and_a_second_call_reuses_them(tmp_path):
     assert len(kept) == 3  # cells at S 16 and 32, lesions at S 16
     rows = json.loads((tmp_path / "smoke" / "results.json").read_text())["rows"]
     stamps = {p: p.stat().st_mtime_ns for p in kept}
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, env=ONE_THREAD)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "segment-then-segment unet at S=" not in second.stdout + second.stderr  # nothing trained
     assert json.loads((tmp_path / "smoke" / "results.json").read_text())["rows"] == rows
@@ -77,7 +84,7 @@ def test_context_smoke_trains_every_model_and_reports_dice_compute_and_targets(t
     before = _tracked_outputs()
     script = ROOT / "benchmarks" / "context.py"
     cmd = [sys.executable, str(script), "--mode", "smoke", "--work", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, check=False, env=ONE_THREAD)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-3000:]}"
     work = tmp_path / "smoke"
     text = (work / "BENCHMARKS.md").read_text()
