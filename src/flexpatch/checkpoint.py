@@ -35,9 +35,33 @@ _NUMPY_DATA += [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDG"]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save through a temporary file, so a crash never leaves a truncated checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save through a temporary file, so a crash never leaves a truncated checkpoint.
+
+    A failed write (disk full, I/O error) is one line naming ``path``; the temporary file is
+    removed and the checkpoint ``path`` held before, if any, stays as it was (still resumable).
+    """
+    kept = "; its previous version is kept" if path.is_file() else ""
+    try:
+        # through a Python file: a failed write then reaches torch as an OSError with its cause,
+        # where torch's own file writer says only "PytorchStreamWriter failed writing file"
+        with atomic_path(path) as tmp, tmp.open("wb") as f:
+            torch.save(state, f)
+    except FlexPatchError as e:
+        if not str(e).startswith(f"{path}:"):  # the folder's fault (not writable): said as it is
+            raise
+        raise FlexPatchError(f"{e}{kept}") from None
+    except RuntimeError as e:  # torch's writer wraps the OSError of a failed write in a RuntimeError
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise FlexPatchError(f"{path}: cannot write ({cause.strerror or cause}){kept}") from None
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError an exception was raised while handling (torch's C++ writer keeps only that link)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -64,4 +88,3 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         kind = type(state).__name__
         raise FlexPatchError(f"{path}: not a flexpatch checkpoint (holds a {kind}, not a dict)")
     return state
-

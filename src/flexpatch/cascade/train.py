@@ -50,7 +50,14 @@ from flexpatch.runtime import (
 )
 from flexpatch.sampling.augment import AugmentConfig, augmented_sample
 from flexpatch.train.config import TrainConfig
-from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
+from flexpatch.train.harness import (
+    Harness,
+    claim_folder,
+    jsonl_log,
+    resume_checkpoint,
+    resume_settings,
+    truncate_log,
+)
 from flexpatch.train.loop import augmentation, make_optimizer, prepare, split_cases
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
@@ -347,9 +354,7 @@ def _resolve(
         config = config or CascadeConfig()
         check_unused(config.train)
         return config, {}
-    path = out_dir / "rough" / LAST
-    if not path.is_file():
-        raise FlexPatchError(f"{path}: nothing to resume from")
+    path = resume_checkpoint(out_dir / "rough" / LAST, out_dir / "rough" / BEST)
     saved = {s: load_checkpoint(out_dir / s / LAST) for s in STAGES if (out_dir / s / LAST).is_file()}
     if "cascade" not in saved["rough"]:
         raise FlexPatchError(f"{path}: written by a version without cascade resume; train again")

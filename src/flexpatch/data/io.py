@@ -72,7 +72,12 @@ TEMP_PREFIX = ".tmp-"
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; a failed write
+    (disk full, quota, permission, I/O error) is a :class:`FlexPatchError` naming ``path``, not the
+    temporary file the user never asked for.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,17 +85,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise FlexPatchError(f"{path.parent}: cannot create output folder ({e.strerror})") from None
     if not os.access(path.parent, os.W_OK):
         raise FlexPatchError(f"{path.parent}: output folder is not writable")
-    # keep the full suffix so that writers (nibabel, PIL) pick the right format
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix_of(path), dir=path.parent)
-    os.close(fd)
+    try:
+        # keep the full suffix so that writers (nibabel, PIL) pick the right format
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix_of(path), dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
+
+
+def _write_error(path: Path, e: OSError) -> FlexPatchError:
+    """``path: cannot write (No space left on device)``: the cause without the temporary file's name."""
+    return FlexPatchError(f"{path}: cannot write ({e.strerror or e})")
 
 
 def _umask() -> int:

@@ -33,7 +33,7 @@ from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_tabl
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, generator, resolve_device, seed_everything
-from flexpatch.train.harness import Harness, claim_folder, resume_settings
+from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
 from flexpatch.train.loop import split_cases
 from flexpatch.train.step import Divergence, guarded_step
 
@@ -274,9 +274,7 @@ def load_resume(
 ) -> dict[str, Any]:
     """The saved run state, with its config checked against a given one (``RESUME_FREE`` may differ);
     without one, the saved config with ``changes`` (``RESUME_FREE`` settings only) is the run's."""
-    path = out_dir / RESUME
-    if not path.is_file():
-        raise FlexPatchError(f"{path}: nothing to resume from")
+    path = resume_checkpoint(out_dir / RESUME, out_dir / BEST)
     saved = load_checkpoint(path)
     if not isinstance(saved.get("config"), dict):
         raise FlexPatchError(f"{path}: not a patchwork resume checkpoint (no config)")

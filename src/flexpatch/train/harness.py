@@ -58,6 +58,20 @@ def claim_folder(folder: Path, what: str, *, resume: bool, overwrite: bool) -> N
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
+def resume_checkpoint(last: Path, best: Path, hint: str = "") -> Path:
+    """``last``, the checkpoint a resumed run continues from; when it is missing, say so, and why
+    ``best`` (present when the run's first write of ``last`` failed) cannot stand in: it holds the
+    best weights only, not the optimiser and random state from which the run goes on exactly."""
+    if last.is_file():
+        return last
+    if best.is_file():
+        raise FlexPatchError(
+            f"{last}: nothing to resume from; {best.name} holds only the best weights, not the "
+            f"optimiser and random state an exact resume needs{hint}"
+        )
+    raise FlexPatchError(f"{last}: nothing to resume from")
+
+
 def resume_settings(
     path: Path,
     saved: Mapping[str, Any],
@@ -152,13 +166,25 @@ class Harness:
 
 @contextmanager
 def jsonl_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """Append one JSON line per call, flushed at once: a killed run's log ends at its last step."""
-    with path.open("a") as log:
+    """Append one JSON line per call, written at once: a killed run's log ends at its last step.
 
-        def write(record: dict[str, Any]) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+    Unbuffered, so that a failed write (disk full) is one error naming the log, raised where it
+    happens and not again when the file is closed.
+    """
+    try:
+        log = path.open("ab", buffering=0)
+    except OSError as e:
+        raise FlexPatchError(f"{path}: cannot write ({e.strerror or e})") from None
 
+    def write(record: dict[str, Any]) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            while line:  # a file may take part of a write when the disk fills: the error comes next
+                line = line[log.write(line) :]
+        except OSError as e:
+            raise FlexPatchError(f"{path}: cannot write ({e.strerror or e})") from None
+
+    with log:
         yield write
 
 

@@ -47,7 +47,14 @@ from flexpatch.sampling.augment import AugmentConfig, parse_augment
 from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import FixedSize, smallest_sizes
 from flexpatch.train.config import TrainConfig
-from flexpatch.train.harness import Harness, claim_folder, jsonl_log, resume_settings, truncate_log
+from flexpatch.train.harness import (
+    Harness,
+    claim_folder,
+    jsonl_log,
+    resume_checkpoint,
+    resume_settings,
+    truncate_log,
+)
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 from flexpatch.train.transfer import initialise, param_groups
@@ -161,9 +168,9 @@ def resolve_config(
     """
     if not resume:
         return config or TrainConfig(), None
-    path = out_dir / LAST
-    if not path.is_file():
-        raise FlexPatchError(f"{path}: nothing to resume from")
+    # a failed first write of model_last.pt may leave model_best.pt alone: it cannot stand in
+    hint = f" (a new run in another folder can start from its weights: --init-from {out_dir})"
+    path = resume_checkpoint(out_dir / LAST, out_dir / BEST, hint)
     state = load_checkpoint(path, map_location="cpu")
     # checkpoints of older versions may lack their config: config.json is then the only record
     saved = state.get("config") or load_json(out_dir / "config.json")
