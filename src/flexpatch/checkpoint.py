@@ -46,11 +46,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         # where torch's own file writer says only "PytorchStreamWriter failed writing file"
         with atomic_path(path) as tmp, tmp.open("wb") as f:
             torch.save(state, f)
-    except FlexPatchError as e:
-        if not str(e).startswith(f"{path}:"):  # the folder's fault (not writable): said as it is
-            raise
-        raise FlexPatchError(f"{e}{kept}") from None
-    except RuntimeError as e:  # torch's writer wraps the OSError of a failed write in a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch's writer may wrap a failed write's OSError
         cause = _os_error(e)
         if cause is None:
             raise

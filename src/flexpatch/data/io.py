@@ -75,8 +75,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     On any failure the temporary file is removed and ``path`` is left as it was; a failed write
-    (disk full, quota, permission, I/O error) is a :class:`FlexPatchError` naming ``path``, not the
-    temporary file the user never asked for.
+    (disk full, quota, permission, I/O error) is an OSError naming ``path``, not the temporary file
+    the user never asked for (the CLI prints ``path: No space left on device``).
     """
     path = Path(path)
     try:
@@ -103,9 +103,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def _write_error(path: Path, e: OSError) -> FlexPatchError:
-    """``path: cannot write (No space left on device)``: the cause without the temporary file's name."""
-    return FlexPatchError(f"{path}: cannot write ({e.strerror or e})")
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same error (its errno, so its subclass) naming ``path`` instead of the temporary file."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def _umask() -> int:

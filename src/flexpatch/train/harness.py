@@ -168,13 +168,10 @@ class Harness:
 def jsonl_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Append one JSON line per call, written at once: a killed run's log ends at its last step.
 
-    Unbuffered, so that a failed write (disk full) is one error naming the log, raised where it
-    happens and not again when the file is closed.
+    Unbuffered, so that a failed write (disk full) is one error, raised where it happens and not
+    again when the file is closed; it names the log (a write's OSError names no file).
     """
-    try:
-        log = path.open("ab", buffering=0)
-    except OSError as e:
-        raise FlexPatchError(f"{path}: cannot write ({e.strerror or e})") from None
+    log = path.open("ab", buffering=0)
 
     def write(record: dict[str, Any]) -> None:
         line = (json.dumps(record) + "\n").encode()
@@ -182,7 +179,7 @@ def jsonl_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
             while line:  # a file may take part of a write when the disk fills: the error comes next
                 line = line[log.write(line) :]
         except OSError as e:
-            raise FlexPatchError(f"{path}: cannot write ({e.strerror or e})") from None
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
     with log:
         yield write
