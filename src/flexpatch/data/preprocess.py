@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -338,27 +338,31 @@ def resample(data: np.ndarray, zoom_to_shape: tuple[int, ...], order: int) -> np
 def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
     """Intensity normalisation of ``(C, *S)``, each channel by its own scheme (a CT channel by its
     window to [0, 1], an MR or PET channel z-scored, ...): one scheme for all would clip a PET
-    channel to the CT window."""
+    channel to the CT window. A float32 copy, normalised in place (a CT holds hundreds of MB)."""
     image = image.astype(np.float32, copy=True)
     for c, (scheme, window) in enumerate(zip(plan.normalization, plan.ct_window, strict=True)):
-        image[c] = _normalize_channel(image[c], scheme, window)
+        _normalize_channel(image[c], scheme, window)
     return image
 
 
-def _normalize_channel(x: np.ndarray, scheme: str, window: tuple[float, float] | None) -> np.ndarray:
+def _normalize_channel(x: np.ndarray, scheme: str, window: tuple[float, float] | None) -> None:
+    """Normalise one float32 channel in place."""
     if scheme == "ct" and window is not None:
         lo, hi = window
-        # a constant foreground gives lo == hi; divide by 1 rather than by zero
-        return (np.clip(x, lo, hi) - lo) / np.float32(hi - lo if hi > lo else 1.0)
-    if scheme == "zscore":
-        mean, std = x.mean(dtype=np.float64), x.std(dtype=np.float64)
-        return ((x - mean) / max(std, 1e-8)).astype(np.float32)
-    if scheme == "rescale":
+        np.clip(x, lo, hi, out=x)
+        x -= np.float32(lo)
+        x /= np.float32(hi - lo if hi > lo else 1.0)  # a constant foreground gives lo == hi
+    elif scheme == "zscore":
+        mean, std = x.mean(dtype=np.float64), max(x.std(dtype=np.float64), 1e-8)
+        rows = max(1, (1 << 22) // max(1, x[0].size))  # in float64, as before, but a slab at a time
+        for i in range(0, x.shape[0], rows):
+            x[i : i + rows] = (x[i : i + rows] - mean) / std
+    elif scheme == "rescale":
         lo, hi = float(x.min()), float(x.max())
-        return ((x - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
-    if scheme == "rgb":
-        return x / np.float32(255.0)
-    return x
+        x -= np.float32(lo)
+        x /= np.float32(hi - lo if hi > lo else 1.0)
+    elif scheme == "rgb":
+        x /= np.float32(255.0)
 
 
 def preprocess_case(
@@ -382,7 +386,9 @@ def preprocess_case(
     shape = image.spatial_shape
     new_shape = check_grid(resampled_shape(shape, image.spacing, plan.target_spacing), image, plan)
     # nnU-Net order: intensities are normalised on the original grid, then resampled
-    data = resample(normalize(image.data, plan), new_shape, order=1).astype(np.float32, copy=False)
+    data = normalize(image.data, plan)
+    if data.shape[1:] != new_shape:  # (resample copies even when the grid is the same)
+        data = resample(data, new_shape, order=1).astype(np.float32, copy=False)
     seg = None if label is None else resample(label.data, new_shape, order=0).astype(np.int16, copy=False)
     props = {
         "original_shape": list(shape),
@@ -412,6 +418,49 @@ def restore(array: np.ndarray, props: dict[str, Any], is_label: bool) -> np.ndar
         is_label: labels use nearest neighbour, probabilities linear interpolation.
     """
     return resample(array, tuple(int(s) for s in props["original_shape"]), order=0 if is_label else 1)
+
+
+def restore_slabs(
+    slabs: Iterable[tuple[int, np.ndarray]], source_rows: int, props: dict[str, Any], axis: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`restore` of probabilities that come slab by slab along ``axis``: ``(first row,
+    (C, rows, ...))`` on the resampled grid in row order in, the same on the original grid out.
+
+    Why: the whole prediction need never be held; a slab's rows come back as soon as the rows
+    they interpolate from have arrived. Linear resampling is separable: ``axis`` is interpolated
+    here (voxel centres aligned, edges extended, as :func:`resample`), the other axes by
+    :func:`resample` itself, so the values are :func:`restore`'s within float rounding.
+    """
+    source = int(source_rows)  # along axis, on the resampled grid
+    target = tuple(int(s) for s in props["original_shape"])
+    # the source coordinate of each target row, and the two rows it interpolates between
+    x = np.clip((np.arange(target[axis]) + 0.5) * source / target[axis] - 0.5, 0, source - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.where(x > lo, np.minimum(lo + 1, source - 1), lo)  # a row on a source row needs no next
+    held, held_from, row = None, 0, 0  # source rows kept from earlier slabs, and the next target row
+    for start, slab in slabs:
+        kept = held is not None and held.shape[axis + 1] > 0
+        held = np.concatenate([held, slab], axis=axis + 1) if kept else slab
+        end = int(np.searchsorted(hi, start + slab.shape[axis + 1]))  # rows whose sources have all come
+        if end > row:
+            if source == target[axis]:  # a view: the rows are the source's
+                rows = held[(slice(None), *[slice(None)] * axis, slice(row - held_from, end - held_from))]
+            else:
+                rows = held.take(lo[row:end] - held_from, axis=axis + 1)
+                t = (x[row:end] - lo[row:end]).astype(np.float32)
+                t = t.reshape([-1 if d == axis + 1 else 1 for d in range(held.ndim)])
+                rows *= 1 - t
+                rows += held.take(hi[row:end] - held_from, axis=axis + 1) * t
+            shape = (*target[:axis], end - row, *target[axis + 1 :])
+            yield row, rows if rows.shape[1:] == shape else resample(rows, shape, order=1)
+            row = end
+        if row < target[axis]:  # keep only the rows that later target rows still need
+            arrived = held_from + held.shape[axis + 1]
+            keep_from = min(int(lo[row]), arrived)
+            held = held.take(np.arange(keep_from - held_from, held.shape[axis + 1]), axis=axis + 1)
+            held_from = keep_from
+    if row != target[axis]:
+        raise FlexPatchError(f"slabs ended at row {row} of {target[axis]} along axis {axis}")
 
 
 def preprocess_dataset(

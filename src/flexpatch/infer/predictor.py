@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from flexpatch.axes import per_axis
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
-from flexpatch.data.preprocess import Plan, preprocess_case, restore
+from flexpatch.data.preprocess import Plan, preprocess_case, restore_slabs
 from flexpatch.data.regions import to_labels, written_names
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
@@ -26,9 +27,9 @@ from flexpatch.infer.runner import (
     names_by_value,
     run_prediction,
 )
-from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.infer.sliding_window import slab_axis, sliding_window_slabs
 from flexpatch.infer.tta import Mirrored, mirroring_for
-from flexpatch.infer.within import sliding_window_within
+from flexpatch.infer.within import run_within
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
 from flexpatch.plan.budget import format_bytes, parse_budget
@@ -39,6 +40,7 @@ from flexpatch.sampling.augment import parse_augment
 from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
 
 CHECKPOINTS = {"best": BEST, "last": LAST}
+T = TypeVar("T")
 
 
 @dataclass
@@ -209,30 +211,86 @@ class LoadedModel:
         ``tta``: ``mirror`` averages the logits over all mirror images, ``auto`` does when the
         model was trained with mirroring (see :func:`~flexpatch.infer.tta.mirroring_for`).
         """
+        args = (patch_size, overlap, blend, batch_size, stitch_device, progress, memory, tta)
+        probs = self.segment(volume, *args, probabilities=True)[1]
+        assert probs is not None  # asked for
+        return probs
+
+    def segment(
+        self,
+        volume: Volume | tuple[torch.Tensor, dict],
+        patch_size: Sequence[int] | None = None,
+        overlap: float = 0.5,
+        blend: str = "gaussian",
+        batch_size: int = 4,
+        stitch_device: str | None = None,
+        progress: bool = False,
+        memory: int | None = None,
+        tta: str = "none",
+        probabilities: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The label map on the volume's original grid (:meth:`labels` of :meth:`probabilities`),
+        and the probabilities when asked for; the arguments are :meth:`probabilities`'.
+
+        Streamed: the sliding window gives its output slab by slab
+        (:func:`~flexpatch.infer.sliding_window.sliding_window_slabs`), and each slab is activated,
+        brought back to the original grid (:func:`~flexpatch.data.preprocess.restore_slabs`) and
+        turned into labels at once. So besides the image and the label map only a band one window
+        deep is held, never the whole image's outputs (gigabytes for a CT at several classes),
+        unless the probabilities are asked for.
+        """
         image, props = self.prepare(volume) if isinstance(volume, Volume) else volume
         net = self.network(tta)
+        run = functools.partial(
+            self._streamed, net, image, props, overlap=overlap, blend=blend, progress=progress,
+            keep_probabilities=probabilities,
+        )  # fmt: skip
         if memory is not None:
-            logits = self._within(net, image, memory, patch_size, overlap, blend, batch_size, stitch_device)
-            return restore(self._activate(logits[0]), props, is_label=False)
-        logits = sliding_window(
-            net,
-            image,
-            self.window(patch_size),
-            overlap=overlap,
-            blend=blend,
-            batch_size=batch_size,
-            divisor=self.divisor,
-            device=self.device,
-            stitch_device=stitch_device or self.device,
-            progress=progress,
-        )
-        return restore(self._activate(logits[0]), props, is_label=False)
+            shape = tuple(image.shape[2:])
+            return self._within(run, shape, memory, patch_size, overlap, batch_size, stitch_device)
+        stitch = stitch_device or str(self.device)
+        return run(WindowChoice(self.window(patch_size), batch_size, stitch, predicted=0, budget=0))
+
+    def _streamed(
+        self,
+        net: torch.nn.Module,
+        image: torch.Tensor,
+        props: dict,
+        choice: WindowChoice,
+        *,
+        overlap: float,
+        blend: str,
+        progress: bool,
+        keep_probabilities: bool,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One streamed prediction (:meth:`segment`) with a window choice."""
+        shape = tuple(image.shape[2:])
+        axis = slab_axis(shape, choice.window, overlap, self.divisor)
+        slabs = sliding_window_slabs(
+            net, image, choice.window, overlap, blend, choice.batch, divisor=self.divisor,
+            device=self.device, stitch_device=choice.stitch_device, axis=axis, progress=progress,
+        )  # fmt: skip
+        activated = ((row, self._activate(logits)) for row, logits in slabs)
+        original = tuple(int(s) for s in props["original_shape"])
+        labels = np.empty(original, dtype=label_dtype(self.largest_value + 1))
+        probs = None
+        for row, p in restore_slabs(activated, shape[axis], props, axis):
+            where = (*[slice(None)] * axis, slice(row, row + p.shape[axis + 1]))
+            labels[where] = self.labels(p)
+            if keep_probabilities:
+                if probs is None:
+                    probs = np.empty((p.shape[0], *original), dtype=np.float32)
+                probs[(slice(None), *where)] = p
+        return labels, probs
 
     def _activate(self, logits: torch.Tensor) -> np.ndarray:
-        """Probabilities of ``(C, *S)`` logits: one sigmoid per region (regions overlap), else softmax."""
+        """Probabilities of ``(C, *S)`` logits, in place (a slab's band need not be copied): one
+        sigmoid per region (regions overlap), else softmax."""
+        logits = logits.float()
         if self.plan.regions:
-            return torch.sigmoid(logits.float()).cpu().numpy()
-        return torch.softmax(logits.float(), dim=0).cpu().numpy()
+            return logits.sigmoid_().cpu().numpy()
+        logits.sub_(logits.amax(0, keepdim=True)).exp_()  # softmax: shifted by the maximum, as torch's
+        return logits.div_(logits.sum(0, keepdim=True)).cpu().numpy()
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
         """The label map of :meth:`probabilities`: the most probable class, or for a region model
@@ -254,25 +312,23 @@ class LoadedModel:
 
     def _within(
         self,
-        net: torch.nn.Module,
-        image: torch.Tensor,
+        run: Callable[[WindowChoice], T],
+        shape: tuple[int, ...],
         budget: int,
         patch_size: Sequence[int] | None,
         overlap: float,
-        blend: str,
         batch_size: int,
         stitch_device: str | None,
-    ) -> torch.Tensor:
-        shape = tuple(image.shape[2:])
+    ) -> T:
+        """``run`` with the window and batch planned for ``budget``, retried smaller when it runs
+        out of memory anyway (:func:`~flexpatch.infer.within.run_within`); the choice is reported."""
         choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
-        logits, ran = sliding_window_within(
-            net,
-            image,
+        result, ran = run_within(
+            run,
+            shape,
             choice,
             self.divisor,
-            device=self.device,
-            overlap=overlap,
-            blend=blend,
+            self.device,
             fixed_window=patch_size is not None,
             log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
         )
@@ -286,7 +342,7 @@ class LoadedModel:
             f"{format_bytes(choice.predicted)}, measured {format_bytes(choice.measured or 0)} "
             f"for image {format_shape(shape)}"
         )
-        return logits
+        return result
 
 
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
@@ -374,13 +430,13 @@ def predict_files(
     window = lm.window(patch_size)
     cases = cases_for(inputs, lm.plan.in_channels, out_dir)
     chosen = window if memory is None or patch_size is not None else None
-    dtype = label_dtype(lm.largest_value + 1)
 
     def segment(volume: Volume) -> Prediction:
-        probs = lm.probabilities(
-            volume, chosen, overlap, blend, batch_size, stitch_device, memory=memory, tta=tta
-        )
-        return Prediction(lm.labels(probs).astype(dtype), probs)
+        labels, probs = lm.segment(
+            volume, chosen, overlap, blend, batch_size, stitch_device,
+            memory=memory, tta=tta, probabilities=save_probabilities,
+        )  # fmt: skip
+        return Prediction(labels, probs)
 
     return run_prediction(
         cases,

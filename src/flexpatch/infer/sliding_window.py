@@ -34,7 +34,7 @@ Shape = tuple[int, ...]
 Starts = list[Shape]
 PAD_MODES: tuple[str, ...] = ("replicate", "constant", "reflect")
 
-__all__ = ["PAD_MODES", "sliding_window", "window_layout"]
+__all__ = ["PAD_MODES", "slab_axis", "sliding_window", "sliding_window_slabs", "window_layout"]
 
 
 def _pad_case(case: torch.Tensor, padded: Shape, mode: str) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -164,6 +164,11 @@ class _Output:
             self.tensor[n] = buffer[(slice(None), *crop)]
 
 
+def _windows(case: torch.Tensor, starts: Starts, window: Shape) -> torch.Tensor:
+    """The windows at ``starts`` of ``(C, *padded)`` as one batch: views stacked once, one copy."""
+    return torch.stack([case[(slice(None), *(slice(s, s + w) for s, w in zip(st, window)))] for st in starts])
+
+
 def _blend_case(
     net: Callable[[torch.Tensor], torch.Tensor],
     case: torch.Tensor,
@@ -178,9 +183,7 @@ def _blend_case(
     buffer: torch.Tensor | None = None
     for b0 in range(0, len(starts), batch_size):
         batch = starts[b0 : b0 + batch_size]
-        # views stacked once per batch: one copy, no per-window allocation
-        x = torch.stack([case[(slice(None), *(slice(s, s + w) for s, w in zip(st, window)))] for st in batch])
-        y = _check_output(net(x), len(batch), window)
+        y = _check_output(net(_windows(case, batch, window)), len(batch), window)
         if buffer is None:
             buffer = make_buffer(y.shape[1])
         stitcher.add(buffer, y, batch)
@@ -265,3 +268,100 @@ def sliding_window(
     if output.tensor is None:
         raise FlexPatchError(f"image {tuple(image.shape)} produced no output")
     return output.tensor
+
+
+def slab_axis(
+    image_shape: Sequence[int], patch_size: int | Sequence[int], overlap: float, divisor: Sequence[int] | int
+) -> int:
+    """The axis :func:`sliding_window_slabs` streams along: the one whose window is the smallest
+    share of the image, so that the band it keeps (one window deep) is the smallest."""
+    window, padded, _ = window_layout(image_shape, patch_size, overlap, divisor)
+    shares = [w / p for w, p in zip(window, padded, strict=True)]
+    return shares.index(min(shares))
+
+
+def sliding_window_slabs(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: int | Sequence[int],
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    batch_size: int = 4,
+    sigma_scale: float = 0.125,
+    divisor: Sequence[int] | int = 1,
+    pad_mode: str = "replicate",
+    device: str | torch.device | None = None,
+    stitch_device: str | torch.device | None = None,
+    axis: int | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`sliding_window` of one case, given back slab by slab along ``axis`` (default
+    :func:`slab_axis`): yields ``(first row, (C_out, rows, ...))`` in row order, covering the image.
+
+    Why: the whole-image output of a CT at 7 classes is gigabytes; streamed, only a band one
+    window deep is held, and the caller turns each finished slab into labels at once. The
+    windows run in order of their start along ``axis``; rows before the next start are final.
+    The values are :func:`sliding_window`'s within float rounding (the coverage is summed in
+    another order). Each slab is a view of the band, valid until the next one is asked for (the
+    caller may change it in place; copy it to keep it). ``progress``: a bar over the windows.
+    """
+    _validate(image, batch_size, blend, sigma_scale, pad_mode)
+    if image.shape[0] != 1:
+        raise FlexPatchError(f"sliding_window_slabs takes one case, got image {tuple(image.shape)}")
+    spatial = tuple(image.shape[2:])
+    window, padded, starts = window_layout(spatial, patch_size, overlap, divisor)
+    a = slab_axis(spatial, patch_size, overlap, divisor) if axis is None else int(axis)
+    net_device = torch.device(device) if device is not None else image.device
+    stitch = torch.device(stitch_device) if stitch_device is not None else image.device
+    with torch.inference_mode(), _progress_bar(progress, len(starts)) as advance:
+        case, crop = _pad_case(image[0].to(net_device), padded, pad_mode)
+        weights = window_weights(window, blend, sigma_scale, device=stitch)
+        band_shape = (*padded[:a], window[a], *padded[a + 1 :])
+        groups = sorted({s[a] for s in starts})
+        # every group of windows (one start along the axis) covers its band alike
+        one_group = [(*s[:a], 0, *s[a + 1 :]) for s in starts if s[a] == groups[0]]
+        group_coverage = grid_coverage(weights, one_group, band_shape)
+        coverage = torch.zeros_like(group_coverage)
+        stitcher = _Stitcher(lambda: weights, stitch, net_device)
+        band: list[torch.Tensor] = []  # made at the first output, which gives C_out
+        for k, u in enumerate(groups):
+            group = [s for s in starts if s[a] == u]
+            for b0 in range(0, len(group), batch_size):
+                batch = group[b0 : b0 + batch_size]
+                y = _check_output(net(_windows(case, batch, window)), len(batch), window)
+                if not band:
+                    band.append(torch.zeros((y.shape[1], *band_shape), device=stitch))
+                stitcher.add(band[0], y, [(*s[:a], 0, *s[a + 1 :]) for s in batch])
+                advance(len(batch))
+            stitcher.flush()
+            coverage += group_coverage
+            done = (groups[k + 1] if k + 1 < len(groups) else padded[a]) - u
+            slab = _finished_rows(band[0], coverage, a, done, u, crop)
+            if slab is not None:
+                yield slab
+            _shift(band[0], a + 1, done)
+            _shift(coverage, a + 1, done)
+
+
+def _finished_rows(
+    band: torch.Tensor, coverage: torch.Tensor, axis: int, done: int, first: int, crop: tuple[slice, ...]
+) -> tuple[int, torch.Tensor] | None:
+    """The band's first ``done`` rows as their weighted mean, cropped to the image (the band's
+    row 0 is padded row ``first``); None when they are all padding."""
+    lo = max(first, crop[axis].start or 0)
+    hi = min(first + done, crop[axis].stop if crop[axis].stop is not None else first + done)
+    if hi <= lo:
+        return None
+    where = list(crop)
+    where[axis] = slice(lo - first, hi - first)
+    # divided where they lie: the rows are finished, and the shift that follows drops them
+    return lo - (crop[axis].start or 0), mean_(band[(slice(None), *where)], coverage[(slice(None), *where)])
+
+
+def _shift(band: torch.Tensor, dim: int, n: int) -> None:
+    """Move ``band`` ``n`` rows towards its start along ``dim``, zeros after: the next group's band."""
+    keep = band.shape[dim] - n
+    if keep > 0:
+        source = band.narrow(dim, n, keep)
+        band.narrow(dim, 0, keep).copy_(source.clone() if n < keep else source)  # overlapping rows
+    band.narrow(dim, max(keep, 0), band.shape[dim] - max(keep, 0)).zero_()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.plan.planner import WindowChoice, shrink
 from flexpatch.runtime import is_out_of_memory
+
+T = TypeVar("T")
 
 
 def fallback(
@@ -50,14 +53,35 @@ def sliding_window_within(
     Raises:
         FlexPatchError: out of memory with nothing left to try.
     """
-    image_shape = tuple(image.shape[2:])
+
+    def run(c: WindowChoice) -> torch.Tensor:
+        return sliding_window(
+            net, image, c.window, overlap, blend, c.batch,
+            divisor=divisor, device=device, stitch_device=c.stitch_device,
+        )  # fmt: skip
+
+    return run_within(run, tuple(image.shape[2:]), choice, divisor, device, fixed_window, log)
+
+
+def run_within(
+    run: Callable[[WindowChoice], T],
+    image_shape: Sequence[int],
+    choice: WindowChoice,
+    divisor: Sequence[int],
+    device: str | torch.device,
+    fixed_window: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[T, WindowChoice]:
+    """``run(choice)``, and again with the :func:`fallback` of each choice that ran out of memory
+    (``run`` starts over: a streamed prediction's consumer with it).
+
+    Raises:
+        FlexPatchError: out of memory with nothing left to try.
+    """
+    image_shape = tuple(image_shape)
     while True:
         try:
-            out = sliding_window(
-                net, image, choice.window, overlap, blend, choice.batch,
-                divisor=divisor, device=device, stitch_device=choice.stitch_device,
-            )  # fmt: skip
-            return out, choice
+            return run(choice), choice
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not is_out_of_memory(e):
                 raise
