@@ -21,11 +21,11 @@ import torch
 from flexpatch.data.preprocess import Plan
 from flexpatch.errors import FlexPatchError
 from flexpatch.infer.predictor import LoadedModel
-from flexpatch.infer.sliding_window import sliding_window
+from flexpatch.infer.sliding_window import sliding_window, sliding_window_slabs
 from flexpatch.infer.within import sliding_window_within
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.tokens import equivalent_diameter, plan_tokens, snap_token
-from flexpatch.plan.budget import format_bytes, parse_budget
+from flexpatch.plan.budget import format_bytes, parse_budget, resident_bytes
 from flexpatch.plan.memory import MemoryModel, Prober, calibrate, measure_peak
 from flexpatch.plan.planner import (
     WindowChoice,
@@ -136,6 +136,14 @@ def test_memory_model_round_trips_through_json(models) -> None:
     assert again == mm and again.peak((16,) * mm.ndim, 3) == mm.peak((16,) * mm.ndim, 3)
 
 
+def streamed_prediction(net: torch.nn.Module, image: torch.Tensor, window, batch: int) -> None:
+    """What the predictor runs on the network's device: the streamed sliding window, each slab's
+    softmax in place (:meth:`LoadedModel._activate`)."""
+    for _, slab in sliding_window_slabs(net, image, window, 0.5, "gaussian", batch, divisor=net.divisor):
+        slab.sub_(slab.amax(0, keepdim=True)).exp_()
+        slab.div_(slab.sum(0, keepdim=True))
+
+
 def test_sliding_window_estimate_within_15_percent(models) -> None:
     net, _, mm = models
     ndim = net.spec.ndim
@@ -144,8 +152,7 @@ def test_sliding_window_estimate_within_15_percent(models) -> None:
     for window, batch in (((16,) * ndim, 4), ((24,) * ndim, 1), ((40,) * ndim, 2)):
 
         def run(window=window, batch=batch) -> None:
-            logits = sliding_window(net, image, window, 0.5, "gaussian", batch, divisor=net.divisor)
-            torch.softmax(logits[0].float(), dim=0)  # the predictor's next step
+            streamed_prediction(net, image, window, batch)
 
         measured = measure_peak(run, "cpu", list(net.parameters()) + [image])
         predicted = sliding_window_peak(mm, window, batch, image_shape, net.divisor)
@@ -194,8 +201,7 @@ def test_window_plan_fits_the_model_and_the_budget(models) -> None:
     image = torch.randn(1, 1, *image_shape)
 
     def run() -> None:
-        logits = sliding_window(net, image, choice.window, 0.5, "gaussian", choice.batch, divisor=net.divisor)
-        torch.softmax(logits[0], dim=0)
+        streamed_prediction(net, image, choice.window, choice.batch)
 
     assert measure_peak(run, "cpu", list(net.parameters()) + [image]) <= budget
     capped = plan_window(mm, 10**10, image_shape, net.divisor, max_window=(16,) * ndim, max_batch=3)
@@ -208,7 +214,7 @@ def test_budget_below_the_smallest_size_is_an_error(models) -> None:
     with pytest.raises(FlexPatchError, match=r"below the smallest patch .* with batch 1"):
         plan_training(train_mm, 10**5, (64,) * ndim, (1.0,) * ndim, net.divisor)
     with pytest.raises(FlexPatchError, match=r"below the smallest window"):
-        plan_window(infer_mm, 10**5, (64,) * ndim, net.divisor)
+        plan_window(infer_mm, 10**4, (64,) * ndim, net.divisor)  # streamed, 10^5 fits a 2D window
 
 
 # --- check by measurement -----------------------------------------------------------------
@@ -275,8 +281,7 @@ def test_checked_window_is_measured_and_fits(models, scale: float) -> None:
 
     def peak(c: WindowChoice) -> int:  # the whole prediction, measured
         def run() -> None:
-            logits = sliding_window(net, image, c.window, 0.5, "gaussian", c.batch, divisor=net.divisor)
-            torch.softmax(logits[0], dim=0)
+            streamed_prediction(net, image, c.window, c.batch)
 
         return measure_peak(run, "cpu", list(net.parameters()) + [image])
 
@@ -415,7 +420,11 @@ def test_other_errors_are_not_mistaken_for_out_of_memory() -> None:
         )
 
 
-def test_predictor_within_a_budget_matches_the_direct_run(capsys: pytest.CaptureFixture) -> None:
+def test_predictor_within_a_budget_matches_the_direct_run(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the whole budget for the sliding window: what the process holds is another test's
+    monkeypatch.setattr(LoadedModel, "_cpu_budget", lambda self, budget, *args: budget)
     net = tiny_net(3, out_channels=2).eval()
     plan = Plan(3, 1, 2, {"background": 0, "organ": 1}, (1.0, 1.0, 1.0), ("none",), (None,), (40, 36, 28))
     config = dataclasses.asdict(TrainConfig(model="unet", model_kwargs=TINY, patch="uniform:8-32"))
@@ -445,12 +454,15 @@ def test_cli_predict_within_a_budget_reports_its_choice(tiny_abdomen: Path, tmp_
     config = TrainConfig(model="unet", model_kwargs=TINY, patch="uniform:8-32", steps=1, batch=1, workers=0)
     train(tiny_abdomen, tmp_path / "model", config, device="cpu", progress=False)
     args = ["predict", tmp_path / "model", tiny_abdomen / "imagesTs", "--out", tmp_path / "pred"]
+    # on the CPU the budget bounds the process: what this one holds, and 60 MB for the prediction
+    budget = f"{(resident_bytes() + 60 * 10**6) // 10**6}MB"
     result = CliRunner().invoke(
-        app, [str(a) for a in [*args, "--memory", "40MB", "--device", "cpu", "--json"]]
+        app, [str(a) for a in [*args, "--memory", budget, "--device", "cpu", "--json"]]
     )
     assert result.exit_code == 0, f"{result.stderr}\n{result.exception!r}"
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 2
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("memory 40.00 MB: window")]
+    said = f"memory {format_bytes(parse_budget(budget))}: window"
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith(said)]
     assert len(lines) == 1, result.stderr  # one line for both cases: the same shape, the same choice
 
 
@@ -502,3 +514,28 @@ def test_token_plan_errors_name_the_class() -> None:
         plan_tokens(fingerprint(None, count=0), "lesion")
     with pytest.raises(FlexPatchError, match="no token size .* divides the window side 20"):
         plan_tokens(fingerprint(sphere(8.0)), "lesion", window=(20, 20, 20), allowed=(8, 16))
+
+
+def test_a_cpu_budget_bounds_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU ``memory`` is the whole process's: what it holds besides the prepared image and
+    the weights, the label map, the probabilities when asked for and the slabs' restore are set
+    aside before the sliding window's share; a budget below them is one line."""
+    net = tiny_net(3, out_channels=3).eval()
+    plan = Plan(3, 1, 3, {"background": 0, "a": 1, "b": 2}, (1.0, 1.0, 1.0), ("none",), (None,), (40, 36, 28))
+    method = {"method": "sliding-window", "window": [16, 16, 16], "fixed_size": False}
+    lm = LoadedModel(net, net.spec, plan, {}, torch.device("cpu"), Path("."), method)
+    image, props = torch.randn(1, 1, 40, 36, 28), {"original_shape": (40, 36, 28)}
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    share = {}
+    for held in (10**8, 2 * 10**8):  # the prepared image and the weights are the plan's to count
+        monkeypatch.setattr(
+            "flexpatch.infer.predictor.resident_bytes", lambda h=held: h + image.numel() * 4 + weights
+        )
+        share[held] = lm._cpu_budget(10**9, image, props, None, 0.5, probabilities=False)
+    assert share[10**8] - share[2 * 10**8] == 10**8
+    with_probs = lm._cpu_budget(10**9, image, props, None, 0.5, probabilities=True)
+    assert share[2 * 10**8] - with_probs == 3 * 40 * 36 * 28 * 4  # float32 per class and voxel
+    with pytest.raises(
+        FlexPatchError, match=r"^memory budget .* besides the sliding window: the process holds"
+    ):
+        lm._cpu_budget(2 * 10**8, image, props, None, 0.5, probabilities=False)

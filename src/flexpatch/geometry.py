@@ -411,3 +411,13 @@ def window_layout(
     padded = tuple(round_up(s, d) if c else s for s, d, c in zip(spatial, div, covered, strict=True))
     window = tuple(q if c else p for p, q, c in zip(patch, padded, covered, strict=True))
     return window, padded, grid_starts(padded, window, overlap)
+
+
+def slab_axis(
+    image_shape: Sequence[int], patch_size: int | Sequence[int], overlap: float, divisor: Sequence[int] | int
+) -> int:
+    """The axis a streamed sliding window goes along: the one whose window is the smallest share
+    of the (padded) image, so that the band it keeps, one window deep, is the smallest."""
+    window, padded, _ = window_layout(image_shape, patch_size, overlap, divisor)
+    shares = [w / p for w, p in zip(window, padded, strict=True)]
+    return shares.index(min(shares))

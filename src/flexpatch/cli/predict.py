@@ -37,9 +37,9 @@ ProbabilitiesOpt = Annotated[
 MemoryOpt = Annotated[
     str | None,
     typer.Option(
-        help="Memory budget on the device (8GB, 2GiB, auto): picks the window (unless --patch-size) "
-        "and the window batch (at most --batch), and retries smaller on out-of-memory. "
-        "Patchwork: picks the patch batch (at most --batch)."
+        help="Memory budget (8GB, 2GiB, auto): on the CPU the whole process's peak, on CUDA the GPU's; "
+        "picks the window (unless --patch-size) and the window batch (at most --batch), and retries "
+        "smaller on out-of-memory. Patchwork: picks the patch batch (at most --batch)."
     ),
 ]
 TtaOpt = Annotated[

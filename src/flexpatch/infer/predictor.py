@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from flexpatch.data.preprocess import Plan, preprocess_case, restore_slabs
 from flexpatch.data.regions import to_labels, written_names
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
+from flexpatch.geometry import slab_axis
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -27,12 +29,12 @@ from flexpatch.infer.runner import (
     names_by_value,
     run_prediction,
 )
-from flexpatch.infer.sliding_window import slab_axis, sliding_window_slabs
+from flexpatch.infer.sliding_window import sliding_window_slabs
 from flexpatch.infer.tta import Mirrored, mirroring_for
 from flexpatch.infer.within import run_within
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.plan.budget import format_bytes, parse_budget
+from flexpatch.plan.budget import format_bytes, parse_budget, resident_bytes
 from flexpatch.plan.memory import Prober, calibrate
 from flexpatch.plan.planner import WindowChoice, plan_window
 from flexpatch.runtime import console, resolve_device
@@ -117,11 +119,12 @@ class LoadedModel:
             measured[window, batch] = self._memory["prober"].peak(window, batch)
         return measured[window, batch]
 
-    def _report(self, line: str) -> None:
-        """One line on stderr per new choice, not one per case."""
+    def _report(self, line: str, more: str = "") -> None:
+        """One line on stderr per new choice (``line``), not one per case; ``more`` is said with it
+        but does not make a new choice (what the process holds varies a little from case to case)."""
         if self._memory.get("line") != line:
             self._memory["line"] = line
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print(line + more, highlight=False, markup=False, soft_wrap=True)
 
     def window(self, patch_size: Sequence[int] | None) -> tuple[int, ...]:
         """Validate a user's window (isotropic when one number is given), capped per axis at the
@@ -246,8 +249,11 @@ class LoadedModel:
             keep_probabilities=probabilities,
         )  # fmt: skip
         if memory is not None:
+            share = memory
+            if self.device.type == "cpu":
+                share = self._cpu_budget(memory, image, props, patch_size, overlap, probabilities)
             shape = tuple(image.shape[2:])
-            return self._within(run, shape, memory, patch_size, overlap, batch_size, stitch_device)
+            return self._within(run, shape, (memory, share), patch_size, overlap, batch_size, stitch_device)
         stitch = stitch_device or str(self.device)
         return run(WindowChoice(self.window(patch_size), batch_size, stitch, predicted=0, budget=0))
 
@@ -310,19 +316,56 @@ class LoadedModel:
         """The largest value a label map of this model holds (its type must hold it)."""
         return max(self.plan.regions_class_order, default=self.plan.num_classes - 1)
 
+    def _cpu_budget(
+        self,
+        budget: int,
+        image: torch.Tensor,
+        props: dict,
+        patch_size: Sequence[int] | None,
+        overlap: float,
+        probabilities: bool,
+    ) -> int:
+        """What is left of a CPU budget for the sliding window: there it bounds the whole
+        process, so what the process holds now (libraries, the input volume; not the prepared
+        image or the weights, which the window's plan counts itself), the label map and the
+        streamed slabs' restore (for the largest window) are set aside first."""
+        original = tuple(int(s) for s in props["original_shape"])
+        shape = tuple(image.shape[2:])
+        window = self.window(patch_size)
+        axis = slab_axis(shape, window, overlap, self.divisor)
+        voxels, rest = int(np.prod(original)), int(np.prod(original)) // original[axis]
+        rows = math.ceil(min(window[axis], shape[axis]) * original[axis] / shape[axis]) + 2
+        c_out = self.plan.out_channels
+        # a slab's rows held, interpolated and resampled in float32, and its argmax in int64
+        slabs = rows * rest * (3 * c_out * 4 + 8)
+        outputs = voxels * np.dtype(label_dtype(self.largest_value + 1)).itemsize
+        outputs += voxels * c_out * 4 if probabilities else 0
+        weights = sum(p.numel() * p.element_size() for p in self.net.parameters())
+        held = resident_bytes() - image.numel() * image.element_size() - weights
+        left = budget - held - outputs - slabs
+        if left <= 0:
+            raise FlexPatchError(
+                f"memory budget {format_bytes(budget)} is below what predicting image "
+                f"{format_shape(original)} needs besides the sliding window: the process holds "
+                f"{format_bytes(held)}, the outputs take {format_bytes(outputs + slabs)}"
+            )
+        return left
+
     def _within(
         self,
         run: Callable[[WindowChoice], T],
         shape: tuple[int, ...],
-        budget: int,
+        budgets: tuple[int, int],
         patch_size: Sequence[int] | None,
         overlap: float,
         batch_size: int,
         stitch_device: str | None,
     ) -> T:
-        """``run`` with the window and batch planned for ``budget``, retried smaller when it runs
-        out of memory anyway (:func:`~flexpatch.infer.within.run_within`); the choice is reported."""
-        choice = self.plan_window(shape, budget, patch_size, overlap, batch_size, stitch_device)
+        """``run`` with the window and batch planned for the sliding window's share of the budget
+        (``budgets``: the whole, the share), retried smaller when it runs out of memory anyway
+        (:func:`~flexpatch.infer.within.run_within`); the choice is reported."""
+        budget, share = budgets
+        choice = self.plan_window(shape, share, patch_size, overlap, batch_size, stitch_device)
         result, ran = run_within(
             run,
             shape,
@@ -337,10 +380,12 @@ class LoadedModel:
             if self.fixed_size and patch_size is None
             else ""
         )
+        aside = f" ({format_bytes(budget - share)} set aside for the rest)" if share != budget else ""
         self._report(
             f"memory {format_bytes(budget)}: {ran.describe()}{fixed}; predicted peak "
             f"{format_bytes(choice.predicted)}, measured {format_bytes(choice.measured or 0)} "
-            f"for image {format_shape(shape)}"
+            f"for image {format_shape(shape)}",
+            aside,
         )
         return result
 

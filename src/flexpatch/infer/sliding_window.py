@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from flexpatch.accumulator import Accumulator, grid_coverage, mean_
 from flexpatch.errors import FlexPatchError
-from flexpatch.geometry import WINDOW_KINDS, window_layout, window_weights
+from flexpatch.geometry import WINDOW_KINDS, slab_axis, window_layout, window_weights
 
 Shape = tuple[int, ...]
 Starts = list[Shape]
@@ -268,16 +268,6 @@ def sliding_window(
     if output.tensor is None:
         raise FlexPatchError(f"image {tuple(image.shape)} produced no output")
     return output.tensor
-
-
-def slab_axis(
-    image_shape: Sequence[int], patch_size: int | Sequence[int], overlap: float, divisor: Sequence[int] | int
-) -> int:
-    """The axis :func:`sliding_window_slabs` streams along: the one whose window is the smallest
-    share of the image, so that the band it keeps (one window deep) is the smallest."""
-    window, padded, _ = window_layout(image_shape, patch_size, overlap, divisor)
-    shares = [w / p for w, p in zip(window, padded, strict=True)]
-    return shares.index(min(shares))
 
 
 def sliding_window_slabs(

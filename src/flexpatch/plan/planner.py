@@ -34,7 +34,7 @@ import torch
 
 from flexpatch.axes import round_up
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.geometry import window_layout
+from flexpatch.geometry import slab_axis, window_layout
 from flexpatch.plan.budget import format_bytes
 from flexpatch.plan.memory import MemoryModel
 
@@ -226,28 +226,26 @@ def sliding_window_peak(
     overlap: float = 0.5,
     stitch_here: bool = True,
 ) -> float:
-    """Predicted peak bytes on the network's device of a prediction (sliding window, then softmax).
+    """Predicted peak bytes on the network's device of a streamed prediction
+    (:func:`~flexpatch.infer.sliding_window.sliding_window_slabs`).
 
-    During the forwards: the image (and its padded copy), the network call, the previous
-    batch's outputs and, when stitching here, the output buffer and the window weights
-    (made after the first forward, so a single batch never has them beside its activations).
-    After them: the weight sum, then the probabilities beside the blended output.
+    The image (and its padded copy), the network call, the previous batch's outputs and, when
+    stitching here, the band one window deep along the slab axis with its two coverage maps
+    and the window weights (all made after the first forward, so a single batch never has them
+    beside its activations). Finished slabs are activated in the band itself.
     """
     win, padded, starts = window_layout(image_shape, window, overlap, divisor)
     batch = min(batch, len(starts))
     image, pad, cw = int(np.prod(image_shape)), int(np.prod(padded)), int(np.prod(win))
+    axis = slab_axis(image_shape, window, overlap, divisor)
+    band = pad // padded[axis] * win[axis]
     c_in, c_out = mm.in_channels, mm.out_channels
-    copy = pad if pad != image else 0  # padding makes a copy of the image, and the output one of the buffer
+    copy = pad if pad != image else 0  # padding makes a copy of the image
     held = c_in * (image + copy) * FLOAT
-    buffers = (c_out * (pad + (image if copy else 0)) + cw) * FLOAT if stitch_here else 0
-    if len(starts) > batch:  # the buffer is made after the first forward: it sits beside the later ones
-        during = held + mm.peak(win, batch) + batch * c_out * cw * FLOAT + buffers
-    else:
-        during = held + max(mm.peak(win, batch), mm.static + batch * (c_in + c_out) * cw * FLOAT + buffers)
-    if not stitch_here:
-        return during
-    after = mm.static + c_in * image * FLOAT + max(c_out * pad + pad, 2 * c_out * image) * FLOAT
-    return max(during, after)
+    buffers = ((c_out + 2) * band + cw) * FLOAT if stitch_here else 0
+    if len(starts) > batch:  # the band is made after the first forward: it sits beside the later ones
+        return held + mm.peak(win, batch) + batch * c_out * cw * FLOAT + buffers
+    return held + max(mm.peak(win, batch), mm.static + batch * (c_in + c_out) * cw * FLOAT + buffers)
 
 
 def _largest_window(
