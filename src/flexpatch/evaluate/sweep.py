@@ -96,9 +96,7 @@ def run_sweep(
             prepared = model.prepare(volume)
             image = format_shape(tuple(prepared[0].shape[2:]))  # the grid windows are measured on
             for size in sizes:
-                seg = model.labels(
-                    model.probabilities(prepared, size, overlap=overlap, batch_size=batch_size)
-                )
+                seg = model.segment(prepared, size, overlap=overlap, batch_size=batch_size)[0]
                 scores = segmentation_metrics(
                     seg, reference, list(classes.values()), truth.spacing, hd95=False
                 )
