@@ -80,6 +80,7 @@ class Run:
     lines_before_signal: int = 0  # stderr lines written before the signal (progress, not the answer)
     signalled: bool = False
     survivors: bool = False  # a process of its group still ran after it exited (a loader, say)
+    timed_out: bool = False  # killed at the timeout: its exit code is ours, not its own
 
 
 @dataclass
@@ -116,7 +117,7 @@ def launch(
     out: list[str] = []
     err: list[str] = []
     threads = [_reader(proc.stdout, out), _reader(proc.stderr, err)]
-    before, signalled, deadline = 0, False, start + timeout
+    before, signalled, timed_out, deadline = 0, False, False, start + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -125,8 +126,9 @@ def launch(
             time.sleep(0.2)  # let the readers take what was written so far
             before, signalled = len(err), True
             (os.killpg if sig.group else os.kill)(proc.pid, sig.signum)
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline and not timed_out:
             os.killpg(proc.pid, signal.SIGKILL)
+            timed_out = True
         time.sleep(0.02)
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
     for thread in threads:
@@ -135,7 +137,8 @@ def launch(
     if survivors:
         os.killpg(proc.pid, signal.SIGKILL)  # ours to end: the group we started
     seconds = time.perf_counter() - start
-    return Run(rc, "".join(out), "".join(err), seconds, usage.ru_maxrss * 1024, before, signalled, survivors)
+    peak = usage.ru_maxrss * 1024  # KiB on Linux
+    return Run(rc, "".join(out), "".join(err), seconds, peak, before, signalled, survivors, timed_out)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -377,8 +380,9 @@ class Outcome:
 class Corpus:
     """Builders of the cases, each in its own folder under ``root`` with copies of what it uses."""
 
-    def __init__(self, fx: Fixtures, root: Path) -> None:
+    def __init__(self, fx: Fixtures, root: Path, env: dict[str, str], timeout: float) -> None:
         self.fx, self.root = fx, root
+        self.env, self.timeout = env, timeout  # for the faults some cases start from
 
     # ---- helpers
 
@@ -446,10 +450,12 @@ class Corpus:
 
     # ---- data loss
 
-    def predict_out_is_input(self, d: Path, parent: bool = False) -> Case:
+    def predict_out_is_input(self, d: Path, where: str = "folder") -> Case:
+        """--out the input folder, its parent, or the folder of an input given as a file."""
         ds, model = self.dataset(d / "ds"), self.model(d / "model")
-        out = ds if parent else ds / "imagesTs"
-        argv = flexpatch("predict", model, ds / "imagesTs", "--out", out, "--device", "cpu")
+        out = ds if where == "parent" else ds / "imagesTs"
+        inputs = out / "phantom_test_000_0000.nii.gz" if where == "file" else ds / "imagesTs"
+        argv = flexpatch("predict", model, inputs, "--out", out, "--device", "cpu")
         return Case(argv, watch=[ds, model], out=out)
 
     def phantom_into_dataset(self, d: Path) -> Case:
@@ -665,6 +671,34 @@ class Corpus:
         sig = Signal(signum, ready, group=signum == signal.SIGINT)
         return Case(argv, expect=(128 + signum,), watch=[ds], out=out, refusal=False, sig=sig)
 
+    def resume_after_sigkill(self, d: Path) -> Case:
+        """A run killed (SIGKILL: no handler runs) while it writes a checkpoint at every step, with a
+        stale temporary file planted beside: resuming goes on from the last checkpoint and cleans up."""
+        ds, out = self.dataset(d / "ds"), d / "model"
+
+        def ready() -> bool:
+            log = out / "log.jsonl"
+            return log.is_file() and log.read_text().count("\n") >= 3
+
+        argv = flexpatch("train", ds, "--out", out, "--patch", "16", "--steps", 10000, "--val-every", 1,
+                         "--workers", 0, "--augment", "none", "--options", NARROW,
+                         "--device", "cpu")  # fmt: skip
+        launch(argv, self.env, self.timeout, Signal(signal.SIGKILL, ready, group=False))
+        (out / ".tmp-stale.pt").write_bytes(b"half a checkpoint")  # as a kill inside a write leaves
+        steps = (out / "log.jsonl").read_text().count("\n") + 2  # two past what was logged
+        resume = flexpatch("train", ds, "--out", out, "--resume", "--steps", steps, "--device", "cpu")
+
+        def resumed() -> str | None:
+            log = [
+                int(json.loads(x)["step"]) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()
+            ]
+            stale = sorted(p.name for p in out.glob(f"{TEMP_PREFIX}*"))
+            if stale:
+                return f"temporary files of the killed run still there: {stale}"
+            return None if log == list(range(1, steps + 1)) else f"log steps {log}, not 1..{steps}"
+
+        return Case(resume, expect=(0,), watch=[ds], refusal=False, check=resumed)
+
     # ---- a full disk
 
     def full_disk(self, argv: list[str], root: Path, budget: int, **extra: Any) -> Case:
@@ -692,10 +726,10 @@ class Corpus:
         # 16 kB: the JSON files fit, the checkpoint does not
         return self.full_disk(argv, model, 16_000, watch=[ds, *kept], out=model)
 
-    def resume_after_disk_full(self, d: Path, env: dict[str, str], timeout: float) -> Case:
+    def resume_after_disk_full(self, d: Path) -> Case:
         """The run a full disk stopped goes on once there is space again."""
         case = self.disk_full_resume(d)
-        launch(case.argv, {**env, **case.env}, timeout)  # the fault itself; its outcome is another case's
+        launch(case.argv, {**self.env, **case.env}, self.timeout)  # the fault; another case judges it
         model = d / "model"
         argv = flexpatch("train", d / "ds", "--out", model, "--resume", "--steps", "3", "--device", "cpu")
 
@@ -722,7 +756,8 @@ CASES: list[tuple[str, str, bool, Builder]] = [
     ("payload-train-resume", "code execution", False, Corpus.payload_resume),
     ("payload-sweep", "code execution", False, Corpus.payload_sweep),
     ("predict-out-is-input-folder", "data loss", True, lambda c, d: c.predict_out_is_input(d)),
-    ("predict-out-holds-input", "data loss", False, lambda c, d: c.predict_out_is_input(d, parent=True)),
+    ("predict-out-holds-input", "data loss", False, lambda c, d: c.predict_out_is_input(d, "parent")),
+    ("predict-out-beside-input-file", "data loss", False, lambda c, d: c.predict_out_is_input(d, "file")),
     ("phantom-into-dataset", "data loss", False, Corpus.phantom_into_dataset),
     ("phantom-into-user-folder", "data loss", False, lambda c, d: c.phantom_into_user_folder(d)),
     ("phantom-overwrite-user-folder", "data loss", False, lambda c, d: c.phantom_into_user_folder(d, True)),
@@ -766,9 +801,9 @@ CASES: list[tuple[str, str, bool, Builder]] = [
     ("disk-full-train-checkpoint", "full disk", False, Corpus.disk_full_train),
     ("disk-full-predict-output", "full disk", True, Corpus.disk_full_predict),
     ("disk-full-resume-keeps-checkpoint", "full disk", False, Corpus.disk_full_resume),
+    ("resume-after-disk-full", "full disk", False, Corpus.resume_after_disk_full),
+    ("resume-after-sigkill", "signals", False, Corpus.resume_after_sigkill),
 ]  # fmt: skip
-# built after a fault of its own, so it needs the environment and a timeout
-LATE = {"resume-after-disk-full": "full disk"}
 
 
 # ---------------------------------------------------------------- judging a run
@@ -828,6 +863,8 @@ def message_problems(case: Case, run: Run, lines: list[str], answer: list[str] |
         problems.append("names a temporary file, not the target")
     if case.warn and run.rc == 0 and not any(ln.startswith("warning:") and case.warn in ln for ln in lines):
         problems.append(f"no 'warning: ... {case.warn}' line")
+    if run.timed_out:
+        problems.append(f"killed by the benchmark after {run.seconds:.0f} s")
     if case.sig is not None and not run.signalled:
         problems.append("ended before the signal could be sent")
     if case.check is not None and run.rc == 0 and (why := case.check()):
@@ -897,19 +934,10 @@ def run_case(
 
 
 def run_corpus(fx: Fixtures, root: Path, selection: str, timeout: float) -> list[Outcome]:
-    corpus, env = Corpus(fx, root), child_env()
-    chosen = [
-        c
-        for c in CASES
-        if selection == "all" or (selection == "smoke" and c[2]) or c[0] in selection.split(",")
-    ]
-    outcomes = [run_case(corpus, name, group, build, env, timeout) for name, group, _, build in chosen]
-    if selection == "all" or "resume-after-disk-full" in selection.split(","):
-        late = lambda c, d: c.resume_after_disk_full(d, env, timeout)  # noqa: E731
-        outcomes.append(
-            run_case(corpus, "resume-after-disk-full", LATE["resume-after-disk-full"], late, env, timeout)
-        )
-    return outcomes
+    env = child_env()
+    corpus, names = Corpus(fx, root, env, timeout), selection.split(",")
+    chosen = [c for c in CASES if selection == "all" or (selection == "smoke" and c[2]) or c[0] in names]
+    return [run_case(corpus, name, group, build, env, timeout) for name, group, _, build in chosen]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -1129,7 +1157,7 @@ def plot(rows: list[RssRow], path: Path) -> Path:
         ax.bar(xs, peaks, width * 0.9, label=f"--memory {budget or 'none'}")
         if budget:
             left, right = [x - width / 2 for x in xs], [x + width / 2 for x in xs]
-            ax.hlines([parse_budget(budget) / GB] * len(xs), left, right, colors="black", lw=1.5)
+            ax.hlines([parse_budget(budget) / GB] * len(xs), left, right, colors="black", lw=1.5, zorder=3)
     ax.axhline(RSS_TARGET / GB, color="red", ls="--", lw=1, label="target without --memory (512x512x400)")
     ax.set_xticks(range(len(shapes)), ["x".join(map(str, s)) for s in shapes])
     ax.set_ylabel("peak RSS of predict (GB)")
@@ -1170,7 +1198,8 @@ def report(
     outcomes: list[Outcome], rows: list[RssRow], floor: int, setup: dict[str, Any], png: str | None
 ) -> str:
     parts = [
-        f"Machine load (1/5/15-min load average): {setup['load']}; OMP_NUM_THREADS={setup['threads']}. "
+        f"flexpatch at {setup['code']}. Machine load (1/5/15-min load average): {setup['load']}; "
+        f"OMP_NUM_THREADS={setup['threads']}. "
         "Each case is `python -m flexpatch ...` in a subprocess with stderr a pipe (no terminal width), in "
         "its own scratch folder holding copies of what it uses: a 3D abdomen phantom (7 labels, 32^3, 1 mm) "
         "and a narrow U-Net (channels 4, 2 levels) trained on it for 2 steps."
@@ -1203,6 +1232,20 @@ def print_summary(outcomes: list[Outcome]) -> None:
 
 
 # ---------------------------------------------------------------- main
+
+
+def code_version() -> str:
+    """The commit measured, and whether src/ held uncommitted changes (others edit it meanwhile)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "src"], capture_output=True, text=True, check=False
+    )
+    if head.returncode != 0:
+        return "an unknown commit (not a git checkout)"
+    return f"commit {head.stdout.strip()}" + (
+        " with uncommitted changes in src/" if dirty.stdout.strip() else ""
+    )
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -1249,7 +1292,8 @@ def main(argv: list[str] | None = None) -> None:
 
     load_end = "/".join(f"{v:.1f}" for v in os.getloadavg())
     load = f"{load_start} at the start, {load_end} at the end, on {os.cpu_count()} cores"
-    setup = {"load": load, "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "rss_patch": rss_patch}
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    setup = {"load": load, "threads": threads, "rss_patch": rss_patch, "code": code_version()}
     out = work / "BENCHMARKS.md" if smoke else ROOT / "BENCHMARKS.md"  # smoke writes under --work only
     png = None
     if rows:
