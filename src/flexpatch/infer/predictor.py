@@ -280,13 +280,16 @@ class LoadedModel:
         original = tuple(int(s) for s in props["original_shape"])
         labels = np.empty(original, dtype=label_dtype(self.largest_value + 1))
         probs = None
-        for row, p in restore_slabs(activated, shape[axis], props, axis):
-            where = (*[slice(None)] * axis, slice(row, row + p.shape[axis + 1]))
-            labels[where] = self.labels(p)
-            if keep_probabilities:
-                if probs is None:
-                    probs = np.empty((p.shape[0], *original), dtype=np.float32)
-                probs[(slice(None), *where)] = p
+        # the slabs are inference tensors activated in place: the whole loop in inference mode,
+        # not only the generator's own steps
+        with torch.inference_mode():
+            for row, p in restore_slabs(activated, shape[axis], props, axis):
+                where = (*[slice(None)] * axis, slice(row, row + p.shape[axis + 1]))
+                labels[where] = self.labels(p)
+                if keep_probabilities:
+                    if probs is None:
+                        probs = np.empty((p.shape[0], *original), dtype=np.float32)
+                    probs[(slice(None), *where)] = p
         return labels, probs
 
     def _activate(self, logits: torch.Tensor) -> np.ndarray:
