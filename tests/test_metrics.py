@@ -1,4 +1,4 @@
-"""Metrics against MONAI (Dice, HD95), a hand-computed golden example, and folder evaluation end to end."""
+"""Metrics against MONAI (Dice, HD95, NSD), hand-computed golden examples, folder evaluation end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.metrics import DiceMetric, compute_hausdorff_distance
+from monai.metrics import DiceMetric, compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
 from flexpatch.data.io import write_image
@@ -21,6 +21,7 @@ from flexpatch.evaluate.metrics import (
     dice_torch,
     evaluate_folders,
     hausdorff95,
+    normalized_surface_dice,
     segmentation_metrics,
 )
 from flexpatch.evaluate.report import EvaluationReport
@@ -257,3 +258,155 @@ def test_report_table_and_json_have_no_nan() -> None:
     console.print(report.table())
     out = console.export_text()
     assert "liver" in out and "0.500 ± 0.000" in out and "0.50 ± 0.00" in out
+
+
+# ---------------------------------------------------------------- Normalised Surface Dice
+
+
+def _monai_nsd(pred: np.ndarray, label: np.ndarray, tolerance: float, spacing: tuple[float, ...]) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on an empty mask and on its own deprecations
+        nsd = compute_surface_dice(
+            torch.as_tensor(pred)[None, None].float(),
+            torch.as_tensor(label)[None, None].float(),
+            class_thresholds=[tolerance],
+            include_background=True,
+            spacing=[float(s) for s in spacing],
+        )
+    return float(nsd[0, 0])
+
+
+def _cubes(ndim: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 4-voxel square/cube as label, and the same shifted by one voxel along ``axis`` as prediction."""
+    label = np.zeros((8,) * ndim, bool)
+    label[(slice(2, 6),) * ndim] = True
+    return np.roll(label, 1, axis), label
+
+
+@pytest.mark.parametrize(
+    ("spacing", "tolerance", "expected"),
+    [
+        # 56 boundary voxels each. Shifted by one voxel along axis 0, 36 of the prediction's lie on the
+        # label's boundary (0 mm); its 4 bottom-face voxels inside the label's sides are one axis-1/2 voxel
+        # from a side (1 mm); its 16 top-face voxels are one axis-0 voxel from the label's top (3 mm).
+        # The label's boundary mirrors this. NSD = 2 * (voxels within tolerance) / 112.
+        ((3.0, 1.0, 1.0), 0.5, 2 * 36 / 112),
+        ((3.0, 1.0, 1.0), 1.0, 2 * 40 / 112),
+        ((3.0, 1.0, 1.0), 2.9, 2 * 40 / 112),
+        ((3.0, 1.0, 1.0), 3.0, 1.0),
+        # the same shift along a 1 mm axis: the faces are 1 mm apart and the inner voxels 1 mm from a face
+        ((1.0, 3.0, 1.0), 0.5, 2 * 36 / 112),
+        ((1.0, 3.0, 1.0), 1.0, 1.0),
+    ],
+)
+def test_nsd_hand_computed_cubes(spacing: tuple[float, ...], tolerance: float, expected: float) -> None:
+    pred, label = _cubes(3, axis=0)
+    assert normalized_surface_dice(pred, label, tolerance, spacing) == pytest.approx(expected)
+    assert normalized_surface_dice(label, pred, tolerance, spacing) == pytest.approx(expected)
+    assert _monai_nsd(pred, label, tolerance, spacing) == pytest.approx(expected, rel=1e-6)
+
+
+def test_nsd_hand_computed_squares() -> None:
+    # 12 boundary pixels each; shifted by one 2.5 mm pixel along axis 1: 6 of the prediction's lie on
+    # the label's boundary, 2 (its left column's inner pixels) are 1 mm (one axis-0 pixel) from the
+    # label's top/bottom row, 4 (its right column) are 2.5 mm from the label's right column; symmetric.
+    pred, label = _cubes(2, axis=1)
+    spacing = (1.0, 2.5)
+    for tolerance, expected in ((0.0, 12 / 24), (0.9, 12 / 24), (1.0, 16 / 24), (2.5, 1.0), (9.0, 1.0)):
+        assert normalized_surface_dice(pred, label, tolerance, spacing) == pytest.approx(expected)
+    # without spacing every shift is one voxel (1 mm)
+    assert normalized_surface_dice(pred, label, 1.0) == 1.0
+
+
+def test_nsd_counts_a_voxel_at_a_float32_spacing_as_one_voxel() -> None:
+    """NIfTI stores 0.8 mm as 0.800000011920929: the neighbour one voxel away is within 0.8 mm."""
+    pred, label = _cubes(2, axis=0)
+    spacing = (float(np.float32(0.8)), 5.0)
+    assert normalized_surface_dice(pred, label, 0.8, spacing) == 1.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nsd_equals_monai_on_random_shapes(ndim: int) -> None:
+    rng = np.random.default_rng(30 + ndim)
+    shape = (40, 36) if ndim == 2 else (24, 20, 18)
+    spacing = (0.7, 1.9) if ndim == 2 else (0.8, 1.3, 2.5)
+    seen: list[float] = []
+    for _ in range(4):
+        # near shapes (a moved, reshaped blob), so that the scores spread over (0, 1)
+        centre, radii = rng.uniform(8, np.array(shape) - 8), rng.uniform(3, 7, ndim)
+        pred = _blob(shape, tuple(centre), tuple(radii))
+        label = _blob(
+            shape, tuple(centre + rng.uniform(-2, 2, ndim)), tuple(radii * rng.uniform(0.7, 1.3, ndim))
+        )
+        pred[(0,) * ndim] = True  # an island on the border (the erosion edge case)
+        for tolerance in (0.0, 1.0, 2.2, 4.5):
+            ours = normalized_surface_dice(pred, label, tolerance, spacing)
+            assert ours == pytest.approx(_monai_nsd(pred, label, tolerance, spacing), rel=1e-6)
+            seen.append(ours)
+        scores = segmentation_metrics(pred.astype(int), label.astype(int), [1], spacing, nsd_tolerance=2.2)[1]
+        assert scores["nsd"] == normalized_surface_dice(pred, label, 2.2, spacing)
+        assert scores["hd95"] == hausdorff95(pred, label, spacing)  # from the same distance transforms
+    assert len({round(v, 3) for v in seen}) > 10 and 0 < min(seen) and max(seen) < 1
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nsd_on_empty_masks_follows_dice(ndim: int) -> None:
+    """Both empty: NaN (drops out of the means, as Dice and HD95); one empty: 0 (as Dice; MONAI too)."""
+    empty = np.zeros((6,) * ndim, np.int16)
+    full = empty.copy()
+    full[(slice(2, 4),) * ndim] = 1
+    assert math.isnan(normalized_surface_dice(empty, empty))
+    assert normalized_surface_dice(full, empty) == 0.0 and normalized_surface_dice(empty, full) == 0.0
+    assert math.isnan(_monai_nsd(empty, empty, 1.0, (1.0,) * ndim))
+    assert _monai_nsd(full, empty, 1.0, (1.0,) * ndim) == 0.0 == _monai_nsd(empty, full, 1.0, (1.0,) * ndim)
+    for pred, label in ((full, empty), (empty, full)):
+        m = segmentation_metrics(pred, label, [1, 2])
+        assert (m[1]["dice"], m[1]["nsd"]) == (0.0, 0.0) and math.isnan(m[1]["hd95"])
+        assert all(math.isnan(m[2][k]) for k in ("dice", "hd95", "nsd"))
+
+
+def test_nsd_options_and_bad_tolerance() -> None:
+    pred, label = _cubes(2, axis=0)
+    assert "nsd" not in segmentation_metrics(pred, label, [1], hd95=False)[1]
+    assert set(segmentation_metrics(pred, label, [1], nsd_tolerance=None)[1]) == {
+        "dice",
+        "iou",
+        "precision",
+        "recall",
+        "hd95",
+    }
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(FlexPatchError, match="NSD tolerance"):
+            normalized_surface_dice(pred, label, bad)
+        with pytest.raises(FlexPatchError, match="NSD tolerance"):
+            segmentation_metrics(pred, label, [1], nsd_tolerance=bad)
+    with pytest.raises(FlexPatchError, match="spacing"):
+        normalized_surface_dice(pred, label, 1.0, (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_evaluate_folders_nsd_uses_the_affines_spacing(tmp_path: Path, ndim: int) -> None:
+    """The spacing comes from the label's affine, also when it is oblique (column norms)."""
+    pred, label = _cubes(ndim, axis=0)
+    c, s = math.cos(0.3), math.sin(0.3)
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    spacing = (3.0, 1.0, 1.0) if ndim == 3 else (1.0, 2.5, 1.0)  # 2D: the shift along a 1 mm axis
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    for folder, data in (("p", pred), ("l", label)):
+        write_image(tmp_path / folder / "case.nii.gz", data.astype(np.int16), affine)
+    report = evaluate_folders(tmp_path / "p", tmp_path / "l", progress=False)
+    # 3D: as in the hand-computed cubes; 2D: rows 1 mm apart, and the inner pixels 1 mm from a row
+    assert report.per_case[0]["nsd"] == pytest.approx(2 * 40 / 112 if ndim == 3 else 1.0)
+    assert report.nsd_tolerance == 1.0 and report.metrics == METRICS
+    strict = evaluate_folders(tmp_path / "p", tmp_path / "l", progress=False, nsd_tolerance=0.5)
+    assert strict.per_case[0]["nsd"] == pytest.approx(2 * 36 / 112 if ndim == 3 else 12 / 24)
+    summary = strict.to_json()
+    assert summary["nsd_tolerance_mm"] == 0.5 and summary["summary"]["classes"]["class_1"]["nsd"]["n"] == 1
+    none = evaluate_folders(tmp_path / "p", tmp_path / "l", progress=False, nsd_tolerance=None)
+    assert "nsd" not in none.metrics and none.to_json()["nsd_tolerance_mm"] is None
+    from rich.console import Console
+
+    console = Console(width=160, record=True)
+    console.print(strict.table())
+    assert "NSD (0.5 mm)" in console.export_text()

@@ -213,16 +213,43 @@ def evaluate(
     label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
     labels_from: Annotated[Path | None, typer.Option(help="dataset.json giving class names.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write metrics.csv and summary.json here.")] = None,
-    hd95: Annotated[bool, typer.Option(help="Compute the 95th-percentile Hausdorff distance.")] = True,
+    hd95: Annotated[
+        bool,
+        typer.Option(help="Compute the surface metrics: 95th-percentile Hausdorff distance and NSD."),
+    ] = True,
+    nsd_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--nsd-tolerance",
+            metavar="MM",
+            help="Normalised Surface Dice tolerance in mm: NSD is the share of both boundaries "
+            "lying within this distance of the other boundary (voxel spacing from the label's affine).",
+        ),
+    ] = 1.0,
+    partial: Annotated[
+        bool,
+        typer.Option(
+            "--partial",
+            help="Evaluate the predictions present when some reference cases have none "
+            "(nnU-Net's chill); the report says how many of the reference cases were scored.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Dice, IoU, precision, recall and HD95 per case and class."""
+    """Dice, IoU, precision, recall, HD95 and NSD per case and class."""
     from flexpatch.evaluate.metrics import evaluate_folders, read_declared_labels
     from flexpatch.runtime import console
 
     labels = None if labels_from is None else read_declared_labels(labels_from)
     report = evaluate_folders(
-        pred_dir, label_dir, labels, hd95=hd95, progress=not as_json, labels_source=labels_from
+        pred_dir,
+        label_dir,
+        labels,
+        hd95=hd95,
+        progress=not as_json,
+        labels_source=labels_from,
+        nsd_tolerance=nsd_tolerance,
+        partial=partial,
     )
     if out is not None:
         report.write(out)

@@ -1,10 +1,13 @@
-"""Segmentation metrics per class (Dice, IoU, precision, recall, HD95) and folder evaluation.
+"""Segmentation metrics per class (Dice, IoU, precision, recall, HD95, NSD) and folder evaluation.
 
 Conventions for empty sets follow nnU-Net: a ratio whose denominator is empty is NaN
 (so a class absent from both prediction and label gets NaN Dice, not 1, and drops out
 of the means), while a class predicted where the label has none gets Dice 0. HD95 is
 MONAI's: the larger of the two directed 95th percentiles of distances (in mm) between
-the boundary voxels of prediction and label, NaN when either is empty.
+the boundary voxels of prediction and label, NaN when either is empty. NSD (Normalised
+Surface Dice, Nikolov et al. 2021) is MONAI's ``compute_surface_dice`` with voxel-counted
+boundaries: the share of both boundaries' voxels that lie within a tolerance (mm) of the
+other boundary. Like Dice it is NaN when both masks are empty and 0 when only one is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "dice_torch",
     "evaluate_folders",
     "hausdorff95",
+    "normalized_surface_dice",
     "read_declared_labels",
     "segmentation_metrics",
 ]
@@ -64,6 +68,43 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask ^ ndimage.binary_erosion(mask)
 
 
+def _surface_distances(
+    pred: np.ndarray, label: np.ndarray, spacing: Sequence[float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each boundary voxel of ``pred`` to the nearest of ``label``'s, and back.
+
+    Both masks must be non-empty; HD95 and NSD share these two distance transforms.
+    """
+    box = _union_box(pred | label)  # distance transforms cost the volume, so skip the empty part
+    sp, sl = _surface(pred[box]), _surface(label[box])
+    to_label = ndimage.distance_transform_edt(~sl, sampling=spacing)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sl]
+    return to_label, to_pred
+
+
+def _hd95(to_label: np.ndarray, to_pred: np.ndarray) -> float:
+    return float(max(np.percentile(to_label, 95), np.percentile(to_pred, 95)))
+
+
+# NIfTI stores spacing in float32: a neighbour one 0.8 mm voxel away lies 0.80000001 mm away,
+# and a tolerance of 0.8 mm must still count it. Far below any meaningful tolerance.
+NSD_SLACK_MM = 1e-5
+NSD_TOLERANCE_MM = 1.0
+
+
+def _nsd(to_label: np.ndarray, to_pred: np.ndarray, tolerance: float) -> float:
+    within = np.count_nonzero(to_label <= tolerance + NSD_SLACK_MM)
+    within += np.count_nonzero(to_pred <= tolerance + NSD_SLACK_MM)
+    return float(within / (to_label.size + to_pred.size))
+
+
+def _check_tolerance(tolerance: float) -> float:
+    tol = float(tolerance)
+    if not math.isfinite(tol) or tol < 0:
+        raise FlexPatchError(f"NSD tolerance must be a finite distance >= 0 mm, got {tolerance!r}")
+    return tol
+
+
 def hausdorff95(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm between two binary masks.
 
@@ -79,11 +120,53 @@ def hausdorff95(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float] | 
     pred, label = np.asarray(pred, dtype=bool), np.asarray(label, dtype=bool)
     if not pred.any() or not label.any():
         return math.nan
-    box = _union_box(pred | label)  # distance transforms cost the volume, so skip the empty part
-    sp, sl = _surface(pred[box]), _surface(label[box])
-    to_label = ndimage.distance_transform_edt(~sl, sampling=spacing)[sp]
-    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sl]
-    return float(max(np.percentile(to_label, 95), np.percentile(to_pred, 95)))
+    return _hd95(*_surface_distances(pred, label, spacing))
+
+
+def normalized_surface_dice(
+    pred: np.ndarray,
+    label: np.ndarray,
+    tolerance: float = NSD_TOLERANCE_MM,
+    spacing: Sequence[float] | None = None,
+) -> float:
+    """Normalised Surface Dice of two binary masks: the share of boundary voxels of both that
+    lie within ``tolerance`` mm of the other's boundary.
+
+    Matches ``monai.metrics.compute_surface_dice(class_thresholds=[tolerance], spacing=...)``
+    (boundaries counted in voxels, ``use_subvoxels=False``), except that a distance within
+    ``NSD_SLACK_MM`` above the tolerance still counts (float32 spacings). NaN when both masks
+    are empty, 0 when only one is (as Dice).
+
+    Args:
+        pred: boolean mask.
+        label: boolean mask of the same shape.
+        tolerance: the boundary deviation accepted, in mm (>= 0).
+        spacing: voxel size in mm per axis (1 when None).
+    """
+    pred, label = np.asarray(pred, dtype=bool), np.asarray(label, dtype=bool)
+    if pred.shape != label.shape:
+        raise FlexPatchError(f"prediction has shape {pred.shape} but label has shape {label.shape}")
+    tol, sp = _check_tolerance(tolerance), _check_spacing(spacing, label.ndim)
+    has_p, has_l = bool(pred.any()), bool(label.any())
+    if not (has_p and has_l):
+        return 0.0 if has_p or has_l else math.nan
+    return _nsd(*_surface_distances(pred, label, sp), tol)
+
+
+def _surface_metrics(
+    p: np.ndarray, lab: np.ndarray, spacing: tuple[float, ...], nsd_tolerance: float | None
+) -> dict[str, float]:
+    """HD95 and (when a tolerance is given) NSD, from one pair of distance transforms."""
+    has_p, has_l = bool(p.any()), bool(lab.any())
+    out = {"hd95": math.nan}
+    if nsd_tolerance is not None:
+        out["nsd"] = 0.0 if has_p or has_l else math.nan  # the empty conventions, as Dice
+    if has_p and has_l:
+        to_label, to_pred = _surface_distances(p, lab, spacing)
+        out["hd95"] = _hd95(to_label, to_pred)
+        if nsd_tolerance is not None:
+            out["nsd"] = _nsd(to_label, to_pred, nsd_tolerance)
+    return out
 
 
 def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
@@ -101,15 +184,18 @@ def segmentation_metrics(
     classes: Sequence[int],
     spacing: Sequence[float] | None = None,
     hd95: bool = True,
+    nsd_tolerance: float | None = NSD_TOLERANCE_MM,
 ) -> dict[int, dict[str, float]]:
-    """Dice, IoU, precision, recall and (optionally) HD95 of each class.
+    """Dice, IoU, precision, recall and (optionally) the surface metrics HD95 and NSD of each class.
 
     Args:
         pred: integer label map ``(*spatial)``.
         label: reference label map, same shape.
         classes: the label values to score (the caller leaves background out).
-        spacing: voxel size in mm per axis, for HD95 (1 when None).
-        hd95: compute HD95 (the slow part); when False the key is absent.
+        spacing: voxel size in mm per axis, for HD95 and NSD (1 when None).
+        hd95: compute the surface metrics, HD95 and NSD (the slow part: they share two distance
+            transforms); when False their keys are absent.
+        nsd_tolerance: NSD's tolerance in mm; None leaves NSD out (HD95 alone).
 
     Returns:
         ``{class: {metric: value}}``; NaN where a metric is undefined (see module docstring).
@@ -118,12 +204,13 @@ def segmentation_metrics(
     if pred.shape != label.shape:
         raise FlexPatchError(f"prediction has shape {pred.shape} but label has shape {label.shape}")
     sp = _check_spacing(spacing, label.ndim)
+    tol = None if nsd_tolerance is None else _check_tolerance(nsd_tolerance)
     out: dict[int, dict[str, float]] = {}
     for c in classes:
         p, lab = pred == c, label == c
         out[int(c)] = _overlap(p, lab)
         if hd95:
-            out[int(c)]["hd95"] = hausdorff95(p, lab, sp)
+            out[int(c)].update(_surface_metrics(p, lab, sp, tol))
     return out
 
 
@@ -162,15 +249,26 @@ def _case_files(folder: Path, role: str) -> dict[str, Path]:
     return files
 
 
-def _pair(pred_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
+def _pair(
+    pred_dir: Path, label_dir: Path, partial: bool = False
+) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(case, prediction, label) for every prediction, and the reference cases without one.
+
+    A prediction without a label is always an error (there is nothing to score it against);
+    a label without a prediction is one unless ``partial`` (nnU-Net's ``chill``).
+    """
     preds, labels = _case_files(pred_dir, "prediction"), _case_files(label_dir, "label")
     for case, path in preds.items():
         if case not in labels:
             raise FlexPatchError(f"{path}: no label for case '{case}' in {label_dir}")
-    for case, path in labels.items():
-        if case not in preds:
-            raise FlexPatchError(f"{path}: no prediction for case '{case}' in {pred_dir}")
-    return [(case, preds[case], labels[case]) for case in sorted(preds)]
+    missing = [case for case in labels if case not in preds]
+    if missing and not partial:
+        more = f" (nor for {len(missing) - 1} more of the {len(labels)} cases)" if len(missing) > 1 else ""
+        raise FlexPatchError(
+            f"{labels[missing[0]]}: no prediction for case '{missing[0]}' in {pred_dir}{more}; "
+            f"--partial (partial=True) scores the {len(preds)} predictions present"
+        )
+    return [(case, preds[case], labels[case]) for case in sorted(preds)], missing
 
 
 def _class_names(labels: Mapping[str, int] | None) -> dict[int, str] | None:
@@ -212,13 +310,15 @@ def evaluate_folders(
     hd95: bool = True,
     progress: bool = True,
     labels_source: str | Path | None = None,
+    nsd_tolerance: float | None = NSD_TOLERANCE_MM,
+    partial: bool = False,
 ) -> EvaluationReport:
     """Score every prediction in ``pred_dir`` against the label of the same case in ``label_dir``.
 
     Files pair by case id (name without ``.nii.gz``/``.nii``/``.png``/``.tif``); each
     side must have a partner on the same grid: the same shape and, for NIfTI, the same affine
     (a prediction shifted in the world is not scored voxel by voxel as if it were not). HD95
-    uses the label's voxel spacing.
+    and NSD use the label's voxel spacing (the column norms of its affine).
 
     Args:
         pred_dir: folder of predicted label maps.
@@ -226,14 +326,18 @@ def evaluate_folders(
         labels: ``{name: value}`` as in nnU-Net's dataset.json (background skipped); every
             value > 0 in a prediction or label must be one of them. When None, every value > 0
             found is a class ``class_<v>``.
-        hd95: also compute HD95.
+        hd95: also compute the surface metrics, HD95 and NSD.
         progress: show a progress bar on stderr.
         labels_source: the file ``labels`` came from, named when a value is not declared.
+        nsd_tolerance: NSD's tolerance in mm; None leaves NSD out.
+        partial: score the predictions present when some reference cases have none (nnU-Net's
+            ``chill``); the report lists the cases left out. Otherwise a missing one is an error.
     """
     from flexpatch.runtime import track
 
     names = _class_names(labels)
-    pairs = _pair(Path(pred_dir), Path(label_dir))
+    tol = None if nsd_tolerance is None else _check_tolerance(nsd_tolerance)
+    pairs, missing = _pair(Path(pred_dir), Path(label_dir), partial)
     results: dict[str, dict[int, dict[str, float]]] = {}
     bar = track(pairs, "evaluating", disable=not progress)
     for case, pred_path, label_path in bar:
@@ -244,11 +348,13 @@ def evaluate_folders(
             for volume in (label, pred):
                 _check_declared(volume, names, labels_source)
         classes = sorted(names) if names is not None else _present(pred.data, label.data)
-        results[case] = segmentation_metrics(pred.data, label.data, classes, label.spacing, hd95)
+        results[case] = segmentation_metrics(pred.data, label.data, classes, label.spacing, hd95, tol)
     if names is None:
         names = {c: f"class_{c}" for c in sorted({c for res in results.values() for c in res})}
-    metrics = METRICS if hd95 else tuple(m for m in METRICS if m != "hd95")
-    return EvaluationReport(_rows(results, names, metrics), metrics)
+    left_out = {"hd95", "nsd"} if not hd95 else {"nsd"} if tol is None else set()
+    metrics = tuple(m for m in METRICS if m not in left_out)
+    nsd_mm = tol if "nsd" in metrics else None
+    return EvaluationReport(_rows(results, names, metrics), metrics, missing, nsd_mm)
 
 
 # Farthest two grids may lie apart (at any corner) and still be the same: float32 headers round.

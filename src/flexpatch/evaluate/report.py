@@ -22,8 +22,15 @@ from flexpatch.data.io import write_text
 if TYPE_CHECKING:
     from rich.table import Table
 
-METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "hd95")
-_TITLES = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall", "hd95": "HD95 (mm)"}
+METRICS: tuple[str, ...] = ("dice", "iou", "precision", "recall", "hd95", "nsd")
+_TITLES = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "precision": "Precision",
+    "recall": "Recall",
+    "hd95": "HD95 (mm)",
+    "nsd": "NSD",
+}
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:
@@ -53,10 +60,14 @@ class EvaluationReport:
     Attributes:
         per_case: one row per (case, class): ``{"case", "class", "label", <metric>: float}``.
         metrics: the metric names each row carries, in column order.
+        missing_cases: reference cases that had no prediction (evaluated with ``partial``).
+        nsd_tolerance: the tolerance (mm) of the ``nsd`` column, None when there is none.
     """
 
     per_case: list[dict[str, Any]] = field(default_factory=list)
     metrics: tuple[str, ...] = METRICS
+    missing_cases: list[str] = field(default_factory=list)
+    nsd_tolerance: float | None = None
 
     @property
     def cases(self) -> list[str]:
@@ -71,6 +82,7 @@ class EvaluationReport:
 
         ``"mean"`` treats the class average of each case (NaN classes skipped) as one
         sample, so its mean and std describe the spread over cases, as for a class.
+        ``n_reference_cases`` counts the evaluated cases and those left out (``missing_cases``).
         """
         by_class: dict[str, list[dict[str, Any]]] = {}
         by_case: dict[str, list[dict[str, Any]]] = {}
@@ -84,12 +96,23 @@ class EvaluationReport:
             m: _stats([_stats([r[m] for r in rows])["mean"] for rows in by_case.values()])
             for m in self.metrics
         }
-        return {"n_cases": len(by_case), "classes": per_class, "mean": overall}
+        return {
+            "n_cases": len(by_case),
+            "n_reference_cases": len(by_case) + len(self.missing_cases),
+            "missing_cases": list(self.missing_cases),
+            "classes": per_class,
+            "mean": overall,
+        }
 
     def to_json(self) -> dict[str, Any]:
         """Summary and per-case rows, with NaN as None (valid JSON)."""
         return _json_safe(
-            {"metrics": list(self.metrics), "summary": self.summary(), "per_case": self.per_case}
+            {
+                "metrics": list(self.metrics),
+                "nsd_tolerance_mm": self.nsd_tolerance,
+                "summary": self.summary(),
+                "per_case": self.per_case,
+            }
         )
 
     def to_csv(self) -> str:
@@ -116,15 +139,27 @@ class EvaluationReport:
         from rich.table import Table
 
         summary = self.summary()
-        table = Table(title=f"Evaluation over {summary['n_cases']} cases")
+        table = Table(title=self.title())
         table.add_column("class")
         for m in self.metrics:
-            table.add_column(_TITLES.get(m, m), justify="right")
+            title = _TITLES.get(m, m)
+            if m == "nsd" and self.nsd_tolerance is not None:
+                title = f"NSD ({self.nsd_tolerance:g} mm)"
+            table.add_column(title, justify="right")
         for name, stats in summary["classes"].items():
             table.add_row(name, *(_format(m, stats[m]) for m in self.metrics))
         table.add_section()
         table.add_row("mean", *(_format(m, summary["mean"][m]) for m in self.metrics))
         return table
+
+    def title(self) -> str:
+        """How many cases were evaluated, and of how many when some had no prediction."""
+        n = len(self.cases)
+        if not self.missing_cases:
+            return f"Evaluation over {n} cases"
+        total, shown = n + len(self.missing_cases), ", ".join(self.missing_cases[:3])
+        more = ", ..." if len(self.missing_cases) > 3 else ""
+        return f"Evaluation over {n} of {total} reference cases (partial; no prediction for {shown}{more})"
 
 
 def _format(metric: str, stats: dict[str, float | int]) -> str:
