@@ -1,4 +1,6 @@
-"""Reading and writing images: NIfTI (3D or 2D) and 2D PNG/TIFF, always keeping the affine.
+"""Reading and writing images: NIfTI (3D or 2D), SimpleITK's ``.mha``/``.nrrd``, 2D PNG/TIFF
+and nnU-Net's 3D TIFF (spacing in a JSON beside it), always keeping the affine (RAS, nibabel's
+voxel order whatever the format: :mod:`flexpatch.data.readers`).
 
 Arrays come back channels-first: images ``(C, *spatial)`` float32, labels
 ``(*spatial)`` int16. 2D data are ``(C, H, W)``; a 2D NIfTI is stored as
@@ -26,6 +28,15 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from flexpatch.data.readers import (
+    SITK_SUFFIXES,
+    TIFF_SUFFIXES,
+    load_sitk,
+    load_tiff3d,
+    sitk_header,
+    tiff_ndim,
+    write_sitk,
+)
 from flexpatch.data.sanity import check_shape, open_nifti
 from flexpatch.errors import FlexPatchError
 
@@ -34,6 +45,7 @@ if TYPE_CHECKING:
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PLAIN_2D_SUFFIXES = (".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + PLAIN_2D_SUFFIXES  # every ending read and written
 COMMENT_CODE = 6  # NIfTI 'comment' extension: kept by every reader and writer
 
 
@@ -60,7 +72,7 @@ class Volume:
 def suffix_of(path: Path) -> str:
     """The file ending that decides the format (``.nii.gz`` counts as one)."""
     name = path.name.lower()
-    for s in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES:
+    for s in IMAGE_SUFFIXES:
         if name.endswith(s):
             return s
     return path.suffix.lower()
@@ -182,18 +194,68 @@ def read_image(path: str | Path, ndim: int | None = None) -> Volume:
     """Read an image as ``(C, *spatial)`` float32 with its affine.
 
     Args:
-        path: a ``.nii``/``.nii.gz`` file (3D, 2D, or 4D with channels last) or a PNG/TIFF.
-        ndim: spatial dimensions wanted (2 or 3); inferred when None.
+        path: a ``.nii``/``.nii.gz`` or ``.mha``/``.nrrd`` file (3D, 2D, or 4D with channels
+            last, as MSD's multi-channel images; an ITK vector image's components are channels),
+            a PNG/TIFF, or a 3D TIFF (nnU-Net's, with its spacing JSON).
+        ndim: spatial dimensions wanted (2 or 3); inferred when None (a TIFF is 3D when it is a
+            stack: :func:`spatial_ndim`).
     """
     path = Path(path)
-    is_nifti = suffix_of(path) in NIFTI_SUFFIXES
-    if not is_nifti and suffix_of(path) not in PLAIN_2D_SUFFIXES:
-        raise FlexPatchError(f"{path}: unsupported image format (use .nii, .nii.gz, .png, .tif)")
-    data, affine = _load_nifti(path) if is_nifti else _load_plain_2d(path)
-    data, nd = _spatial(data, ndim, path, channels_last=is_nifti)
+    suffix = suffix_of(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise FlexPatchError(f"{path}: unsupported image format (use {', '.join(IMAGE_SUFFIXES)})")
+    if ndim is None and suffix in SITK_SUFFIXES + TIFF_SUFFIXES and path.is_file():
+        ndim = spatial_ndim(path)  # the header says: a vector image's components are not an axis
+    if suffix in NIFTI_SUFFIXES or suffix in SITK_SUFFIXES:
+        data, affine = _load_nifti(path) if suffix in NIFTI_SUFFIXES else load_sitk(path)
+        channels_last = True
+    else:
+        data, affine = load_tiff3d(path) if ndim == 3 else _load_plain_2d(path)
+        channels_last = False
+    data, nd = _spatial(data, ndim, path, channels_last=channels_last)
     data = data.astype(np.float32, copy=False)
     _check_finite(data, path)
     return Volume(data, affine, nd, path)
+
+
+def spatial_ndim(path: Path) -> int:
+    """Spatial dimensions from the header alone: nnU-Net stores 2D NIfTI as ``(X, Y, 1)`` (an ITK
+    image of one slice is 2D too); a TIFF is 3D when it is a stack
+    (:func:`~flexpatch.data.readers.tiff_ndim`)."""
+    suffix = suffix_of(path)
+    if suffix in TIFF_SUFFIXES:
+        return tiff_ndim(path)
+    if suffix in SITK_SUFFIXES:
+        shape = sitk_header(path)[0]
+    elif suffix in NIFTI_SUFFIXES:
+        shape = _nifti_shape(path)
+    else:
+        return 2
+    return 2 if len(shape) == 2 or (len(shape) >= 3 and shape[2] == 1) else 3
+
+
+def _nifti_shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    try:
+        return tuple(nib.load(str(path)).shape)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise FlexPatchError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
+
+
+def channel_count(path: Path) -> int:
+    """The channels one file holds, from its header: a 4D NIfTI's or ITK image's last axis (MSD's
+    multi-channel images), an ITK vector image's components, an RGB image's 3, else 1."""
+    suffix = suffix_of(path)
+    if suffix in SITK_SUFFIXES:
+        size, components = sitk_header(path)
+        return components * (size[3] if len(size) == 4 else 1)
+    if suffix in NIFTI_SUFFIXES:
+        shape = _nifti_shape(path)
+        return int(shape[3]) if len(shape) == 4 else 1
+    if suffix in TIFF_SUFFIXES and tiff_ndim(path) == 3:
+        return 1
+    return int(read_image(path, 2).data.shape[0])  # a 2D image: reading it costs little
 
 
 def read_label(path: str | Path, ndim: int | None = None) -> Volume:
@@ -224,8 +286,9 @@ def write_image(
 ) -> None:
     """Write ``(*spatial)`` data, or ``(C, *spatial)`` with ``channels=True``, atomically.
 
-    NIfTI keeps ``affine`` (identity when None); 2D NIfTI gets nnU-Net's trailing
-    singleton axis; channels go last. PNG/TIFF take 2D data only. ``extensions``
+    NIfTI, ``.mha`` and ``.nrrd`` keep ``affine`` (identity when None); 2D NIfTI gets nnU-Net's
+    trailing singleton axis; channels go last. PNG/TIFF take 2D data; a 3D TIFF is a stack with
+    its spacing in ``STEM.json`` beside it (nnU-Net's Tiff3DIO). ``extensions``
     (``nibabel.nifti1.Nifti1Extension`` objects) go into a NIfTI header.
     """
     import nibabel as nib
@@ -246,12 +309,18 @@ def write_image(
             from PIL import Image
 
             Image.fromarray(np.asarray(data)).save(tmp, format="PNG")
-        elif suffix in (".tif", ".tiff"):
+        elif suffix in SITK_SUFFIXES:
+            write_sitk(tmp, np.asarray(data), affine, channels)
+        elif suffix in TIFF_SUFFIXES:
             import tifffile
 
-            tifffile.imwrite(tmp, np.asarray(data))
+            arr = np.asarray(data)
+            if arr.ndim == 3 and not channels:  # a 3D stack: its spacing beside it, as nnU-Net's
+                spacing = np.linalg.norm(affine[:3, :3], axis=0).tolist()
+                save_json(path.with_name(path.name[: -len(suffix)] + ".json"), {"spacing": spacing})
+            tifffile.imwrite(tmp, arr)
         else:
-            raise FlexPatchError(f"{path}: unsupported output format (use .nii.gz, .nii, .png, .tif)")
+            raise FlexPatchError(f"{path}: unsupported output format (use {', '.join(IMAGE_SUFFIXES)})")
 
 
 def _to_nifti_layout(arr: np.ndarray, channels: bool) -> np.ndarray:
