@@ -194,8 +194,8 @@ def test_missing_fields_are_named(tmp_path: Path) -> None:
 
 def test_unsupported_file_ending(tmp_path: Path) -> None:
     make_nnunet(tmp_path)
-    _rewrite(tmp_path, file_ending=".mha")
-    _raises(tmp_path, "dataset.json", ".mha")
+    _rewrite(tmp_path, file_ending=".dcm")
+    _raises(tmp_path, "dataset.json", ".dcm")
 
 
 def test_missing_channel_file(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ nnU-Net v2 (``channel_names``, ``labels`` name->value, ``file_ending``; with
     root/imagesTs/...  (root/labelsTs/... optional)
 
 MSD (``modality``, ``labels`` value->name, ``training``/``test`` lists of files);
-an image may be one 4D file holding all channels.
+an image may be one 4D file holding all channels. Images are NIfTI, ``.mha``/``.nrrd``, PNG/TIFF or
+nnU-Net's 3D TIFF (:mod:`flexpatch.data.io`); ``overwrite_image_reader_writer`` is checked.
 """
 
 from __future__ import annotations
@@ -26,11 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from flexpatch.data.io import NIFTI_SUFFIXES, PLAIN_2D_SUFFIXES, Volume, read_image, read_label, suffix_of
+from flexpatch.data.io import (
+    IMAGE_SUFFIXES,
+    PLAIN_2D_SUFFIXES,
+    Volume,
+    read_image,
+    read_label,
+    spatial_ndim,
+    suffix_of,
+)
+from flexpatch.data.readers import reader_ndim
 from flexpatch.data.regions import Regions, parse_regions, regions_to_json
 from flexpatch.errors import FlexPatchError
 
-SUPPORTED_ENDINGS = NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES
+SUPPORTED_ENDINGS = IMAGE_SUFFIXES
 AFFINE_ATOL = 1e-3
 
 
@@ -450,9 +460,10 @@ def _finish(
 ) -> DatasetInfo:
     if not training:
         raise FlexPatchError(f"{path}: no training cases (empty dataset)")
-    ndim = meta.get("ndim")
+    # nnU-Net's overwrite_image_reader_writer: checked; Tiff3DIO / NaturalImage2DIO decide ndim
+    ndim = reader_ndim(meta.get("overwrite_image_reader_writer"), ending, path, meta.get("ndim"))
     if ndim is None:
-        ndim = _ndim_of(training[0].images[0])
+        ndim = spatial_ndim(training[0].images[0])
     if ndim not in (2, 3):
         raise FlexPatchError(f"{path}: 'ndim' must be 2 or 3, found {ndim!r}")
     return DatasetInfo(
@@ -484,16 +495,3 @@ def _mirrored_pairs(raw: Any, labels: dict[str, int], path: Path) -> tuple[tuple
             f"{path}: 'mirrored_pairs' names {unknown[0]!r}, which 'labels' does not declare"
         )
     return tuple((a, b) for a, b in raw)
-
-
-def _ndim_of(path: Path) -> int:
-    """Spatial dimensions from the header alone; nnU-Net stores 2D NIfTI as (X, Y, 1)."""
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        return 2
-    import nibabel as nib
-
-    try:
-        shape = nib.load(str(path)).shape
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise FlexPatchError(f"{path}: not a readable NIfTI file ({type(e).__name__})") from None
-    return 2 if len(shape) == 2 or (len(shape) >= 3 and shape[2] == 1) else 3
