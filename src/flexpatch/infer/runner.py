@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from flexpatch.data.io import (
-    NIFTI_SUFFIXES,
-    PLAIN_2D_SUFFIXES,
+    IMAGE_SUFFIXES,
     Volume,
+    channel_count,
     read_image,
     suffix_of,
     write_like,
@@ -162,18 +162,18 @@ def cases_for(inputs: Sequence[str | Path], channels: int, out_dir: str | Path) 
 
 
 def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[Path]]:
-    """Case id -> channel files. Folders are expanded; nnU-Net's ``CASE_0000`` suffixes group channels."""
+    """Case id -> channel files. Folders are expanded; nnU-Net's ``CASE_0000`` suffixes group channels.
+    A case of one file may hold all channels (MSD's 4D images, an ITK vector image, RGB): its header
+    is read to check that it holds ``channels``."""
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             # dot files: macOS resource forks (._case.nii.gz), temporaries of a killed run (.tmp-*)
             found = sorted(
-                p
-                for p in item.iterdir()
-                if suffix_of(p) in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES and not p.name.startswith(".")
+                p for p in item.iterdir() if suffix_of(p) in IMAGE_SUFFIXES and not p.name.startswith(".")
             )
             if not found:
-                raise FlexPatchError(f"{item}: no image files (.nii.gz, .nii, .png, .tif) in this folder")
+                raise FlexPatchError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             files += found
         elif item.exists():
             files.append(item)
@@ -186,10 +186,21 @@ def group_inputs(inputs: Sequence[str | Path], channels: int) -> dict[str, list[
         cases.setdefault(m["case"] if m else stem, []).append(f)
     for case, chans in cases.items():
         if channels > 1 and len(chans) != channels:
-            raise FlexPatchError(
-                f"{chans[0]}: case {case} has {len(chans)} channel files, the model expects {channels}"
-            )
+            _check_one_file_channels(case, chans, channels)
     return cases
+
+
+def _check_one_file_channels(case: str, files: Sequence[Path], channels: int) -> None:
+    """Accept a case of one file holding all ``channels``; any other count is one line."""
+    if len(files) != 1:
+        raise FlexPatchError(
+            f"{files[0]}: case {case} has {len(files)} channel files, the model expects {channels}"
+        )
+    held = channel_count(files[0])
+    if held != channels:
+        raise FlexPatchError(
+            f"{files[0]}: case {case} has 1 file, holding {held} channel(s); the model expects {channels}"
+        )
 
 
 def read_case(files: Sequence[Path], ndim: int) -> Volume:
