@@ -1,8 +1,8 @@
 """The ``flexpatch`` command: a thin typer layer over the library.
 
-``app`` is built here from the command modules (``data``, ``train``, ``predict``, ``demo``,
-``analysis``), each of which lists its commands in ``COMMANDS``; they share ``common`` and never
-import this module. Heavy modules (torch, MONAI) are imported inside the commands so that
+``app`` is built here from the command modules (``data``, ``train``, ``predict``, ``export``,
+``demo``, ``analysis``), each of which lists its commands in ``COMMANDS``; they share ``common`` and
+never import this module. Heavy modules (torch, MONAI) are imported inside the commands so that
 ``flexpatch --help`` is instant.
 
 Every user error, whether the library's ``FlexPatchError`` or a value, option or argument the
@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from flexpatch.cli import analysis, data, demo, predict, train
+from flexpatch.cli import analysis, data, demo, export, predict, train
 from flexpatch.cli.common import fail
 from flexpatch.errors import FlexPatchError
 
@@ -41,13 +41,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _signals.append(signum)
     raise KeyboardInterrupt
 
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="flexpatch: medical image segmentation that stays accurate at any patch size.",
 )
-for _module in (data, train, predict, demo, analysis):
+for _module in (data, train, predict, export, demo, analysis):
     for _command in _module.COMMANDS:
         app.command()(_command)
 

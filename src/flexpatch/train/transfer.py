@@ -8,6 +8,14 @@ reason. A UNETR source with another token size or input size is first converted 
 at token 16 starts a fine-tune at token 8. Loaded parameters may be frozen or given a
 smaller learning rate. What was loaded is saved as ``transfer.json`` in the new model
 folder, where a resumed run reads it back to rebuild the same optimiser groups.
+
+The source may also be weights from elsewhere: a plain ``state_dict`` file (``.pt``/``.pth``
+holding tensors by name, possibly under ``model``, ``state_dict`` or ``network`` as
+checkpoint writers keep it, DataParallel's ``module.`` prefix dropped), or a MONAI bundle
+folder, whose network weights are ``models/model.pt``. MONAI's networks (dynunet, segresnet,
+basicunet, swinunetr) are registered as MONAI builds them, so their tensor names match.
+Every source is read with ``torch.load(weights_only=True)``
+(:func:`~flexpatch.checkpoint.load_checkpoint`): a file naming code is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from flexpatch.models import ModelSpec, build
 from flexpatch.runtime import console
 
 TRANSFER = "transfer.json"
+BUNDLE_WEIGHTS = Path("models") / "model.pt"  # a MONAI bundle's network weights
+_WRAPPERS = ("model", "state_dict", "network")  # where checkpoint writers keep the state_dict
+KINDS = ("model folder", "weights file", "MONAI bundle")
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class TransferReport:
         skipped: ``(name, reason)`` of the new network's tensors left as initialised.
         unused: source tensors with no counterpart.
         resized: ``(old, new)`` token sizes when a UNETR source was resized; else None.
+        kind: what the source is (:data:`KINDS`).
     """
 
     source: str
@@ -44,6 +56,7 @@ class TransferReport:
     skipped: tuple[tuple[str, str], ...]
     unused: tuple[str, ...]
     resized: tuple[list[int], list[int]] | None = None
+    kind: str = "model folder"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +65,7 @@ class TransferReport:
             "skipped": [list(s) for s in self.skipped],
             "unused": list(self.unused),
             "resized": None if self.resized is None else list(self.resized),
+            "kind": self.kind,
         }
 
     @classmethod
@@ -63,22 +77,75 @@ class TransferReport:
             tuple((str(a), str(b)) for a, b in d["skipped"]),
             tuple(d["unused"]),
             None if resized is None else (list(resized[0]), list(resized[1])),
+            str(d.get("kind", "model folder")),  # transfer.json written before other sources
         )
 
     def describe(self) -> str:
         resized = f" (UNETR tokens resized {self.resized[0]} -> {self.resized[1]})" if self.resized else ""
-        text = f"init from {self.source}{resized}: loaded {len(self.loaded)} tensors"
+        kind = "" if self.kind == "model folder" else f" ({self.kind})"
+        text = f"init from {self.source}{kind}{resized}: loaded {len(self.loaded)} tensors"
         text += f", skipped {len(self.skipped)}"
         if self.skipped:
             text += ": " + "; ".join(f"{name} ({why})" for name, why in self.skipped[:8])
             text += f"; and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
+        if self.unused:  # a bundle's extra heads or another naming: worth seeing at once
+            text += f"; {len(self.unused)} source tensors unused"
         return text
 
 
-def _source_state(model_dir: Path, target: torch.nn.Module) -> tuple[dict[str, torch.Tensor], set[str], Any]:
-    """The source's weights (token-resized to ``target`` if both are UNETRs), fresh names, the resize."""
-    if not (model_dir / "model.json").is_file():
-        raise FlexPatchError(f"{model_dir}: not a model folder (no model.json) to initialise from")
+def _source_kind(source: Path) -> tuple[str, Path]:
+    """Which kind of source ``source`` is (:data:`KINDS`), and the file holding its weights."""
+    if source.is_file():
+        return "weights file", source
+    if (source / "model.json").is_file():
+        return "model folder", source / BEST
+    if (source / BUNDLE_WEIGHTS).is_file():
+        return "MONAI bundle", source / BUNDLE_WEIGHTS
+    if (source / "models" / "model.ts").is_file():
+        raise FlexPatchError(
+            f"{source}: a MONAI bundle with TorchScript weights only (models/model.ts), which is code; "
+            "save its state_dict as models/model.pt to initialise from it"
+        )
+    if not source.exists():
+        raise FlexPatchError(
+            f"{source}: not found (a model folder, MONAI bundle or weights file to initialise from)"
+        )
+    raise FlexPatchError(
+        f"{source}: not a model folder (no model.json), a MONAI bundle (no {BUNDLE_WEIGHTS}) "
+        "or a weights file to initialise from"
+    )
+
+
+def plain_state(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors by name in a weights file: a bare state_dict or one kept under ``model``,
+    ``state_dict`` or ``network``; DataParallel's ``module.`` prefix dropped."""
+    state: dict[str, Any] = load_checkpoint(path, map_location="cpu")  # weights only: no code runs
+    for key in _WRAPPERS:
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise FlexPatchError(f"{path}: holds no tensors by name (not a state_dict of network weights)")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def _source_state(
+    source: Path, target: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], set[str], Any, str]:
+    """The source's weights (token-resized to ``target`` if both are UNETR model folders), the
+    names new at the resized token size, the resize and the kind of source."""
+    kind, weights = _source_kind(source)
+    if kind != "model folder":
+        return plain_state(weights), set(), None, kind
+    state, fresh, change = _folder_state(source, target)
+    return state, fresh, change, kind
+
+
+def _folder_state(model_dir: Path, target: torch.nn.Module) -> tuple[dict[str, torch.Tensor], set[str], Any]:
+    """A model folder's weights, token-resized to ``target`` if both are UNETRs."""
     spec = ModelSpec.from_json(load_json(model_dir / "model.json"), source=model_dir / "model.json")
     state = load_checkpoint(model_dir / BEST, map_location="cpu")["model"]
     tspec = getattr(target, "spec", None)
@@ -98,9 +165,10 @@ def _source_state(model_dir: Path, target: torch.nn.Module) -> tuple[dict[str, t
 
 
 def load_matching(net: torch.nn.Module, model_dir: str | Path) -> TransferReport:
-    """Copy every tensor of ``model_dir``'s best checkpoint that matches ``net`` by name and shape."""
+    """Copy every tensor of ``model_dir``'s weights that matches ``net`` by name and shape: a model
+    folder's best checkpoint, a MONAI bundle's ``models/model.pt`` or a weights file."""
     model_dir = Path(model_dir)
-    source, fresh, change = _source_state(model_dir, net)
+    source, fresh, change, kind = _source_state(model_dir, net)
     state = net.state_dict()
     loaded, skipped = [], []
     for name, value in state.items():
@@ -116,10 +184,15 @@ def load_matching(net: torch.nn.Module, model_dir: str | Path) -> TransferReport
             state[name] = source[name]
             loaded.append(name)
     if not loaded:
-        raise FlexPatchError(f"{model_dir}: no tensor matches the new network by name and shape")
+        # the first names of each side: another naming (a wrapper's prefix) shows at once
+        ours, theirs = ", ".join(list(state)[:2]), ", ".join(list(source)[:2])
+        raise FlexPatchError(
+            f"{model_dir}: no tensor matches the new network by name and shape "
+            f"(the source has {theirs}, ...; the network {ours}, ...)"
+        )
     net.load_state_dict(state)
     unused = tuple(k for k in source if k not in state)
-    return TransferReport(str(model_dir), tuple(loaded), tuple(skipped), unused, change)
+    return TransferReport(str(model_dir), tuple(loaded), tuple(skipped), unused, change, kind)
 
 
 def initialise(net: torch.nn.Module, config: Any, out_dir: Path, resume: bool) -> frozenset[str]:
