@@ -7,9 +7,15 @@ The public surface is small; heavy modules load on first use so that
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexpatch.errors import FlexPatchError
+
+if TYPE_CHECKING:  # what type checkers see of the lazy names below (nothing is imported at run time)
+    from flexpatch.export import export_model as export_model
+    from flexpatch.infer.arrays import Segmentation as Segmentation
+    from flexpatch.infer.arrays import predict_array as predict_array
+    from flexpatch.infer.arrays import segment as segment
 
 __version__ = "0.1.0"
 
@@ -23,6 +29,10 @@ _LAZY = {
     "sliding_window": "flexpatch.infer.sliding_window",
     "load_model": "flexpatch.infer.predictor",
     "predict_files": "flexpatch.infer.predictor",
+    "predict_array": "flexpatch.infer.arrays",
+    "segment": "flexpatch.infer.arrays",
+    "Segmentation": "flexpatch.infer.arrays",
+    "export_model": "flexpatch.export",
     "plan_dataset": "flexpatch.plan.dataset",
     "train": "flexpatch.train.loop",
     "TrainConfig": "flexpatch.train.config",
