@@ -96,6 +96,7 @@ def test_model_folder_is_self_contained(reference_runs: dict[str, Path], tmp_pat
         BEST,
         LAST,
         "log.jsonl",
+        "progress.png",  # the training curves, drawn from log.jsonl
         "method.json",
         "postprocessing.json",
     }

@@ -53,9 +53,9 @@ from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import (
     Harness,
     claim_folder,
-    jsonl_log,
     resume_checkpoint,
     resume_settings,
+    training_log,
     truncate_log,
 )
 from flexpatch.train.loop import augmentation, make_optimizer, prepare, split_cases
@@ -130,8 +130,9 @@ def validate_cascade(
     config: CascadeConfig,
     num_classes: int,
     device: torch.device,
-) -> float:
-    """Mean foreground Dice on the preprocessed grid: of the rough model alone when ``fine`` is None."""
+) -> tuple[dict[str, float], float]:
+    """Foreground Dice on the preprocessed grid, of the rough model alone when ``fine`` is None:
+    per class (its mean over the cases, for the log and the curves) and over all."""
     nets = [n for n in (rough, fine) if n is not None]
     modes = [n.training for n in nets]
     for n in nets:
@@ -149,7 +150,9 @@ def validate_cascade(
         scores.append(dice_torch(onehot(pred), onehot(label))[0, 1:])
     for n, mode in zip(nets, modes, strict=True):
         n.train(mode)
-    return float(torch.nanmean(torch.stack(scores).float()))
+    table = torch.stack(scores).float()  # (cases, classes)
+    per_class = {str(c + 1): float(v) for c, v in enumerate(torch.nanmean(table, dim=0))}
+    return per_class, float(torch.nanmean(table))
 
 
 @dataclass
@@ -201,7 +204,7 @@ def _train_stage(
     net: torch.nn.Module,
     cases: _Cases,
     sample: Callable[..., tuple[torch.Tensor, ...]],
-    validate: Callable[[torch.nn.Module], float],
+    validate: Callable[[torch.nn.Module], tuple[dict[str, float], float]],
     config: CascadeConfig,
     dev: torch.device,
     out_dir: Path,
@@ -219,7 +222,7 @@ def _train_stage(
     aug = augmentation(tc, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
     at = _start_stage(saved, out_dir / stage, tc, net, opt, sched)
     h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
-    with h.progress(stage, at.step, progress) as update, jsonl_log(out_dir / "log.jsonl") as log:
+    with h.progress(stage, at.step, progress) as update, training_log(out_dir / "log.jsonl") as log:
         for step in range(at.step + 1, end + 1):
             g = generator("flexpatch-sts", stage, config.train.seed, step)
             idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
@@ -236,7 +239,8 @@ def _train_stage(
             record = {"stage": stage, "step": step, "loss": at.loss, "lr": sched.get_last_lr()[0]}
             h.taken(step, stepped, record)
             if h.validation_due(step):
-                record["val_dice"] = dice = validate(net)
+                per_class, dice = validate(net)
+                record.update(val_dice=per_class, val_mean=dice)
                 h.keep_if_best(dice, lambda: {"model": net.state_dict(), "step": step, "val_mean": dice})  # noqa: B023
                 h.save_last(_stage_state(net, opt, sched, at, config))
             log(record)

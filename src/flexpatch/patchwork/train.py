@@ -33,6 +33,7 @@ from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_tabl
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, generator, resolve_device, seed_everything
+from flexpatch.train.curves import Curves
 from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
 from flexpatch.train.loop import split_cases
 from flexpatch.train.step import Divergence, guarded_step
@@ -188,22 +189,28 @@ def train_patchwork(
         cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
     validator = Validator.load(val_cases, ds.ndim, values, ignore, config.batch_size) if val_cases else None
     view = loaded_view(net, scheme, asdict(config), values, len(ds.channel_names), trainer.embedding, dev)
+    # the training curves (progress.png) go on from the rounds resume.pt holds, drawn at each validation
+    curves = Curves(out_dir, run.log, {str(v): n for n, v in ds.labels.items()})
     states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in cases]
     source = RoundSource(RoundJob(states, scheme, config), config.workers)
     start = time.perf_counter() - run.seconds()
     try:
-        with h.progress("patchwork", run.next_round, progress) as update:
+        with h.progress("patchwork", run.next_round, progress) as update, curves:
             for r in range(run.next_round, config.rounds):
                 source.prefetch(r + 1) if r + 1 < config.rounds else None
                 run.pool = next_pool(run.pool, run.scores, source.get(r), config, scheme.depth, len(values))
                 loss, run.scores = run_round(run.pool, trainer, config)
                 seconds = time.perf_counter() - start
-                run.log.append({"round": r, "loss": loss, "patches": len(run.pool), "seconds": seconds})
+                lr = trainer.opt.param_groups[0]["lr"]
+                run.log.append(
+                    {"round": r, "loss": loss, "lr": lr, "patches": len(run.pool), "seconds": seconds}
+                )
                 run.next_round = r + 1
                 if validator is not None and h.validation_due(run.next_round):
                     validate_round(validator, view, trainer, run, h)
                 if h.save_due(run.next_round):
                     save_resume(h, trainer, config, run)
+                curves.add(run.log[-1], draw=h.validation_due(run.next_round))
                 update(run.next_round, round_info(run.log[-1]))
     finally:
         source.close()

@@ -1,5 +1,6 @@
 """What every training method shares around its steps: the model folder it may write, resume, and
-the loop's cadence, checkpoints, divergence guard, progress and JSONL log (:class:`Harness`).
+the loop's cadence, checkpoints, divergence guard, progress and JSONL log (:class:`Harness`),
+and the training curves drawn from that log (:func:`training_log`).
 
 A run writes only into a folder that is new, empty, or its own (``resume``), unless the user says
 ``overwrite``: a model folder from another run is never replaced by accident. On resume the run's
@@ -183,6 +184,23 @@ def jsonl_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
 
     with log:
         yield write
+
+
+@contextmanager
+def training_log(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """The run's JSONL log (:func:`jsonl_log`), each record also fed to its training curves
+    (:class:`~flexpatch.train.curves.Curves`: ``progress.png`` beside the log, redrawn at each
+    validation and at the end, and TensorBoard when asked). The curves start from the records the
+    log holds already (a resumed run's, or an earlier stage's), so they continue, not restart."""
+    from flexpatch.train.curves import Curves, read_jsonl
+
+    with Curves(path.parent, read_jsonl(path)) as curves, jsonl_log(path) as write:
+
+        def log(record: dict[str, Any]) -> None:
+            write(record)  # first: the picture never shows a step the log lacks
+            curves.add(record)
+
+        yield log
 
 
 def truncate_log(path: Path, done: Callable[[dict[str, Any]], bool]) -> None:

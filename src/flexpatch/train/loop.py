@@ -50,9 +50,9 @@ from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import (
     Harness,
     claim_folder,
-    jsonl_log,
     resume_checkpoint,
     resume_settings,
+    training_log,
     truncate_log,
 )
 from flexpatch.train.loss import segmentation_loss
@@ -428,7 +428,7 @@ class _Run:
         use_amp, h = self.config.amp and self.dev.type == "cuda", self.harness
         t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
         self.net.train()
-        with h.progress("train", start, progress) as update, jsonl_log(log_path) as log:
+        with h.progress("train", start, progress) as update, training_log(log_path) as log:
             for batch in batches:
                 step = int(batch["step"]) + 1
                 last_loss, stepped = self.step(batch, use_amp)
