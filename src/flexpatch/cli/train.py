@@ -140,6 +140,13 @@ FreezeLoadedOpt = Annotated[
 LoadedLrScaleOpt = Annotated[
     float, typer.Option(help="Learning-rate factor for the weights loaded by --init-from.")
 ]
+TensorboardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help="Also log the curves of progress.png to MODEL_DIR/tensorboard (needs tensorboard installed).",
+    ),
+]
 
 
 def train(
@@ -185,19 +192,31 @@ def train(
     init_from: InitFromOpt = None,
     freeze_loaded: FreezeLoadedOpt = False,
     loaded_lr_scale: LoadedLrScaleOpt = 1.0,
+    tensorboard: TensorboardOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork."""
+    """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork.
+    Training curves are drawn into MODEL_DIR/progress.png at each validation."""
     args = SimpleNamespace(**locals())
+    from flexpatch.train.curves import tensorboard_logging
+
+    with tensorboard_logging(tensorboard):  # every method's run logs through the same curves
+        _train(args)
+
+
+def _train(args: SimpleNamespace) -> None:
+    """``train``'s work: a patchwork, a cascade or one network, or the resume of one."""
     if _train_patchwork_or_resume(args):
         return
-    if cascade_options and cascade is None:
+    if args.cascade_options and args.cascade is None:
         raise FlexPatchError("--cascade-options is for --cascade sts")
-    args.model, args.model_kwargs, args.patch, args.batch = _from_plan(plan, model, patch, batch)
-    args.model_kwargs.update(parse_options(options))
-    if hyper:
-        args.model_kwargs["hyper"] = {"subset": hyper_subset}
-    if cascade is not None:
+    args.model, args.model_kwargs, args.patch, args.batch = _from_plan(
+        args.plan, args.model, args.patch, args.batch
+    )
+    args.model_kwargs.update(parse_options(args.options))
+    if args.hyper:
+        args.model_kwargs["hyper"] = {"subset": args.hyper_subset}
+    if args.cascade is not None:
         _train_cascade(args)
     else:
         _train_network(args)
@@ -339,4 +358,31 @@ def _from_plan(
     return planned, options, patch or planned_patch, batch or planned_batch
 
 
-COMMANDS = (train,)
+def curves(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A model folder of flexpatch train (any method), finished or stopped.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="PNG to write (default: MODEL_DIR/progress.png).")
+    ] = None,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also rebuild MODEL_DIR/tensorboard from the log.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw a run's training curves (loss, validation Dice, learning rate, patch size) from its log."""
+    from flexpatch.train.curves import check_tensorboard, redraw
+
+    if not model_dir.is_dir():
+        raise FlexPatchError(f"{model_dir}: not a folder")
+    if tensorboard:
+        check_tensorboard()  # before reading a long log
+    result = redraw(model_dir, out, tensorboard)
+    if as_json:
+        emit_json(result)
+    else:
+        also = f" and {result['tensorboard']}" if result["tensorboard"] else ""
+        typer.echo(f"wrote {result['png']}{also} from {result['records']} log records")
+
+
+COMMANDS = (train, curves)
