@@ -73,7 +73,9 @@ def test_the_slab_axis_is_the_one_the_window_covers_least() -> None:
     ],
 )
 @pytest.mark.parametrize("rows", [1, 3, 100])
-def test_slabs_restore_as_scipy_zoom_of_the_whole(source, target, rows) -> None:
+@pytest.mark.parametrize("chunk", [1, 200, 1 << 22])  # target voxels restored at a time
+def test_slabs_restore_as_scipy_zoom_of_the_whole(source, target, rows, chunk, monkeypatch) -> None:
+    monkeypatch.setattr("flexpatch.data.preprocess.RESTORE_CHUNK_VOXELS", chunk)
     probs = np.random.default_rng(0).random((3, *source)).astype(np.float32)
     props = {"original_shape": list(target)}
     whole = restore(probs, props, is_label=False)

@@ -420,16 +420,21 @@ def restore(array: np.ndarray, props: dict[str, Any], is_label: bool) -> np.ndar
     return resample(array, tuple(int(s) for s in props["original_shape"]), order=0 if is_label else 1)
 
 
+RESTORE_CHUNK_VOXELS = 1 << 22  # target rows restored at a time: ~16 MB per channel in float32
+
+
 def restore_slabs(
     slabs: Iterable[tuple[int, np.ndarray]], source_rows: int, props: dict[str, Any], axis: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """:func:`restore` of probabilities that come slab by slab along ``axis``: ``(first row,
-    (C, rows, ...))`` on the resampled grid in row order in, the same on the original grid out.
+    (C, rows, ...))`` on the resampled grid in row order in, the same on the original grid out,
+    a few rows at a time (:data:`RESTORE_CHUNK_VOXELS`).
 
-    Why: the whole prediction need never be held; a slab's rows come back as soon as the rows
-    they interpolate from have arrived. Linear resampling is separable: ``axis`` is interpolated
-    here (voxel centres aligned, edges extended, as :func:`resample`), the other axes by
-    :func:`resample` itself, so the values are :func:`restore`'s within float rounding.
+    Why: the whole prediction need never be held, nor a copy of a slab (a window deep, it can be
+    a GB); target rows come back as soon as the rows they interpolate from have arrived. Linear
+    resampling is separable: ``axis`` is interpolated here (voxel centres aligned, edges
+    extended, as :func:`resample`), the other axes by :func:`resample` itself, so the values are
+    :func:`restore`'s within float rounding.
     """
     source = int(source_rows)  # along axis, on the resampled grid
     target = tuple(int(s) for s in props["original_shape"])
@@ -437,30 +442,44 @@ def restore_slabs(
     x = np.clip((np.arange(target[axis]) + 0.5) * source / target[axis] - 0.5, 0, source - 1)
     lo = np.floor(x).astype(int)
     hi = np.where(x > lo, np.minimum(lo + 1, source - 1), lo)  # a row on a source row needs no next
-    held, held_from, row = None, 0, 0  # source rows kept from earlier slabs, and the next target row
+    chunk = max(1, RESTORE_CHUNK_VOXELS // max(1, int(np.prod(target)) // target[axis]))
+    carry: list[tuple[int, np.ndarray]] = []  # (first row, rows) kept from the last slab: one or two
+    row = 0  # the next target row
     for start, slab in slabs:
-        kept = held is not None and held.shape[axis + 1] > 0
-        held = np.concatenate([held, slab], axis=axis + 1) if kept else slab
-        end = int(np.searchsorted(hi, start + slab.shape[axis + 1]))  # rows whose sources have all come
-        if end > row:
-            if source == target[axis]:  # a view: the rows are the source's
-                rows = held[(slice(None), *[slice(None)] * axis, slice(row - held_from, end - held_from))]
-            else:
-                rows = held.take(lo[row:end] - held_from, axis=axis + 1)
-                t = (x[row:end] - lo[row:end]).astype(np.float32)
-                t = t.reshape([-1 if d == axis + 1 else 1 for d in range(held.ndim)])
+        parts = [*carry, (start, slab)]
+        arrived = start + slab.shape[axis + 1]
+        end = int(np.searchsorted(hi, arrived))  # rows whose sources have all come
+        for first in range(row, end, chunk):
+            stop = min(end, first + chunk)
+            rows = _take_rows(parts, lo[first:stop], axis)
+            if source != target[axis]:
+                t = (x[first:stop] - lo[first:stop]).astype(np.float32)
+                t = t.reshape([-1 if d == axis + 1 else 1 for d in range(rows.ndim)])
                 rows *= 1 - t
-                rows += held.take(hi[row:end] - held_from, axis=axis + 1) * t
-            shape = (*target[:axis], end - row, *target[axis + 1 :])
-            yield row, rows if rows.shape[1:] == shape else resample(rows, shape, order=1)
-            row = end
-        if row < target[axis]:  # keep only the rows that later target rows still need
-            arrived = held_from + held.shape[axis + 1]
-            keep_from = min(int(lo[row]), arrived)
-            held = held.take(np.arange(keep_from - held_from, held.shape[axis + 1]), axis=axis + 1)
-            held_from = keep_from
+                rows += _take_rows(parts, hi[first:stop], axis) * t
+            shape = (*target[:axis], stop - first, *target[axis + 1 :])
+            yield first, rows if rows.shape[1:] == shape else resample(rows, shape, order=1)
+        row = max(row, end)
+        keep_from = min(int(lo[row]), arrived) if row < target[axis] else arrived
+        carry = [(keep_from, _take_rows(parts, np.arange(keep_from, arrived), axis))]
     if row != target[axis]:
         raise FlexPatchError(f"slabs ended at row {row} of {target[axis]} along axis {axis}")
+
+
+def _take_rows(parts: list[tuple[int, np.ndarray]], rows: np.ndarray, axis: int) -> np.ndarray:
+    """The source ``rows`` (ascending, absolute) from ``parts``, ``(first row, (C, n, ...))`` in
+    order that together hold them: a copy of those rows only."""
+    pieces = []
+    for first, array in parts:
+        n = array.shape[axis + 1]
+        inside = rows[(rows >= first) & (rows < first + n)] - first
+        if len(inside):
+            pieces.append(array.take(inside, axis=axis + 1))
+    if not pieces:  # no rows: an empty array of the parts' other dimensions
+        shape = list(parts[-1][1].shape)
+        shape[axis + 1] = 0
+        return np.empty(shape, dtype=parts[-1][1].dtype)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis + 1)
 
 
 def preprocess_dataset(
