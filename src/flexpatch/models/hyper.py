@@ -28,6 +28,9 @@ parameters of the wrapped model, trained directly. ``"all"`` reproduces the pape
 ``"norm+last"`` predicts only the normalisation affines and the final layer, for large
 models; ``"auto"`` is ``"all"`` up to 5 M base parameters and ``"norm+last"`` above;
 a list of module or parameter names (prefixes on a ``.`` boundary) picks by hand.
+``flexpatch train --hyper`` defaults to ``"norm+last"``: measured at 32^3, batch 2, one CPU
+thread, its training step costs about the plain U-Net's, ``"all"`` about 3x
+(``benchmarks/hyper_cost.py``). ``"auto"`` keeps its meaning, so saved models rebuild as trained.
 """
 
 from __future__ import annotations
