@@ -26,20 +26,44 @@ MIN_GAIN = 1e-4
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of ``mask`` (full connectivity: diagonals connect)."""
+    return mask.astype(bool) & ~_outside_largest(mask)
+
+
+def _outside_largest(mask: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` outside its largest component (ties: the first in scan order)."""
     labelled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labelled.ravel())[1:]
-    return labelled == 1 + int(np.argmax(sizes))
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(labelled.ravel())
+    drop = np.ones(count + 1, bool)  # a lookup by component: one bool array, not three
+    drop[[0, 1 + int(np.argmax(sizes[1:]))]] = False
+    return drop[labelled]
 
 
 def keep_largest(seg: np.ndarray, classes: Iterable[int]) -> np.ndarray:
-    """``seg`` with each of ``classes`` cut to its largest component (the rest becomes background)."""
+    """``seg`` with each of ``classes`` cut to its largest component (the rest becomes background).
+
+    Each class is labelled within its bounding box only: a CT's label map is ~100 M voxels and
+    the component labels are int32, but an organ's box is a small part of it.
+    """
     out = seg.copy()
     for c in classes:
         mask = seg == c
-        out[mask & ~largest_component(mask)] = 0
+        box = _bounding_box(mask)
+        if box is not None:
+            out[box][_outside_largest(mask[box])] = 0
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding ``mask``'s voxels; None when it has none."""
+    box = []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(along):
+            return None
+        box.append(slice(int(along[0]), int(along[-1]) + 1))
+    return tuple(box)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
