@@ -14,9 +14,19 @@ from flexpatch.cli.patchwork import predict_cli as patchwork_predict_cli
 from flexpatch.errors import FlexPatchError
 
 # The options of ``predict``, one type each, so that its signature reads as a table.
-ModelArg = Annotated[Path, typer.Argument(help="A folder written by flexpatch train.")]
+ModelArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A folder written by flexpatch train, or a folder of fold_0..fold_K model folders "
+        "(their ensemble)."
+    ),
+]
 InputsArg = Annotated[
-    list[Path], typer.Argument(help="Image files or folders (nnU-Net CASE_0000 naming groups channels).")
+    list[Path],
+    typer.Argument(
+        help="Image files or folders (nnU-Net CASE_0000 naming groups channels); model folders "
+        "leading them join MODEL_DIR in an ensemble that averages the probabilities."
+    ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for CASE.nii.gz label maps.")]
 PatchSizeOpt = Annotated[
@@ -121,6 +131,8 @@ def predict(
     from flexpatch.methods import method_of
 
     args.patch = parse_ints(patch_size, "patch size") if patch_size else None
+    if _ensemble(args):
+        return
     method = method_of(model_dir).name  # method.json says which method wrote the folder
     if method == "patchwork" and tta == "mirror":
         raise FlexPatchError(f"{model_dir}: --tta mirror is for sliding-window and cascade models so far")
@@ -135,6 +147,32 @@ def predict(
         emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written]})
     else:
         typer.echo(f"wrote {len(written)} segmentations to {out}")
+
+
+def _ensemble(args: SimpleNamespace) -> bool:
+    """Several model folders (those leading the inputs, or a folder of folds): their ensemble
+    (:mod:`flexpatch.infer.ensemble`); False for one model."""
+    from flexpatch.infer.ensemble import expand_models, is_model_folder, predict_ensemble
+
+    lead = 0
+    while lead < len(args.inputs) - 1 and is_model_folder(args.inputs[lead]):
+        lead += 1  # the last argument is always an input
+    models = expand_models([args.model_dir, *args.inputs[:lead]])
+    if len(models) == 1 and models[0] == args.model_dir:
+        return False
+    if args.memory is not None:
+        raise FlexPatchError(f"{args.model_dir}: --memory is for a single model so far, not an ensemble")
+    written = predict_ensemble(
+        models, args.inputs[lead:], args.out, args.patch, args.overlap, args.blend or "gaussian",
+        args.batch, args.device, args.stitch_device, args.probabilities, progress=not args.as_json,
+        tta=args.tta, postprocess=args.postprocess,
+    )  # fmt: skip
+    if args.as_json:
+        emit_json({"out_dir": str(args.out), "models": [str(m) for m in models],
+                   "segmentations": [str(p) for p in written]})  # fmt: skip
+    else:
+        typer.echo(f"wrote {len(written)} segmentations to {args.out} (ensemble of {len(models)})")
+    return True
 
 
 def _predict_patchwork(args: SimpleNamespace) -> None:

@@ -50,11 +50,7 @@ HyperOpt = Annotated[
     bool, typer.Option("--hyper", help="Wrap the model in the patch-size hypernetwork (HN).")
 ]
 HyperSubsetOpt = Annotated[
-    str,
-    typer.Option(
-        help="HN: predict 'norm+last' (norm affines and the output layer: a step at about the plain "
-        "model's cost), 'all' weights (the paper; ~3x a plain step), or 'auto' (all up to 5M params)."
-    ),
+    str, typer.Option(help="HN: predict 'all' weights, 'norm+last', or 'auto' (all up to 5M params).")
 ]
 CascadeOpt = Annotated[
     str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
@@ -151,6 +147,16 @@ TensorboardOpt = Annotated[
         help="Also log the curves of progress.png to MODEL_DIR/tensorboard (needs tensorboard installed).",
     ),
 ]
+FoldOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Cross-validation fold, 0..n-1 or all (nnU-Net's splits_final.json beside dataset.json, "
+        "written once when absent): trains into OUT/fold_K and predicts its validation cases."
+    ),
+]
+NumFoldsOpt = Annotated[
+    int | None, typer.Option(help="Folds of a splits_final.json written now (default 5).")
+]
 
 
 def train(
@@ -161,7 +167,7 @@ def train(
     max_patch: MaxPatchOpt = None,
     options: OptionsOpt = None,
     hyper: HyperOpt = False,
-    hyper_subset: HyperSubsetOpt = "norm+last",
+    hyper_subset: HyperSubsetOpt = "auto",
     cascade: CascadeOpt = None,
     input_size: InputSizeOpt = 64,
     cascade_options: CascadeOptionsOpt = None,
@@ -197,12 +203,16 @@ def train(
     freeze_loaded: FreezeLoadedOpt = False,
     loaded_lr_scale: LoadedLrScaleOpt = 1.0,
     tensorboard: TensorboardOpt = False,
+    fold: FoldOpt = None,
+    num_folds: NumFoldsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork.
     Training curves are drawn into MODEL_DIR/progress.png at each validation."""
     args = SimpleNamespace(**locals())
     from flexpatch.train.curves import tensorboard_logging
+
+    _fold_folder(args)
 
     with tensorboard_logging(tensorboard):  # every method's run logs through the same curves
         _train(args)
@@ -224,6 +234,26 @@ def _train(args: SimpleNamespace) -> None:
         _train_cascade(args)
     else:
         _train_network(args)
+
+
+def _fold_folder(args: SimpleNamespace) -> None:
+    """``--fold K``: the run goes into ``OUT/fold_K`` (nnU-Net's layout, so that ``predict OUT``
+    ensembles the folds), after the dataset's splits_final.json is written or checked."""
+    from flexpatch.train.folds import ensure_splits, parse_fold
+
+    if args.fold is None:
+        if args.num_folds is not None:
+            raise FlexPatchError("--num-folds is for --fold")
+        return
+    if args.patchwork or args.cascade is not None:
+        raise FlexPatchError("--fold is for single networks so far, not --patchwork or --cascade")
+    args.fold = parse_fold(args.fold)
+    if args.fold != "all" or args.num_folds is not None:
+        from flexpatch.data.dataset import load_dataset
+
+        ids = [case.id for case in load_dataset(args.dataset_dir).training]
+        ensure_splits(args.dataset_dir, ids, args.num_folds)  # a bad file fails before preprocessing
+    args.out = args.out / f"fold_{args.fold}"
 
 
 def _train_patchwork_or_resume(args: SimpleNamespace) -> bool:
@@ -305,6 +335,7 @@ def _train_network(args: SimpleNamespace) -> None:
             init_from=str(args.init_from) if args.init_from else None,
             freeze_loaded=args.freeze_loaded,
             loaded_lr_scale=args.loaded_lr_scale,
+            fold=args.fold,
         )
     # on resume, --steps (when given) extends the run; every other setting is the checkpoint's
     changes = {"steps": args.steps} if args.resume and args.steps is not None else None

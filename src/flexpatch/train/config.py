@@ -12,6 +12,7 @@ from flexpatch.data.context import check_context
 from flexpatch.errors import FlexPatchError
 from flexpatch.sampling.augment import parse_augment
 from flexpatch.schema import check_fields
+from flexpatch.train.folds import parse_fold
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -71,6 +72,9 @@ class TrainConfig:
         context: location context given to the network: ``none`` or ``coords`` (coordinate
             channels in the body's frame, see :mod:`flexpatch.data.context`); saved with the
             model, so ``predict`` needs no flag.
+        fold: the cross-validation fold (``0..n-1`` or ``"all"``, see :mod:`flexpatch.train.folds`):
+            its validation cases (``splits_final.json``) replace the ``val_fraction`` split; None
+            (runs saved before folds existed, too) keeps that split.
     """
 
     model: str = "unet"
@@ -99,10 +103,13 @@ class TrainConfig:
     loaded_lr_scale: float = 1.0
     augment: str = "default"
     context: str = "none"
+    fold: int | str | None = None
 
     def __post_init__(self) -> None:
         parse_augment(self.augment)  # a bad setting fails here, not in a loader worker
         check_context(self.context)
+        if self.fold is not None and parse_fold(self.fold) != self.fold:
+            raise FlexPatchError(f"fold must be a number from 0 or 'all', got {self.fold!r}")
         if self.steps < 1:
             raise FlexPatchError(f"steps must be >= 1, got {self.steps}")
         if self.batch < 1:

@@ -47,6 +47,7 @@ from flexpatch.sampling.augment import AugmentConfig, parse_augment
 from flexpatch.sampling.progressive import ProgressiveSchedule
 from flexpatch.sampling.sizes import FixedSize, smallest_sizes
 from flexpatch.train.config import TrainConfig
+from flexpatch.train.folds import split_for, write_validation
 from flexpatch.train.harness import (
     Harness,
     claim_folder,
@@ -282,7 +283,7 @@ def train(
     dev = resolve_device(device)
     config, saved = resolve_config(out_dir, config, resume, changes)
     net, loaded, plan, cases = _start(dataset_dir, out_dir, config, resume, overwrite, progress)
-    train_cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
+    train_cases, val_cases = split_for(cases, dataset_dir, config)  # a --fold's, else val_fraction's
     sizes, val_patch = _write_folder(out_dir, config, plan, net)
     warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
     opt, sched = make_optimizer(net.to(dev), config, loaded)
@@ -307,6 +308,8 @@ def train(
     )
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     run.finish(end)
+    if isinstance(config.fold, int) and end == config.steps:  # as nnU-Net: a fold's predictions
+        write_validation(dataset_dir, out_dir, val_cases, device)
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
 
 

@@ -1,0 +1,167 @@
+"""Cross-validation as nnU-Net: splits_final.json, train --fold K|all, validation predictions per fold,
+and ensembles of folds (or model folders) that average the probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from flexpatch.data.io import read_image
+from flexpatch.errors import FlexPatchError
+from flexpatch.infer.ensemble import expand_models, predict_ensemble
+from flexpatch.infer.predictor import load_model
+from flexpatch.train.config import TrainConfig
+from flexpatch.train.folds import SPLITS_FILE, ensure_splits, fold_cases, kfold, split_for
+from flexpatch.train.loop import split_cases, train
+
+torch.set_num_threads(1)
+
+TINY = {"channels": 4, "levels": 2, "convs_per_level": 2}
+IDS = [f"case_{i:03d}" for i in range(11)]
+
+
+def tiny_config(fold: int | str | None) -> TrainConfig:
+    return TrainConfig(model_kwargs=TINY, patch="16", steps=2, batch=2, val_every=2, workers=0, fold=fold)
+
+
+def test_kfold_is_nnunets_seeded_split() -> None:
+    splits = kfold(list(reversed(IDS)), 5)  # the ids are sorted first
+    assert splits == kfold(IDS, 5)  # deterministic
+    order = np.arange(len(IDS))
+    np.random.RandomState(12345).shuffle(order)  # sklearn's KFold(shuffle=True, random_state=12345)
+    cuts = np.cumsum([0, 3, 2, 2, 2, 2])  # 11 cases: the first fold one larger
+    for k, split in enumerate(splits):
+        assert split["val"] == [IDS[i] for i in sorted(order[cuts[k] : cuts[k + 1]])]
+        assert split["train"] == [c for c in IDS if c not in split["val"]]
+    assert sorted(c for s in splits for c in s["val"]) == IDS
+    with pytest.raises(FlexPatchError, match="cannot make 5 folds"):
+        kfold(IDS[:4], 5)
+
+
+def test_splits_file_is_written_once_and_a_users_is_honoured(tmp_path: Path) -> None:
+    path = ensure_splits(tmp_path, IDS)
+    assert path == tmp_path / SPLITS_FILE and json.loads(path.read_text()) == kfold(IDS)
+    edited = [{"train": IDS[2:], "val": IDS[:2]}, {"train": IDS[:2], "val": IDS[2:]}]
+    path.write_text(json.dumps(edited))
+    ensure_splits(tmp_path, IDS)
+    assert json.loads(path.read_text()) == edited  # never overwritten
+    cases = [tmp_path / f"{c}.npz" for c in IDS]
+    assert fold_cases(cases, tmp_path, 0) == (cases[2:], cases[:2])
+    assert fold_cases(cases, tmp_path, "all") == (cases, cases)
+    with pytest.raises(FlexPatchError, match="holds 2 folds, not 5"):
+        ensure_splits(tmp_path, IDS, 5)
+    with pytest.raises(FlexPatchError, match="not fold 2"):
+        fold_cases(cases, tmp_path, 2)
+    # without a fold, the val_fraction split of before, unchanged
+    assert split_for(cases, tmp_path, tiny_config(None)) == split_cases(cases, 0.2, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{not json", "invalid JSON"),
+        ('{"train": []}', "non-empty list"),
+        ('[{"train": ["case_000"]}]', "fold 0 needs 'train' and 'val'"),
+        ('[{"train": ["case_000"], "val": ["nope"]}]', "lacks: nope"),
+    ],
+)
+def test_a_malformed_splits_file_is_one_line(tmp_path: Path, text: str, needle: str) -> None:
+    (tmp_path / SPLITS_FILE).write_text(text)
+    with pytest.raises(FlexPatchError, match=needle) as e:
+        ensure_splits(tmp_path, IDS)
+    assert str(tmp_path / SPLITS_FILE) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_old_configs_load_without_a_fold() -> None:
+    old = {k: v for k, v in tiny_config(None).to_json().items() if k != "fold"}
+    assert TrainConfig.from_json(old).fold is None
+    assert tiny_config("all").fold == "all"
+    with pytest.raises(FlexPatchError, match="fold must be"):
+        tiny_config("1")
+
+
+@pytest.fixture(scope="module")
+def folds(tiny_abdomen: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A copy of the 3D phantom (its splits file is written here, not in the shared fixture) and a
+    2-fold cross-validation of 2 steps per fold in PARENT/fold_0, PARENT/fold_1."""
+    data = tmp_path_factory.mktemp("cv") / "data"
+    shutil.copytree(tiny_abdomen, data, ignore=shutil.ignore_patterns(".flexpatch_cache"))
+    ids = [p.name.removesuffix(".nii.gz") for p in (data / "labelsTr").iterdir()]
+    ensure_splits(data, ids, 2)
+    parent = data.parent / "models"
+    for k in (0, 1):
+        train(data, parent / f"fold_{k}", tiny_config(k), device="cpu", progress=False)
+    return data, parent
+
+
+def test_each_fold_validates_on_its_split_and_predicts_it(folds: tuple[Path, Path]) -> None:
+    data, parent = folds
+    splits = json.loads((data / SPLITS_FILE).read_text())
+    for k in (0, 1):
+        config = json.loads((parent / f"fold_{k}" / "config.json").read_text())
+        assert config["fold"] == k
+        written = sorted(p.name for p in (parent / f"fold_{k}" / "validation").glob("*.nii.gz"))
+        assert written == sorted(f"{c}.nii.gz" for c in splits[k]["val"])
+
+
+def test_the_ensemble_averages_the_folds_probabilities(folds: tuple[Path, Path], tmp_path: Path) -> None:
+    data, parent = folds
+    assert expand_models([parent]) == [parent / "fold_0", parent / "fold_1"]
+    image = sorted((data / "imagesTs").iterdir())[0]
+    window = (24, 24, 24)  # any window, not the trained one
+    predict_ensemble([parent], [image], tmp_path, window, save_probabilities=True, progress=False,
+                     device="cpu", tta="none", postprocess=False)  # fmt: skip
+    models = [load_model(parent / f"fold_{k}", device="cpu") for k in (0, 1)]
+    volume = read_image(image, ndim=3)
+    by_hand = np.mean([m.segment(volume, window, probabilities=True)[1] for m in models], axis=0)
+    case = image.name.removesuffix("_0000.nii.gz")
+    written = np.moveaxis(np.asarray(nib.load(tmp_path / "probabilities" / f"{case}.nii.gz").dataobj), -1, 0)
+    np.testing.assert_allclose(written, by_hand, atol=1e-6)
+    labels = np.asarray(nib.load(tmp_path / f"{case}.nii.gz").dataobj)
+    assert np.array_equal(labels, models[0].labels(by_hand))
+
+
+def test_cli_trains_a_fold_and_predicts_an_ensemble(folds: tuple[Path, Path], tmp_path: Path) -> None:
+    data, parent = folds
+    options = json.dumps(TINY)
+    flags = ["--patch", "16", "--steps", "2", "--batch", "2", "--val-every", "2", "--workers", "0"]
+    done = run_cli("train", data, "--out", tmp_path / "cv", "--fold", "all", "--options", options,
+                   *flags, "--device", "cpu")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fold_all = tmp_path / "cv" / "fold_all"
+    assert json.loads((fold_all / "config.json").read_text())["fold"] == "all"
+    image = sorted((data / "imagesTs").iterdir())[0]
+    done = run_cli("predict", parent / "fold_0", fold_all, image, "--out", tmp_path / "pred", "--tta", "none")
+    assert done.returncode == 0, done.stderr
+    assert "ensemble of 2" in done.stdout
+    kept = (data / SPLITS_FILE).read_text()
+    (data / SPLITS_FILE).write_text("[]")
+    done = run_cli("train", data, "--out", tmp_path / "bad", "--fold", "0", "--options", options, *flags)
+    (data / SPLITS_FILE).write_text(kept)  # the module's other tests read it
+    assert done.returncode == 2
+    assert f"{data / SPLITS_FILE}: needs a non-empty list" in done.stderr
+
+
+def test_2d_folds_ensemble(tiny_cells: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cells, data, ignore=shutil.ignore_patterns(".flexpatch_cache"))
+    ids = [p.name.removesuffix(".nii.gz") for p in (data / "labelsTr").iterdir()]
+    ensure_splits(data, ids, 2)
+    for k in (0, 1):
+        config = dataclasses.replace(tiny_config(k), patch="32")
+        train(data, tmp_path / "models" / f"fold_{k}", config, device="cpu", progress=False)
+    image = sorted((data / "imagesTs").iterdir())[0]
+    written = predict_ensemble([tmp_path / "models"], [image], tmp_path / "pred", progress=False,
+                               device="cpu", tta="none", postprocess=False)  # fmt: skip
+    models = [load_model(tmp_path / "models" / f"fold_{k}", device="cpu") for k in (0, 1)]
+    volume = read_image(image, ndim=2)
+    by_hand = np.mean([m.segment(volume, probabilities=True)[1] for m in models], axis=0)
+    assert np.array_equal(read_image(written[0], ndim=2).data[0], models[0].labels(by_hand))
