@@ -50,7 +50,11 @@ HyperOpt = Annotated[
     bool, typer.Option("--hyper", help="Wrap the model in the patch-size hypernetwork (HN).")
 ]
 HyperSubsetOpt = Annotated[
-    str, typer.Option(help="HN: predict 'all' weights, 'norm+last', or 'auto' (all up to 5M params).")
+    str,
+    typer.Option(
+        help="HN: predict 'norm+last' (norm affines and the output layer: a step at about the plain "
+        "model's cost), 'all' weights (the paper; ~3x a plain step), or 'auto' (all up to 5M params)."
+    ),
 ]
 CascadeOpt = Annotated[
     str | None, typer.Option(help="'sts': segment-then-segment (rough + fine model at --input-size).")
@@ -167,7 +171,7 @@ def train(
     max_patch: MaxPatchOpt = None,
     options: OptionsOpt = None,
     hyper: HyperOpt = False,
-    hyper_subset: HyperSubsetOpt = "auto",
+    hyper_subset: HyperSubsetOpt = "norm+last",
     cascade: CascadeOpt = None,
     input_size: InputSizeOpt = 64,
     cascade_options: CascadeOptionsOpt = None,
