@@ -1,12 +1,13 @@
-"""Small runtime helpers shared by training and inference: devices, random streams and RNG state,
-progress bars."""
+"""Small runtime helpers shared by training and inference: devices, CPU threads and loader
+workers, random streams and RNG state, progress bars."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -48,6 +49,92 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FlexPatchError(f"device {device!r} requested but no CUDA GPU is available")
     return dev
+
+
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 quota: "max 100000" or "200000 100000"
+MAX_AUTO_WORKERS = 4
+
+
+def available_cores(cpu_max: Path = CPU_MAX) -> int:
+    """The cores this process may use: its CPU affinity (else ``os.cpu_count()``), capped by a
+    cgroup CPU quota (a container limited to 2 CPUs on a 64-core host gets 2, not 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota(cpu_max)
+    return max(1, min(cores, quota) if quota else cores)
+
+
+def _cgroup_quota(cpu_max: Path) -> int | None:
+    """CPUs allowed by a cgroup v2 quota, rounded up; None without one (or unreadable)."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def default_workers(cores: int) -> int:
+    """Loader processes for ``cores``: none on 2 cores or fewer (a worker there only takes a core
+    from the step's own threads: measured several times slower than 1 thread without workers),
+    else half the cores, at most :data:`MAX_AUTO_WORKERS`."""
+    return 0 if cores <= 2 else min(MAX_AUTO_WORKERS, cores // 2)
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """Torch's intra-op threads and the loader workers of a run, and the cores they share."""
+
+    cores: int
+    threads: int
+    workers: int
+
+    def describe(self) -> str:
+        """``2 cores: 2 threads, 0 loader workers``."""
+        return (
+            f"{self.cores} cores: {self.threads} thread{'s' * (self.threads != 1)}, "
+            f"{self.workers} loader worker{'s' * (self.workers != 1)}"
+        )
+
+
+def cpu_plan(
+    threads: int | None = None,
+    workers: int | None = None,
+    cores: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> CpuPlan:
+    """Threads and workers for a run: what the user gave, else chosen from the cores.
+
+    Args:
+        threads: torch intra-op threads (``--threads``); None: ``OMP_NUM_THREADS`` when set (torch
+            reads it itself), else the cores the workers leave (at least 1).
+        workers: loader processes (``--workers``); None: :func:`default_workers`.
+        cores: the cores available; None: :func:`available_cores`.
+        environ: the environment read for ``OMP_NUM_THREADS`` (default ``os.environ``).
+    """
+    cores = available_cores() if cores is None else cores
+    for name, value in (("threads", threads), ("workers", workers)):
+        if value is not None and value < (1 if name == "threads" else 0):
+            raise FlexPatchError(f"--{name} must be >= {1 if name == 'threads' else 0}, got {value}")
+    workers = default_workers(cores) if workers is None else workers
+    if threads is None:
+        threads = _omp_threads(os.environ if environ is None else environ) or max(1, cores - workers)
+    return CpuPlan(cores, threads, workers)
+
+
+def _omp_threads(environ: Mapping[str, str]) -> int | None:
+    try:
+        value = int(environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
+def apply_threads(plan: CpuPlan) -> None:
+    """Set torch's intra-op threads to the plan's (torch's own default is every core, whatever
+    the loader workers and the affinity or quota leave)."""
+    import torch
+
+    if torch.get_num_threads() != plan.threads:
+        torch.set_num_threads(plan.threads)
 
 
 def check_writable(folder: str | Path, what: str = "output folder") -> None:

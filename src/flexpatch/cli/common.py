@@ -17,6 +17,22 @@ from flexpatch.errors import FlexPatchError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Torch CPU threads (default: OMP_NUM_THREADS, else the cores the loader workers leave)."
+    ),
+]
+
+
+def use_cores(threads: int | None, workers: int | None = None) -> Any:
+    """Set torch's threads for a command (:func:`flexpatch.runtime.cpu_plan`); returns the plan
+    (a ``CpuPlan``: threads, workers and the cores they share)."""
+    from flexpatch.runtime import apply_threads, cpu_plan
+
+    plan = cpu_plan(threads, workers)
+    apply_threads(plan)
+    return plan
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.cli.common import DeviceOpt, JsonOpt, emit_json, parse_ints
+from flexpatch.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, emit_json, parse_ints, use_cores
 from flexpatch.cli.patchwork import predict_cli as patchwork_predict_cli
 from flexpatch.errors import FlexPatchError
 
@@ -124,11 +124,14 @@ def predict(
     sampling_factor: SamplingFactorOpt = 1.0,
     fuse: FuseOpt = None,
     baseline: BaselineOpt = False,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Segment images: sliding window at ANY patch size, segment-then-segment cascade, or patchwork."""
     args = SimpleNamespace(**locals())
     from flexpatch.methods import method_of
+
+    use_cores(threads, workers=0)  # inference reads in this process: every core is torch's
 
     args.patch = parse_ints(patch_size, "patch size") if patch_size else None
     if _ensemble(args):

@@ -14,11 +14,13 @@ from flexpatch.cli.cascade import train_cli as cascade_train_cli
 from flexpatch.cli.common import (
     DeviceOpt,
     JsonOpt,
+    ThreadsOpt,
     emit_json,
     finite,
     parse_floats,
     parse_ints,
     parse_options,
+    use_cores,
 )
 from flexpatch.cli.patchwork import resume_cli as patchwork_resume_cli
 from flexpatch.cli.patchwork import train_cli as patchwork_train_cli
@@ -114,7 +116,13 @@ AugmentOpt = Annotated[
 OptimizerOpt = Annotated[str, typer.Option(help="adamw or sgd (both with poly decay).")]
 ValEveryOpt = Annotated[int, typer.Option(help="Validate every N steps.")]
 ValPatchOpt = Annotated[str | None, typer.Option(help="Validation window (default: largest training patch).")]
-WorkersOpt = Annotated[int, typer.Option(help="Data-loading processes.")]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Data-loading processes (default: 0 on 2 cores or fewer, else half the cores, at most 4; "
+        "patchwork: its own default)."
+    ),
+]
 SpacingOpt = Annotated[str | None, typer.Option(help="Target spacing in mm (default: the dataset's median).")]
 AmpOpt = Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")]
 ResumeOpt = Annotated[
@@ -192,7 +200,8 @@ def train(
     optimizer: OptimizerOpt = "adamw",
     val_every: ValEveryOpt = 100,
     val_patch: ValPatchOpt = None,
-    workers: WorkersOpt = 2,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
     foreground_ratio: float = 0.33,
     augment: AugmentOpt = "default",
     context: ContextOpt = "none",
@@ -215,6 +224,10 @@ def train(
     Training curves are drawn into MODEL_DIR/progress.png at each validation."""
     args = SimpleNamespace(**locals())
     from flexpatch.train.curves import tensorboard_logging
+
+    # a cascade loads in its own process; the others get the workers chosen for the cores
+    planned = 0 if workers is None and cascade is not None else workers
+    args.cpu = use_cores(threads, planned)
 
     _fold_folder(args)
 
@@ -311,6 +324,7 @@ def _train_cascade(args: SimpleNamespace) -> None:
 
 def _train_network(args: SimpleNamespace) -> None:
     """One network, plain or hypernetwork, with the core trainer; ``--resume`` continues its run."""
+    from flexpatch.runtime import console
     from flexpatch.train.config import TrainConfig
     from flexpatch.train.loop import train as run
 
@@ -329,7 +343,7 @@ def _train_network(args: SimpleNamespace) -> None:
             optimizer=args.optimizer,
             val_every=args.val_every,
             val_patch=parse_ints(args.val_patch, "validation patch") if args.val_patch else None,
-            workers=args.workers,
+            workers=args.cpu.workers,
             foreground_ratio=args.foreground_ratio,
             augment=args.augment,
             context=args.context,
@@ -341,10 +355,15 @@ def _train_network(args: SimpleNamespace) -> None:
             loaded_lr_scale=args.loaded_lr_scale,
             fold=args.fold,
         )
-    # on resume, --steps (when given) extends the run; every other setting is the checkpoint's
-    changes = {"steps": args.steps} if args.resume and args.steps is not None else None
+    # on resume, --steps (when given) extends the run; the loader workers are this machine's choice
+    # (or --workers): they never change the batches, and the run may go on elsewhere; every other
+    # setting is the checkpoint's
+    given = {"steps": args.steps, "workers": args.cpu.workers}
+    changes = {k: v for k, v in given.items() if v is not None} if args.resume else None
     result = run(args.dataset_dir, args.out, config, resume=args.resume, device=args.device,
                  progress=not args.as_json, overwrite=args.overwrite, changes=changes)  # fmt: skip
+    # said after the run: before it, a bad dataset's error must stay the only line on stderr
+    console.print(f"[bold]cpu[/] {args.cpu.describe()}")
     _report(result, args.init_from, args.as_json)
 
 

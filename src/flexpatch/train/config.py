@@ -36,6 +36,12 @@ def config_from_json(
     return cls(**d)
 
 
+def _auto_workers() -> int:
+    from flexpatch.runtime import available_cores, default_workers
+
+    return default_workers(available_cores())
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run (paths are arguments of ``train``, not config).
@@ -58,7 +64,10 @@ class TrainConfig:
             are two or more).
         foreground_ratio: probability that a patch is centred on foreground.
         sampling: centre sampling mode (``balanced``, ``uniform``, ``per_class``).
-        workers: data-loading worker processes (0 = in the main process).
+        workers: data-loading worker processes (0 = in the main process); by default chosen
+            from the cores of the machine that makes the config (:func:`flexpatch.runtime.default_workers`)
+            and saved as that number. The batches are the same whatever it is, so a resumed run
+            may change it (``--workers``).
         amp: mixed precision (bfloat16 autocast) on CUDA; ignored on the CPU.
         target_spacing: resampling spacing in mm; None means the dataset's median.
         seed: seeds the split, the initial weights and every sampled patch.
@@ -94,7 +103,7 @@ class TrainConfig:
     val_overlap: float = 0.5
     foreground_ratio: float = 0.33
     sampling: str = "balanced"
-    workers: int = 2
+    workers: int = field(default_factory=_auto_workers)
     amp: bool = True
     target_spacing: tuple[float, ...] | None = None
     seed: int = 0
