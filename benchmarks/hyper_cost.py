@@ -106,9 +106,11 @@ def report(result: dict, patch: int, batch: int, load: str, threads: int, net: s
     within = [v for v in VARIANTS if v is not None and result[v][0] / plain <= TARGET]
     lines += [
         "",
-        f"Within {TARGET:g}x the plain step: "
+        f"Target (issue 'workflow' part 7: the default subset's step at most {TARGET:g}x the plain "
+        "model's): within it "
         + (", ".join(_label(v) for v in within) if within else "none")
-        + ". `--hyper` defaults to `--hyper-subset norm+last`.",
+        + "; `--hyper` defaults to `--hyper-subset norm+last`: "
+        + ("PASS" if "norm+last" in within else "MISS"),
     ]
     return "\n".join(lines)
 

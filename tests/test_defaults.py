@@ -98,3 +98,17 @@ def test_train_into_a_log_file_shows_progress_and_the_cpu_choice(tiny_abdomen: P
     assert f"cpu {cores} cores: 1 thread, {default_workers(cores)} loader worker" in text
     assert re.search(r"^\S.*: 3/3 \(100%\) \d+:\d\d:\d\d", text, re.MULTILINE), text
     assert "\x1b[" not in text  # plain lines, no terminal escapes
+
+
+def test_hyper_cost_smoke_reports_a_table_and_leaves_benchmarks_md_alone(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    recorded = root / "BENCHMARKS.md"
+    before = recorded.stat().st_mtime if recorded.exists() else None
+    cmd = [sys.executable, str(root / "benchmarks" / "hyper_cost.py"), "--smoke", "--work", str(tmp_path)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| --hyper norm+last |" in text and "| --hyper all |" in text and "Target" in text
+    assert (recorded.stat().st_mtime if recorded.exists() else None) == before
