@@ -13,7 +13,7 @@ import torch
 
 from flexpatch.data.io import Volume
 from flexpatch.data.preprocess import Plan, restore, restore_slabs
-from flexpatch.infer.predictor import LoadedModel
+from flexpatch.infer.predictor import LoadedModel, cpu_window_batch
 from flexpatch.infer.sliding_window import slab_axis, sliding_window, sliding_window_slabs
 from flexpatch.models import ModelSpec, build
 
@@ -149,3 +149,11 @@ def test_segment_never_holds_the_whole_images_probabilities() -> None:
     tracemalloc.stop()
     assert labels.shape == shape
     assert peak < whole / 3, f"NumPy peak {peak} bytes, the whole image's probabilities {whole}"
+
+
+def test_the_cpu_window_batch_holds_at_most_128_cubed_voxels() -> None:
+    assert cpu_window_batch((128, 128, 128), 4) == 1
+    assert cpu_window_batch((96, 96, 96), 4) == 2
+    assert cpu_window_batch((64, 64, 64), 4) == 4  # small windows keep the batch asked for
+    assert cpu_window_batch((512, 512), 3) == 3
+    assert cpu_window_batch((160, 160, 160), 4) == 1  # never below one

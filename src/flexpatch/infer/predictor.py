@@ -254,8 +254,9 @@ class LoadedModel:
                 share = self._cpu_budget(memory, image, props, patch_size, overlap, probabilities)
             shape = tuple(image.shape[2:])
             return self._within(run, shape, (memory, share), patch_size, overlap, batch_size, stitch_device)
-        stitch = stitch_device or str(self.device)
-        return run(WindowChoice(self.window(patch_size), batch_size, stitch, predicted=0, budget=0))
+        stitch, window = stitch_device or str(self.device), self.window(patch_size)
+        batch = cpu_window_batch(window, batch_size) if self.device.type == "cpu" else batch_size
+        return run(WindowChoice(window, batch, stitch, predicted=0, budget=0))
 
     def _streamed(
         self,
@@ -391,6 +392,17 @@ class LoadedModel:
             aside,
         )
         return result
+
+
+CPU_BATCH_VOXELS = 1 << 21  # a window batch on the CPU holds at most 128^3 voxels
+
+
+def cpu_window_batch(window: Sequence[int], batch_size: int) -> int:
+    """The window batch on the CPU: at most ``batch_size``, and at most :data:`CPU_BATCH_VOXELS`
+    voxels per call. Why: batching large windows brings CPU convolutions no speed, while each
+    window's activations cost memory (four 128^3 windows of a narrow U-Net, about 1 GB); small
+    windows still go several per call, which saves the per-call overhead."""
+    return max(1, min(int(batch_size), CPU_BATCH_VOXELS // max(1, math.prod(window))))
 
 
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
