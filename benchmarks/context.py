@@ -40,7 +40,8 @@ from _report import describe_device, write_section  # noqa: E402
 from flexpatch.data.dataset import load_dataset  # noqa: E402
 from flexpatch.data.io import atomic_path, write_text  # noqa: E402
 from flexpatch.data.phantom import make_phantom  # noqa: E402
-from flexpatch.data.preprocess import load_preprocessed, preprocess_dataset, restore  # noqa: E402
+from flexpatch.data.preprocess import load_preprocessed, preprocess_dataset  # noqa: E402
+from flexpatch.data.resample import restore  # noqa: E402
 from flexpatch.evaluate.sweep import run_sweep, summarize, write_rows  # noqa: E402
 from flexpatch.infer.predictor import LoadedModel, load_model  # noqa: E402
 from flexpatch.models import ModelSpec  # noqa: E402

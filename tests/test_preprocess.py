@@ -22,9 +22,8 @@ from flexpatch.data.preprocess import (
     normalize,
     preprocess_case,
     preprocess_dataset,
-    resample,
-    restore,
 )
+from flexpatch.data.resample import resample, restore
 from flexpatch.errors import FlexPatchError
 
 LABELS = {"background": 0, "liver": 1, "tumour": 2}

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from flexpatch.data.io import Volume
-from flexpatch.data.preprocess import Plan, restore, restore_slabs
-from flexpatch.infer.predictor import LoadedModel, cpu_window_batch
+from flexpatch.data.preprocess import Plan
+from flexpatch.data.resample import restore, restore_slabs
+from flexpatch.infer.predictor import LoadedModel
 from flexpatch.infer.sliding_window import slab_axis, sliding_window, sliding_window_slabs
 from flexpatch.models import ModelSpec, build
+from flexpatch.plan.budget import cpu_window_batch
 
 TINY = {"channels": 4, "levels": 2, "convs_per_level": 2}
 
@@ -75,7 +77,7 @@ def test_the_slab_axis_is_the_one_the_window_covers_least() -> None:
 @pytest.mark.parametrize("rows", [1, 3, 100])
 @pytest.mark.parametrize("chunk", [1, 200, 1 << 22])  # target voxels restored at a time
 def test_slabs_restore_as_scipy_zoom_of_the_whole(source, target, rows, chunk, monkeypatch) -> None:
-    monkeypatch.setattr("flexpatch.data.preprocess.RESTORE_CHUNK_VOXELS", chunk)
+    monkeypatch.setattr("flexpatch.data.resample.RESTORE_CHUNK_VOXELS", chunk)
     probs = np.random.default_rng(0).random((3, *source)).astype(np.float32)
     props = {"original_shape": list(target)}
     whole = restore(probs, props, is_label=False)

@@ -27,7 +27,7 @@ from scipy import ndimage
 from flexpatch.accumulator import Accumulator
 from flexpatch.axes import per_axis
 from flexpatch.data.io import Volume, load_json, save_json
-from flexpatch.data.preprocess import restore
+from flexpatch.data.resample import restore
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import Patch, Shape, extract

@@ -167,7 +167,7 @@ def warn_patch_clipped(
 ) -> str | None:
     """Print (and return) one warning line when the training patch is larger than every image
     after resampling; the run goes on with the patch clipped, as the sampler does it."""
-    from flexpatch.data.preprocess import resampled_shape
+    from flexpatch.data.resample import resampled_shape
     from flexpatch.runtime import console
     from flexpatch.sampling.sizes import FixedSize
 

@@ -16,8 +16,9 @@ from flexpatch.axes import per_axis
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
-from flexpatch.data.preprocess import Plan, preprocess_case, restore_slabs
+from flexpatch.data.preprocess import Plan, preprocess_case
 from flexpatch.data.regions import to_labels, written_names
+from flexpatch.data.resample import restore_slabs
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import slab_axis
@@ -34,7 +35,7 @@ from flexpatch.infer.tta import Mirrored, mirroring_for
 from flexpatch.infer.within import run_within
 from flexpatch.methods import read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
-from flexpatch.plan.budget import format_bytes, parse_budget, resident_bytes
+from flexpatch.plan.budget import cpu_window_batch, format_bytes, parse_budget, resident_bytes
 from flexpatch.plan.memory import Prober, calibrate
 from flexpatch.plan.planner import WindowChoice, plan_window
 from flexpatch.runtime import console, resolve_device
@@ -120,8 +121,7 @@ class LoadedModel:
         return measured[window, batch]
 
     def _report(self, line: str, more: str = "") -> None:
-        """One line on stderr per new choice (``line``), not one per case; ``more`` is said with it
-        but does not make a new choice (what the process holds varies a little from case to case)."""
+        """One line on stderr per new choice (``line``), not per case; ``more`` is said, not compared."""
         if self._memory.get("line") != line:
             self._memory["line"] = line
             console.print(line + more, highlight=False, markup=False, soft_wrap=True)
@@ -392,17 +392,6 @@ class LoadedModel:
             aside,
         )
         return result
-
-
-CPU_BATCH_VOXELS = 1 << 21  # a window batch on the CPU holds at most 128^3 voxels
-
-
-def cpu_window_batch(window: Sequence[int], batch_size: int) -> int:
-    """The window batch on the CPU: at most ``batch_size``, and at most :data:`CPU_BATCH_VOXELS`
-    voxels per call. Why: batching large windows brings CPU convolutions no speed, while each
-    window's activations cost memory (four 128^3 windows of a narrow U-Net, about 1 GB); small
-    windows still go several per call, which saves the per-call overhead."""
-    return max(1, min(int(batch_size), CPU_BATCH_VOXELS // max(1, math.prod(window))))
 
 
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:

@@ -288,12 +288,10 @@ def sliding_window_slabs(
     """:func:`sliding_window` of one case, given back slab by slab along ``axis`` (default
     :func:`slab_axis`): yields ``(first row, (C_out, rows, ...))`` in row order, covering the image.
 
-    Why: the whole-image output of a CT at 7 classes is gigabytes; streamed, only a band one
-    window deep is held, and the caller turns each finished slab into labels at once. The
-    windows run in order of their start along ``axis``; rows before the next start are final.
-    The values are :func:`sliding_window`'s within float rounding (the coverage is summed in
-    another order). Each slab is a view of the band, valid until the next one is asked for (the
-    caller may change it in place; copy it to keep it). ``progress``: a bar over the windows.
+    Why: a CT's whole output at 7 classes is gigabytes; streamed, a band one window deep is held.
+    Windows run in order of their start along ``axis``; rows before the next start are final.
+    Values are :func:`sliding_window`'s within float rounding (coverage summed in another order).
+    A slab is a view of the band, valid until the next is asked for (change it in place, or copy).
     """
     _validate(image, batch_size, blend, sigma_scale, pad_mode)
     if image.shape[0] != 1:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -60,3 +62,14 @@ def resident_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+CPU_BATCH_VOXELS = 1 << 21  # a window batch on the CPU holds at most 128^3 voxels
+
+
+def cpu_window_batch(window: Sequence[int], batch_size: int) -> int:
+    """The window batch on the CPU: at most ``batch_size``, and at most :data:`CPU_BATCH_VOXELS`
+    voxels per call. Why: batching large windows brings CPU convolutions no speed, while each
+    window's activations cost memory (four 128^3 windows of a narrow U-Net, about 1 GB); small
+    windows still go several per call, which saves the per-call overhead."""
+    return max(1, min(int(batch_size), CPU_BATCH_VOXELS // max(1, math.prod(window))))
