@@ -18,7 +18,7 @@ from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case
 from flexpatch.data.regions import to_labels, written_names
-from flexpatch.data.resample import restore_slabs
+from flexpatch.data.resample import RESTORE_CHUNK_VOXELS, restore_slabs
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import slab_axis
@@ -339,8 +339,9 @@ class LoadedModel:
         axis = slab_axis(shape, window, overlap, self.divisor)
         voxels, rest = int(np.prod(original)), int(np.prod(original)) // original[axis]
         rows = math.ceil(min(window[axis], shape[axis]) * original[axis] / shape[axis]) + 2
+        rows = min(rows, max(1, RESTORE_CHUNK_VOXELS // rest))  # restored a chunk at a time
         c_out = self.plan.out_channels
-        # a slab's rows held, interpolated and resampled in float32, and its argmax in int64
+        # a chunk's rows taken, interpolated and resampled in float32, and its argmax in int64
         slabs = rows * rest * (3 * c_out * 4 + 8)
         outputs = voxels * np.dtype(label_dtype(self.largest_value + 1)).itemsize
         outputs += voxels * c_out * 4 if probabilities else 0
