@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# two xdist workers on two cores: one thread each avoids oversubscription
+# two xdist workers on two cores: one thread each avoids oversubscription. Through the environment
+# too: the CLI's thread plan (runtime.cpu_plan) reads OMP_NUM_THREADS, and a command invoked in-process
+# would otherwise give this worker every core for the rest of the session (the suite ran 2-3x slower)
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
