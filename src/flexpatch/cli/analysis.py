@@ -209,8 +209,12 @@ def _peaks(choice: dict) -> str:
 
 
 def evaluate(
-    pred_dir: Annotated[Path, typer.Argument(help="Folder of predicted label maps.")],
-    label_dir: Annotated[Path, typer.Argument(help="Folder of reference label maps (same file names).")],
+    pred_dir: Annotated[
+        Path, typer.Argument(help="Folder of predicted label maps (.nii.gz, .nii, .mha, .nrrd, .png, .tif).")
+    ],
+    label_dir: Annotated[
+        Path, typer.Argument(help="Folder of reference label maps, paired by case id (any of those formats).")
+    ],
     labels_from: Annotated[Path | None, typer.Option(help="dataset.json giving class names.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write metrics.csv and summary.json here.")] = None,
     hd95: Annotated[

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from flexpatch.data.io import NIFTI_SUFFIXES, PLAIN_2D_SUFFIXES, Volume, read_label, suffix_of
+from flexpatch.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Volume, read_label, suffix_of
+from flexpatch.data.readers import SITK_SUFFIXES
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.report import METRICS, EvaluationReport
 
@@ -232,20 +233,27 @@ def dice_torch(pred_onehot: torch.Tensor, label_onehot: torch.Tensor) -> torch.T
 
 
 def _case_files(folder: Path, role: str) -> dict[str, Path]:
-    """Map case id (file name without its suffix) to file, for the image formats we read."""
+    """Map case id (file name without its ending) to file, for every format the readers read.
+
+    As nnU-Net, a case is its id whatever the format, so ``case.mha`` pairs with ``case.nii.gz``;
+    the same id in two formats of one folder is refused, as neither may be silently scored.
+    """
     if not folder.is_dir():
         raise FlexPatchError(f"{folder}: {role} folder not found")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         suffix = suffix_of(path)
-        if path.name.startswith(".") or suffix not in NIFTI_SUFFIXES + PLAIN_2D_SUFFIXES:
-            continue  # hidden temporaries, plans.json and the like
+        if path.name.startswith(".") or suffix not in IMAGE_SUFFIXES:
+            continue  # hidden temporaries, plans.json, a 3D TIFF's spacing JSON and the like
         case = path.name[: -len(suffix)]
         if case in files:
-            raise FlexPatchError(f"{path}: case '{case}' also appears as {files[case].name}")
+            raise FlexPatchError(
+                f"{path}: case '{case}' is also {files[case].name} in this {role} folder; "
+                "keep one file per case"
+            )
         files[case] = path
     if not files:
-        raise FlexPatchError(f"{folder}: no {role} files (.nii.gz, .nii, .png, .tif)")
+        raise FlexPatchError(f"{folder}: no {role} files ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
@@ -315,10 +323,12 @@ def evaluate_folders(
 ) -> EvaluationReport:
     """Score every prediction in ``pred_dir`` against the label of the same case in ``label_dir``.
 
-    Files pair by case id (name without ``.nii.gz``/``.nii``/``.png``/``.tif``); each
-    side must have a partner on the same grid: the same shape and, for NIfTI, the same affine
-    (a prediction shifted in the world is not scored voxel by voxel as if it were not). HD95
-    and NSD use the label's voxel spacing (the column norms of its affine).
+    Files pair by case id (the name without its ending: ``.nii.gz``, ``.nii``, ``.mha``,
+    ``.nrrd``, ``.png``, ``.tif``, ``.tiff``), whatever the format of each side; each side must
+    have a partner on the same grid: the same shape and, where both formats place voxels in the
+    world (NIfTI, ITK), the same affine (a prediction shifted in the world is not scored voxel
+    by voxel as if it were not). HD95 and NSD use the label's voxel spacing (the column norms of
+    its affine).
 
     Args:
         pred_dir: folder of predicted label maps.
@@ -363,14 +373,15 @@ GRID_TOLERANCE_MM = 1e-3
 
 def _check_same_grid(pred: Volume, label: Volume) -> None:
     """A prediction must lie on its label's grid: the same shape and, where both files carry a
-    world placement (NIfTI), the same voxels in the same places."""
+    world placement (NIfTI, ITK: the readers give both a RAS affine), the same voxels in the same
+    places; between PNGs or TIFFs the affines (identity, or a stack's spacing) are compared too."""
     if pred.data.shape != label.data.shape:
         raise FlexPatchError(
             f"{pred.path}: shape {pred.data.shape} differs from label {label.path} "
             f"with shape {label.data.shape}"
         )
-    if not all(p is not None and suffix_of(p) in NIFTI_SUFFIXES for p in (pred.path, label.path)):
-        return  # PNG/TIFF have no geometry to compare
+    if len({_placed(v.path) for v in (pred, label)}) != 1:
+        return  # a PNG or TIFF has no world placement to compare with a NIfTI's or ITK's
     corners = np.array(list(itertools.product(*[(0, n - 1) for n in label.spatial_shape])), np.float64)
     corners = np.pad(corners, ((0, 0), (0, 3 - corners.shape[1])))  # 2D: the singleton third axis
     world = [corners @ v.affine[:3, :3].T + v.affine[:3, 3] for v in (pred, label)]
@@ -380,6 +391,11 @@ def _check_same_grid(pred: Volume, label: Volume) -> None:
             f"{pred.path}: lies up to {apart:.3g} mm away from label {label.path} (their affines differ); "
             "resample the prediction onto the label's grid"
         )
+
+
+def _placed(path: Path | None) -> bool:
+    """Whether a file places its voxels in the world (a RAS affine from its header)."""
+    return path is not None and suffix_of(path) in NIFTI_SUFFIXES + SITK_SUFFIXES
 
 
 def _check_declared(volume: Volume, names: Mapping[int, str], source: str | Path | None) -> None:
