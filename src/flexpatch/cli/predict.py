@@ -28,7 +28,7 @@ InputsArg = Annotated[
         "leading them join MODEL_DIR in an ensemble that averages the probabilities."
     ),
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for CASE.nii.gz label maps.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for the label maps (in the inputs' format).")]
 PatchSizeOpt = Annotated[
     str | None, typer.Option(help="Window, e.g. 48,48,48 or 48 (default: training size).")
 ]

@@ -20,6 +20,7 @@ import numpy as np
 
 from flexpatch.data.io import (
     IMAGE_SUFFIXES,
+    PLAIN_2D_SUFFIXES,
     Volume,
     channel_count,
     read_image,
@@ -94,14 +95,14 @@ def run_prediction(
     save_probabilities: bool = False,
     progress: bool = True,
     describe: str = "predict",
-    suffix: str | None = None,
     largest_component: Sequence[int] = (),
 ) -> Written:
-    """Segment every case and write ``out_dir/CASE<suffix>``; probabilities, when asked, go to
+    """Segment every case and write ``out_dir/CASE.<ending>``; probabilities, when asked, go to
     ``out_dir/probabilities/CASE.nii.gz`` (classes last), a folder of their own so that
     ``out_dir`` pairs file by file with a folder of reference labels.
 
-    ``suffix`` is the label maps' file ending; by default the input's (PNG in, PNG out).
+    The label maps are written in the input's format (:func:`output_suffix`: ``.mha`` in,
+    ``.mha`` out, as nnU-Net).
     Every file is written atomically and a case's label map last: a label map on disk means
     its case is complete, and a failure (in ``segment`` or a write) leaves no partial file.
     ``largest_component``: classes cut to their largest connected component in every label map
@@ -117,13 +118,25 @@ def run_prediction(
             if largest_component and not prediction.channels:
                 labels = keep_largest(prediction.labels, largest_component)
                 prediction = dataclasses.replace(prediction, labels=labels)
-            ending = suffix or suffix_of(Path(files[0]))
+            ending = output_suffix(volume, prediction)
             path = _write_case(out, case, ending, volume, prediction, label_names, save_probabilities)
             written.append(path)
             written.info[case] = dict(prediction.info)
             summary = f"{case}: {prediction.summary}" if prediction.summary else case
             bar.update(task, advance=1, info=summary)
     return written
+
+
+def output_suffix(volume: Volume, prediction: Prediction) -> str:
+    """The ending of a case's label map: its input's, so that every method writes the format it
+    read (a NIfTI, ``.mha`` or ``.nrrd`` holds any output with its grid). A PNG or TIFF holds one
+    map on the input's own grid and no orientation: a patchwork's masks or probabilities
+    (channels) or its finer grid (``sampling_factor``) go to NIfTI instead of losing them."""
+    ending = suffix_of(Path(volume.path)) if volume.path is not None else ".nii.gz"
+    if ending not in PLAIN_2D_SUFFIXES:
+        return ending
+    moved = prediction.affine is not None and not np.allclose(prediction.affine, volume.affine, atol=1e-6)
+    return ".nii.gz" if prediction.channels or moved else ending
 
 
 def _write_case(

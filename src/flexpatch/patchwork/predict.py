@@ -173,7 +173,8 @@ def predict_patchwork_files(
     memory: str | int | None = None,
     save_probabilities: bool = False,
 ) -> Written:
-    """Segment image files with a patchwork; one ``CASE.nii.gz`` per case (atomic writes).
+    """Segment image files with a patchwork; one file per case in the input's format, as every
+    method's (:func:`~flexpatch.infer.runner.output_suffix`; atomic writes).
 
     ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
     within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
@@ -201,7 +202,6 @@ def predict_patchwork_files(
         save_probabilities=save_probabilities,
         progress=progress,
         describe="patchwork",
-        suffix=".nii.gz",
     )
 
 
