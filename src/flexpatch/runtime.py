@@ -35,20 +35,24 @@ T = TypeVar("T")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; an unavailable CUDA request is a user error, not a crash."""
+    """``auto`` picks CUDA when present; an unavailable CUDA request is a user error, not a crash.
+    Under torchrun, ``auto`` and ``cuda`` pick the GPU of the process's local rank."""
     import torch
+
+    from flexpatch.distributed import current
 
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise FlexPatchError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FlexPatchError(f"device {device!r} requested but no CUDA GPU is available")
-    return dev
+    # under torchrun "cuda" means this process's GPU (its local rank's); "cuda:N" stays N
+    return current().device(dev) if dev.index is None else dev
 
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 quota: "max 100000" or "200000 100000"

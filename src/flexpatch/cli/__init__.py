@@ -19,6 +19,7 @@ import typer
 
 from flexpatch.cli import analysis, data, demo, export, predict, train
 from flexpatch.cli.common import fail
+from flexpatch.distributed import MainFailed, current, stop
 from flexpatch.errors import FlexPatchError
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -53,11 +54,25 @@ for _module in (data, train, predict, export, demo, analysis):
         app.command()(_command)
 
 
+def _quiet() -> None:
+    """No progress, messages or results from this process: the main one shows the run's."""
+    import os
+
+    from flexpatch.runtime import console
+
+    console.quiet = True
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130, SIGTERM 143."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not current().main:  # under torchrun one process speaks for the run; errors still say where
+        _quiet()
     try:
         code = app(standalone_mode=False)  # parser errors come back as exceptions, not usage boxes
+    except MainFailed:  # under torchrun: the main process says it, once
+        code = 2
     except UsageError as e:
         _usage_error(e)
     except ClickException as e:
@@ -75,6 +90,8 @@ def main() -> None:
         code = TERMINATED
     if code in (INTERRUPTED, TERMINATED):
         typer.echo("interrupted" if code == INTERRUPTED else "terminated", err=True)
+    if "torch.distributed" in sys.modules:  # a torchrun process leaves its group before it exits
+        stop()
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -3,6 +3,7 @@ deep neural patchwork; the cascade and patchwork runs are in ``cli.cascade`` and
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -166,6 +167,13 @@ FoldOpt = Annotated[
         "written once when absent): trains into OUT/fold_K and predicts its validation cases."
     ),
 ]
+NprocOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Train on N processes of this machine (one per GPU; gloo on the CPU): a shortcut for "
+        "torchrun --standalone --nproc-per-node N -m flexpatch train ... --batch is the global batch."
+    ),
+]
 NumFoldsOpt = Annotated[
     int | None, typer.Option(help="Folds of a splits_final.json written now (default 5).")
 ]
@@ -218,10 +226,14 @@ def train(
     tensorboard: TensorboardOpt = False,
     fold: FoldOpt = None,
     num_folds: NumFoldsOpt = None,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork.
-    Training curves are drawn into MODEL_DIR/progress.png at each validation."""
+    Training curves are drawn into MODEL_DIR/progress.png at each validation. Under torchrun (or
+    with --nproc) on several processes, the same run with the batch split across them."""
+    if nproc is not None:
+        raise typer.Exit(torchrun(nproc))
     args = SimpleNamespace(**locals())
     from flexpatch.train.curves import tensorboard_logging
 
@@ -233,6 +245,45 @@ def train(
 
     with tensorboard_logging(tensorboard):  # every method's run logs through the same curves
         _train(args)
+
+
+def torchrun(nproc: int) -> int:
+    """This command again, without ``--nproc``, on ``nproc`` processes that torchrun's launcher
+    starts on this machine (as ``torchrun --standalone``); returns the exit code of the process
+    that failed first (2 for a user error, said once by the main process), else 0. Across machines,
+    run torchrun yourself (README)."""
+    import logging
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from flexpatch.distributed import current
+    from flexpatch.runtime import available_cores
+
+    if nproc < 1:
+        raise FlexPatchError(f"--nproc {nproc} must be at least 1")
+    if current().active:
+        raise FlexPatchError("--nproc is for a plain flexpatch command; torchrun started this one already")
+    argv, rest = [], iter(sys.argv[1:])
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    # each process gets its share of the cores: two cores, two processes: one thread each
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, available_cores() // nproc))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its exit report: ours
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0,
+    )  # fmt: skip
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", "flexpatch", *argv)
+    except ChildFailedError as e:
+        return e.get_first_failure()[1].exitcode or 1
+    return 0
 
 
 def _train(args: SimpleNamespace) -> None:
@@ -368,7 +419,8 @@ def _train_network(args: SimpleNamespace) -> None:
 
 
 def _report(result: Any, init_from: Path | None, as_json: bool) -> None:
-    """The run in one line, or as JSON: steps, best validation Dice, last loss, what --init-from loaded."""
+    """The run in one line, or as JSON: steps, best validation Dice, last loss, what --init-from loaded
+"""
     summary = {
         "model_dir": str(result.out_dir),
         "steps": result.steps,

@@ -74,13 +74,22 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def decide(cases: Iterable[tuple[np.ndarray, np.ndarray]], classes: Sequence[int]) -> dict[str, Any]:
     """For each class, mean Dice over ``cases`` ``(prediction, truth)`` without and with the largest
     component kept; the classes it helps (by more than :data:`MIN_GAIN`) are ``largest_component``."""
-    before: dict[int, list[float]] = {c: [] for c in classes}
-    after: dict[int, list[float]] = {c: [] for c in classes}
-    for pred, truth in cases:
-        for c in classes:
-            mask, ref = pred == c, truth == c
-            before[c].append(_dice(mask, ref))
-            after[c].append(_dice(largest_component(mask), ref))
+    return decision([case_decision(pred, truth, classes) for pred, truth in cases], classes)
+
+
+def case_decision(
+    pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]
+) -> tuple[list[float], list[float]]:
+    """One case's Dice per class without and with the largest component kept (see :func:`decision`)."""
+    scores = [(_dice(pred == c, truth == c), _dice(largest_component(pred == c), truth == c)) for c in classes]
+    return [b for b, _ in scores], [a for _, a in scores]
+
+
+def decision(cases: Sequence[tuple[list[float], list[float]]], classes: Sequence[int]) -> dict[str, Any]:
+    """:func:`decide` from the cases' :func:`case_decision` scores (gathered from the processes of a
+    torchrun run, each of which scored its share of the cases)."""
+    before = {c: [case[0][i] for case in cases] for i, c in enumerate(classes)}
+    after = {c: [case[1][i] for case in cases] for i, c in enumerate(classes)}
     mean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")  # noqa: E731
     kept = [c for c in classes if mean(after[c]) > mean(before[c]) + MIN_GAIN]
     return {

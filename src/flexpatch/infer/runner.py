@@ -27,6 +27,7 @@ from flexpatch.data.io import (
     suffix_of,
     write_like,
 )
+from flexpatch.distributed import Dist, current
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import keep_largest
 from flexpatch.runtime import check_writable, progress_bar
@@ -107,12 +108,17 @@ def run_prediction(
     its case is complete, and a failure (in ``segment`` or a write) leaves no partial file.
     ``largest_component``: classes cut to their largest connected component in every label map
     (the model's post-processing, decided on validation; :mod:`flexpatch.evaluate.postprocess`).
+
+    Under torchrun each process segments every ``world``-th case (its own device) and every
+    process returns the whole run's :class:`Written`, in case order; the main process shows progress.
     """
-    out = Path(out_dir)
+    out, dist = Path(out_dir), current()
+    dist.start(_gather_device())
+    mine = dict(dist.split(list(cases.items())))
     written = Written()
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(describe, total=len(cases), info="")
-        for case, files in cases.items():
+    with progress_bar(disable=not progress or not dist.main) as bar:
+        task = bar.add_task(describe, total=len(mine), info="")
+        for case, files in mine.items():
             volume = read_case(files, ndim)
             prediction = segment(volume)
             if largest_component and not prediction.channels:
@@ -124,7 +130,22 @@ def run_prediction(
             written.info[case] = dict(prediction.info)
             summary = f"{case}: {prediction.summary}" if prediction.summary else case
             bar.update(task, advance=1, info=summary)
-    return written
+    return _gathered(written, dist)
+
+
+def _gathered(written: Written, dist: Dist) -> Written:
+    """Every process's :class:`Written` as one, in case order (each process's own when alone)."""
+    if not dist.active:
+        return written
+    whole = dist.gather([(path, case, info) for path, (case, info) in zip(written, written.info.items())])
+    return Written([path for path, _, _ in whole], {case: info for _, case, info in whole})
+
+
+def _gather_device() -> Any:
+    """Cases and reports go between processes through gloo on the CPU, whatever device segments."""
+    import torch
+
+    return torch.device("cpu")
 
 
 def output_suffix(volume: Volume, prediction: Prediction) -> str:

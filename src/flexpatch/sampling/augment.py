@@ -347,6 +347,14 @@ def augmented_sample(
     return out, lab
 
 
+def skip_sample(cfg: AugmentConfig, g: torch.Generator, ndim: int, channels: int) -> None:
+    """Draw from ``g`` what :func:`augmented_sample` draws for one sample of ``channels`` augmented
+    channels, and do nothing else: a sample of the batch that another process cuts, so that this
+    process's samples get the draws they get in one process."""
+    draw_spatial(cfg, g, ndim)
+    draw_intensity(cfg, g, channels)
+
+
 def describe(cfg: AugmentConfig) -> dict[str, Any]:
     """The settings as saved beside a model (JSON types)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -28,10 +28,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flexpatch.data.context import context_channels, with_context
+from flexpatch.distributed import Dist
 from flexpatch.errors import FlexPatchError
 from flexpatch.geometry import Patch, extract
 from flexpatch.runtime import derive_seed, generator
-from flexpatch.sampling.augment import AugmentConfig, augmented_sample
+from flexpatch.sampling.augment import AugmentConfig, augmented_sample, skip_sample
 from flexpatch.sampling.centres import CENTRE_MODES, compute_class_locations, draw_centre, fit_patch, patch_at
 from flexpatch.sampling.sizes import SizeSampler, batch_for_step, size_for_step
 
@@ -122,6 +123,7 @@ class PatchStream(IterableDataset):
         start_step: int = 0,
         steps: int | None = None,
         cache_size: int = 64,
+        dist: Dist = Dist(),
     ) -> None:
         """Set up the stream (no data is read here).
 
@@ -133,6 +135,9 @@ class PatchStream(IterableDataset):
             start_step: index of the first batch (resume at this step).
             steps: number of batches to yield (None: endless).
             cache_size: cases kept in memory per process.
+            dist: under torchrun, this process cuts only its share of each step's batch
+                (:meth:`Dist.samples`); every draw is made for the whole batch, so sample ``i`` of a
+                step is the same patch with any number of processes.
         """
         super().__init__()
         self.cases = [Path(c) for c in cases]
@@ -152,6 +157,7 @@ class PatchStream(IterableDataset):
             )
         self.sizes, self.cfg, self.seed = sizes, cfg, int(seed)
         self.start_step, self.steps, self.cache_size = int(start_step), steps, int(cache_size)
+        self.dist = dist
         self._cache: OrderedDict[int, _Case] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -195,11 +201,12 @@ class PatchStream(IterableDataset):
         cases = [self._load(i) for i in picks]
         smallest = tuple(min(axis) for axis in zip(*(c.shape for c in cases), strict=True))
         size = fit_patch(drawn, smallest, self.cfg.divisor)
+        mine = self.dist.samples(batch_size)
         images, labels, starts, centres = [], [], [], []
         # augmentation draws come from a stream of their own: the cases, sizes and centres of a
         # step are the same with augmentation on or off
         ga = generator("flexpatch-augment", self.seed, step) if self.cfg.augment else None
-        for case in cases:
+        for i, case in enumerate(cases):
             centre = draw_centre(
                 None,
                 size,
@@ -210,6 +217,9 @@ class PatchStream(IterableDataset):
                 image_shape=case.shape,
             )
             box = patch_at(centre, size, case.shape)
+            if i not in mine:  # another process's sample: only its draws, so that ours follow
+                self._skip(case, ga)
+                continue
             image, label = self._cut(case, box, ga)
             images.append(image)
             labels.append(label)
@@ -221,7 +231,8 @@ class PatchStream(IterableDataset):
             "size": size,
             "drawn_size": drawn,
             "step": step,
-            "cases": [str(self.cases[i]) for i in picks],
+            "global_batch": batch_size,
+            "cases": [str(self.cases[picks[i]]) for i in mine],
             "starts": starts,
             "centres": centres,
         }
@@ -234,6 +245,11 @@ class PatchStream(IterableDataset):
             return extract(case.image, [box], padding=pad), label
         keep = context_channels(self.cfg.context, box.ndim)  # coordinates move, keep their values
         return augmented_sample(case.image, case.label, box, self.cfg.augment, g, pad, self.cfg.spacing, keep)
+
+    def _skip(self, case: _Case, g: torch.Generator | None) -> None:
+        if g is not None and self.cfg.augment is not None:
+            keep = context_channels(self.cfg.context, len(self.cfg.divisor))
+            skip_sample(self.cfg.augment, g, len(self.cfg.divisor), case.image.shape[0] - keep)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -131,6 +131,7 @@ class Harness:
     best_name: str = "model_best.pt"
     last_name: str = "model_last.pt"
     divergence: Divergence = field(default_factory=Divergence)
+    main: bool = True  # under torchrun only the main process writes; the others keep count alike
 
     def validation_due(self, step: int) -> bool:
         return step % self.val_every == 0 or step == self.total
@@ -148,14 +149,16 @@ class Harness:
     def keep_if_best(self, value: float, weights: Callable[[], dict[str, Any]]) -> bool:
         """Save ``weights()`` as the best when ``value`` improves on it (or nothing is kept yet)."""
         path = self.folder / self.best_name
-        if not (value > self.best or not path.is_file()):
+        improved = value > self.best
+        self.best = value if improved else self.best
+        if not self.main or not (improved or not path.is_file()):
             return False
-        self.best = value if value > self.best else self.best
         save_checkpoint(path, weights())
         return True
 
     def save_last(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.folder / self.last_name, state)
+        if self.main:
+            save_checkpoint(self.folder / self.last_name, state)
 
     @contextmanager
     def progress(self, name: str, start: int, enabled: bool) -> Iterator[Callable[[int, str], None]]:

@@ -9,7 +9,8 @@ data stream, which is a pure function of (seed, step)).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from flexpatch.data.preprocess import (
     preprocess_dataset,
 )
 from flexpatch.data.sanity import warn_patch_clipped
+from flexpatch.distributed import Dist, current
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import write_postprocessing
 from flexpatch.methods import write_method
@@ -113,7 +115,8 @@ def prepare(
     """Fingerprint, plan and preprocess the dataset; write fingerprint.json, plan.json, dataset.json.
 
     A resumed run reuses the saved fingerprint, so its plan cannot drift; a new run in an old
-    model folder measures the dataset afresh (it may be another dataset).
+    model folder measures the dataset afresh (it may be another dataset). Under torchrun the main
+    process alone does this (:func:`_follow` for the others).
     """
     fp_path = out_dir / "fingerprint.json"
     reuse = resume and fp_path.is_file()
@@ -187,15 +190,23 @@ def resolve_config(
 
 
 def _restore(
-    state: dict[str, Any] | None, path: Path, net: torch.nn.Module, opt: Any, sched: Any, log_path: Path
+    state: dict[str, Any] | None,
+    path: Path,
+    net: torch.nn.Module,
+    opt: Any,
+    sched: Any,
+    log_path: Path,
+    dist: Dist = Dist(),
 ) -> tuple[int, float, Any, Divergence]:
     """Load a ``model_last.pt``'s state into the run and cut the log to it; returns its step, best
-    Dice, RNG state and skipped-step count (fresh for a checkpoint written before it was saved).
-    Without a state (a new run) the log starts empty and the run at step 0."""
+    Dice, this process's RNG state and skipped-step count (fresh for a checkpoint written before
+    it was saved). Without a state (a new run) the log starts empty and the run at step 0."""
     if state is None:
-        log_path.unlink(missing_ok=True)
+        if dist.main:
+            log_path.unlink(missing_ok=True)
         return 0, -1.0, None, Divergence()
-    truncate_log(log_path, lambda record: int(record["step"]) <= int(state["step"]))
+    if dist.main:
+        truncate_log(log_path, lambda record: int(record["step"]) <= int(state["step"]))
     # read on the CPU: RNG states must stay CPU tensors; weights and optimiser moments are
     # copied onto the parameters' device by load_state_dict
     try:
@@ -203,10 +214,21 @@ def _restore(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         divergence = Divergence(**state.get("divergence", {}))
-        return int(state["step"]), float(state["best"]), state["rng"], divergence
+        return int(state["step"]), float(state["best"]), rng_for(state, dist), divergence
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: does not fit this model and config ({reason})") from None
+
+
+def rng_for(state: dict[str, Any], dist: Dist) -> Any:
+    """This process's RNG state in a checkpoint: its own when the run had as many processes, else
+    the main process's. The data stream does not depend on it (every patch is a function of the seed,
+    the step and its place in the global batch), so a run resumed with another number of processes
+    trains on the same batches; its numbers then equal the uninterrupted run's to rounding only."""
+    ranks = state.get("rng_ranks")
+    if ranks and int(state.get("world", 1)) == dist.world:
+        return ranks[dist.rank]
+    return state["rng"]
 
 
 def augmentation(config: TrainConfig, mirrored_pairs: Sequence[Any]) -> AugmentConfig | None:
@@ -229,9 +251,10 @@ def _batches(
     dev: torch.device,
     plan: Plan,
     augment: AugmentConfig | None,
+    dist: Dist = Dist(),
 ) -> Iterator[dict[str, Any]]:
     """Batches ``span`` = ``(start, end)`` (end excluded) of the run's stream, the same whatever
-    ``config.workers``."""
+    ``config.workers``; under torchrun this process's share of each (:meth:`Dist.samples`)."""
     # progressive growing oversamples foreground at 0.5 while the patch grows (all three of its trainers)
     growing = isinstance(sizes, ProgressiveSchedule)
     sampling = SamplingConfig(
@@ -245,7 +268,7 @@ def _batches(
         context=config.context,
     )
     start, end = span
-    stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start)
+    stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start, dist=dist)
     return iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
 
 
@@ -280,44 +303,73 @@ def train(
             (e.g. ``{"steps": 2000}`` to train a finished run longer).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    dev = resolve_device(device)
-    config, saved = resolve_config(out_dir, config, resume, changes)
-    net, loaded, plan, cases = _start(dataset_dir, out_dir, config, resume, overwrite, progress)
+    dist = current()
+    dev = dist.device(resolve_device(device))
+    dist.start(dev)
+    console.quiet = console.quiet or not dist.main  # one process speaks for the run: the main one
+    config, saved = dist.on_main(lambda: resolve_config(out_dir, config, resume, changes))
+    net, loaded, plan, cases, ds = _setup(dataset_dir, out_dir, config, (resume, overwrite, progress), dist)
     train_cases, val_cases = split_for(cases, dataset_dir, config)  # a --fold's, else val_fraction's
-    sizes, val_patch = _write_folder(out_dir, config, plan, net)
-    warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
+    sizes, val_patch = _write_folder(out_dir, config, plan, net, dist.main)
+    dist.samples(min(st.batch for st in sizes.stages()) if isinstance(sizes, ProgressiveSchedule) else config.batch)
+    if dist.main:
+        warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
     opt, sched = make_optimizer(net.to(dev), config, loaded)
     log_path = out_dir / "log.jsonl"
-    start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, log_path)
+    start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, log_path, dist)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
     regions = [values for _, values in plan.regions]
-    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions)
-    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes))
-    augment = augmentation(config, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
-    batches = _batches(train_cases, sizes, net.divisor, config, (start, end), dev, plan, augment)
+    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions, dist)
+    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence, main=dist.main)
+    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes), dist)
+    augment = augmentation(config, [list(p) for p in ds.mirrored_pairs])
+    batches = _batches(train_cases, sizes, net.divisor, config, (start, end), dev, plan, augment, dist)
     if rng is not None:
         # only now: making the loader's iterator draws a seed from torch's RNG, which the
         # uninterrupted run did before its first step, not at this one
         set_rng_state(rng)
+    on = f"{dev}" if not dist.active else f"{dist.world} processes ({dev.type})"
     console.print(
         f"[bold]train[/] {config.model} on {len(train_cases)} cases (val {len(val_cases)}), "
-        f"patch {sizes.describe()}, batch {config.batch}, steps {start}->{end}, device {dev}"
+        f"patch {sizes.describe()}, batch {config.batch}, steps {start}->{end}, device {on}"
     )
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
     run.finish(end)
-    if isinstance(config.fold, int) and end == config.steps:  # as nnU-Net: a fold's predictions
+    if isinstance(config.fold, int) and end == config.steps and dist.main:  # as nnU-Net: a fold's predictions
         write_validation(dataset_dir, out_dir, val_cases, device)
+    dist.barrier()  # the processes return together, the model folder complete
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
+
+
+def _setup(
+    dataset_dir: Path, out_dir: Path, config: TrainConfig, flags: tuple[bool, bool, bool], dist: Dist
+) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path], DatasetInfo]:
+    """:func:`_start` in the main process; the others wait for its fingerprint and :func:`_follow`."""
+    resume, overwrite, progress = flags
+    started = _start(dataset_dir, out_dir, config, resume, overwrite, progress) if dist.main else None
+    fingerprint = dist.on_main(lambda: load_json(out_dir / "fingerprint.json"))
+    return started or _follow(dataset_dir, out_dir, config, resume, fingerprint)
+
+
+def _follow(
+    dataset_dir: Path, out_dir: Path, config: TrainConfig, resume: bool, fingerprint: dict[str, Any]
+) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path], DatasetInfo]:
+    """What a process other than the main one needs, writing nothing the main one writes: the network,
+    its --init-from weights, the main process's plan and the preprocessed cases (read from the cache,
+    or made on a machine that does not share the main one's disk)."""
+    ds, net = check_inputs(dataset_dir, out_dir, config)
+    loaded = initialise(net, config, out_dir, resume, write=False)
+    plan = make_plan(ds, fingerprint, target_spacing=config.target_spacing)
+    return net, loaded, plan, preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False), ds
 
 
 def _start(
     dataset_dir: Path, out_dir: Path, config: TrainConfig, resume: bool, overwrite: bool, progress: bool
-) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path]]:
+) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path], DatasetInfo]:
     """Check the inputs, claim the folder, load --init-from weights, preprocess: the network, the
-    names of the loaded weights, the plan and the preprocessed cases."""
+    names of the loaded weights, the plan, the preprocessed cases and the dataset."""
     ds, net = check_inputs(dataset_dir, out_dir, config)
     if overwrite and config.init_from and Path(config.init_from).resolve() == out_dir.resolve():
         raise FlexPatchError(f"{out_dir}: cannot start from the weights of the folder --overwrite replaces")
@@ -325,20 +377,22 @@ def _start(
     claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
     loaded = initialise(net, config, out_dir, resume)  # before preprocessing: a bad source fails fast
     plan, cases = prepare(ds, out_dir, config, progress, resume)
-    return net, loaded, plan, cases
+    return net, loaded, plan, cases, ds
 
 
 def _write_folder(
-    out_dir: Path, config: TrainConfig, plan: Plan, net: torch.nn.Module
+    out_dir: Path, config: TrainConfig, plan: Plan, net: torch.nn.Module, write: bool = True
 ) -> tuple[SizeSampler, tuple[int, ...]]:
     """config.json, model.json and method.json (the default inference window and the size kind,
-    so that predicting needs no training code); returns the patch sizes and validation window."""
-    save_json(out_dir / "config.json", config.to_json())
-    save_json(out_dir / "model.json", net.spec.to_json())
+    so that predicting needs no training code), when ``write``; returns the patch sizes and
+    validation window."""
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
-    fixed = isinstance(sizes, FixedSize)
-    write_method(out_dir, "sliding-window", val_patch, fixed_size=fixed, largest=list(sizes.max_size()))
+    if write:
+        save_json(out_dir / "config.json", config.to_json())
+        save_json(out_dir / "model.json", net.spec.to_json())
+        fixed = isinstance(sizes, FixedSize)
+        write_method(out_dir, "sliding-window", val_patch, fixed_size=fixed, largest=list(sizes.max_size()))
     return sizes, val_patch
 
 
@@ -362,6 +416,17 @@ class _Run:
     dev: torch.device
     harness: Harness
     stage_ends: dict[int, int] = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)
+
+    def __post_init__(self) -> None:
+        # under torchrun the steps run through DistributedDataParallel (gradients averaged over the
+        # processes); validation and checkpoints use the network itself
+        self.model = self.net
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dev.index] if self.dev.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
 
     def state(self, step: int) -> dict[str, Any]:
         """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
@@ -372,6 +437,8 @@ class _Run:
             "step": step,
             "best": self.harness.best,
             "rng": rng_state(),
+            "rng_ranks": self.dist.gather([rng_state()]),  # each process's, for an exact resume
+            "world": self.dist.world,
             "config": self.config.to_json(),
             "divergence": asdict(self.harness.divergence),  # a resumed run counts skipped steps on
         }
@@ -379,7 +446,8 @@ class _Run:
     def finish(self, end: int) -> None:
         """Where a run stopped early goes on from; and weights for predict from a run stopped before
         its first validation (its best is then none yet)."""
-        if end < self.config.steps or not (self.harness.folder / BEST).exists():
+        # one decision for every process: state() gathers from all of them
+        if self.dist.broadcast(end < self.config.steps or not (self.harness.folder / BEST).exists()):
             self.harness.save_last(self.state(end))
         self.harness.keep_if_best(self.harness.best, lambda: self.weights(end, self.harness.best))
 
@@ -392,12 +460,13 @@ class _Run:
         the run's last step the same predictions decide the post-processing (as nnU-Net, on the
         final weights' validation), so it costs no pass of its own."""
         if step < self.config.steps:
-            dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config)
+            dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config, self.dist)
         else:
             dice, decision = validate_and_decide(
-                self.net, val_cases, val_patch, self.plan, self.dev, self.config
+                self.net, val_cases, val_patch, self.plan, self.dev, self.config, self.dist
             )
-            write_postprocessing(self.harness.folder, decision)
+            if self.dist.main:
+                write_postprocessing(self.harness.folder, decision)
             kept = decision["largest_component"] or "none"
             console.print(f"post-processing: largest component kept for classes {kept} (validation Dice)")
         mean = float(np.nanmean(list(dice.values())))
@@ -411,7 +480,7 @@ class _Run:
         image = batch["image"].to(self.dev, non_blocking=True)
         label = batch["label"].to(self.dev, non_blocking=True)[:, None]
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = self.loss_fn(self.net(image), label)
+            loss = self.loss_fn(self.model(image), label)
         # randomly sized patches give gradients of very different scales from step to step: clip them
         stepped = guarded_step(loss, self.opt, self.net.parameters(), self.config.grad_clip)
         advance(self.sched, stepped)
@@ -431,22 +500,27 @@ class _Run:
         use_amp, h = self.config.amp and self.dev.type == "cuda", self.harness
         t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
         self.net.train()
-        with h.progress("train", start, progress) as update, training_log(log_path) as log:
+        log_to = training_log(log_path) if h.main else nullcontext(_no_log)
+        with h.progress("train", start, progress and h.main) as update, log_to as log:
             for batch in batches:
                 step = int(batch["step"]) + 1
                 last_loss, stepped = self.step(batch, use_amp)
                 record = {"step": step, "loss": last_loss, "lr": self.sched.get_last_lr()[0]}
-                record.update(patch=list(batch["size"]), batch=int(batch["image"].shape[0]))
+                record.update(patch=list(batch["size"]), batch=int(batch.get("global_batch", len(batch["image"]))))
                 h.taken(step, stepped, record)
                 if h.validation_due(step):
                     record.update(self.validate_and_save(step, val_cases, val_patch))
                     last_val = record["val_mean"]
                 elif step in self.stage_ends:  # a resumable point at each stage switch
                     h.save_last(self.state(step))
-                if step in self.stage_ends:  # the stage's weights, validated or not
+                if step in self.stage_ends and h.main:  # the stage's weights, validated or not
                     stage_file = h.folder / f"model_stage{self.stage_ends[step]}.pt"
                     save_checkpoint(stage_file, {"model": self.net.state_dict(), "step": step})
                 log(record)
                 rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
                 update(step, f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s")
         return last_loss, time.perf_counter() - t0
+
+
+def _no_log(record: dict[str, Any]) -> None:
+    """The log of a process other than the main one, which alone writes the run's log."""

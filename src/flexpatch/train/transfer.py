@@ -195,12 +195,14 @@ def load_matching(net: torch.nn.Module, model_dir: str | Path) -> TransferReport
     return TransferReport(str(model_dir), tuple(loaded), tuple(skipped), unused, change, kind)
 
 
-def initialise(net: torch.nn.Module, config: Any, out_dir: Path, resume: bool) -> frozenset[str]:
+def initialise(
+    net: torch.nn.Module, config: Any, out_dir: Path, resume: bool, write: bool = True
+) -> frozenset[str]:
     """Apply ``config.init_from`` to ``net``; return the names of the loaded parameters.
 
-    A fresh run loads the weights and writes ``transfer.json``; a resumed run reads that
-    file (the checkpoint restores the weights). Loaded parameters are frozen when
-    ``config.freeze_loaded``.
+    A fresh run loads the weights and writes ``transfer.json`` (unless not ``write``: a process
+    other than torchrun's main one); a resumed run reads that file (the checkpoint restores the
+    weights). Loaded parameters are frozen when ``config.freeze_loaded``.
     """
     if not config.init_from:
         return frozenset()
@@ -208,8 +210,9 @@ def initialise(net: torch.nn.Module, config: Any, out_dir: Path, resume: bool) -
         report = TransferReport.from_json(load_json(out_dir / TRANSFER))
     else:
         report = load_matching(net, config.init_from)
-        save_json(out_dir / TRANSFER, report.to_json())
-        console.print(report.describe(), soft_wrap=True, highlight=False, markup=False)
+        if write:
+            save_json(out_dir / TRANSFER, report.to_json())
+            console.print(report.describe(), soft_wrap=True, highlight=False, markup=False)
     params = {name for name, _ in net.named_parameters()}
     loaded = frozenset(n for n in report.loaded if n in params)
     if config.freeze_loaded:

@@ -13,8 +13,9 @@ import torch
 from flexpatch.data.context import with_context
 from flexpatch.data.preprocess import Plan, load_preprocessed
 from flexpatch.data.regions import THRESHOLD, region_mask, to_labels, written_truth
+from flexpatch.distributed import Dist
 from flexpatch.evaluate.metrics import dice_torch
-from flexpatch.evaluate.postprocess import decide
+from flexpatch.evaluate.postprocess import case_decision, decision
 from flexpatch.infer.sliding_window import sliding_window
 from flexpatch.train.config import TrainConfig
 
@@ -75,13 +76,13 @@ def validate(
     plan: Plan,
     device: torch.device,
     config: TrainConfig,
+    dist: Dist = Dist(),
 ) -> dict[int | str, float]:
     """Mean Dice per foreground class (by value) over ``cases``; for a region model, per region (by
-    name) of its thresholded sigmoid (> 0.5) against the region's mask."""
-    scores = [
-        _case_dice(logits, label, plan) for logits, label in _outputs(net, cases, patch, device, config)
-    ]
-    return _per_class(scores, plan)
+    name) of its thresholded sigmoid (> 0.5) against the region's mask. Under torchrun each process
+    predicts its share of the cases and every process gets the mean over all."""
+    outputs = _outputs(net, dist.split(cases), patch, device, config)
+    return _per_class(dist.gather([_case_dice(logits, label, plan) for logits, label in outputs]), plan)
 
 
 def validate_and_decide(
@@ -91,16 +92,18 @@ def validate_and_decide(
     plan: Plan,
     device: torch.device,
     config: TrainConfig,
+    dist: Dist = Dist(),
 ) -> tuple[dict[int | str, float], dict[str, Any]]:
     """:func:`validate`, and from the same predictions the post-processing decision (largest
     component per class, :func:`~flexpatch.evaluate.postprocess.decide`): one pass over the cases.
     A region model decides on its written-back label maps, per value of ``regions_class_order``:
     what prediction writes and what the decision is applied to."""
-    outputs = list(_outputs(net, cases, patch, device, config))
-    scores = [_case_dice(logits, label, plan) for logits, label in outputs]
+    outputs = list(_outputs(net, dist.split(cases), patch, device, config))
+    scores = dist.gather([_case_dice(logits, label, plan) for logits, label in outputs])
     order = plan.regions_class_order
     classes = sorted(set(order)) if order else list(range(1, plan.num_classes))
-    return _per_class(scores, plan), decide(_label_maps(outputs, plan), classes)
+    cases_decided = dist.gather([case_decision(p, t, classes) for p, t in _label_maps(outputs, plan)])
+    return _per_class(scores, plan), decision(cases_decided, classes)
 
 
 def _per_class(scores: list[torch.Tensor], plan: Plan) -> dict[int | str, float]:
