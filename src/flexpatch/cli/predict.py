@@ -28,7 +28,7 @@ InputsArg = Annotated[
         "leading them join MODEL_DIR in an ensemble that averages the probabilities."
     ),
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for the label maps (in the inputs' format).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder for the label maps (the inputs' format).")]
 PatchSizeOpt = Annotated[
     str | None, typer.Option(help="Window, e.g. 48,48,48 or 48 (default: training size).")
 ]
@@ -49,7 +49,8 @@ MemoryOpt = Annotated[
     typer.Option(
         help="Memory budget (8GB, 2GiB, auto): on the CPU the whole process's peak, on CUDA the GPU's; "
         "picks the window (unless --patch-size) and the window batch (at most --batch), and retries "
-        "smaller on out-of-memory. Patchwork: picks the patch batch (at most --batch)."
+        "smaller on out-of-memory. Patchwork: picks the patch batch (at most --batch). Ensemble: plans "
+        "each model in turn, within what the running mean of their probabilities leaves."
     ),
 ]
 TtaOpt = Annotated[
@@ -163,12 +164,10 @@ def _ensemble(args: SimpleNamespace) -> bool:
     models = expand_models([args.model_dir, *args.inputs[:lead]])
     if len(models) == 1 and models[0] == args.model_dir:
         return False
-    if args.memory is not None:
-        raise FlexPatchError(f"{args.model_dir}: --memory is for a single model so far, not an ensemble")
     written = predict_ensemble(
         models, args.inputs[lead:], args.out, args.patch, args.overlap, args.blend or "gaussian",
         args.batch, args.device, args.stitch_device, args.probabilities, progress=not args.as_json,
-        tta=args.tta, postprocess=args.postprocess,
+        tta=args.tta, postprocess=args.postprocess, memory=args.memory,
     )  # fmt: skip
     if args.as_json:
         emit_json({"out_dir": str(args.out), "models": [str(m) for m in models],

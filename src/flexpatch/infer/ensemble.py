@@ -4,24 +4,31 @@
 (a folder holding ``fold_0``..``fold_4``) averages the models' probabilities (softmax, or a region
 model's sigmoids) case by case, each model at the window asked for (or its own default one), and
 writes the labels the first model derives from the mean. All models must share the plan's labels
-(and regions, dimensions and channels). Post-processing keeps the largest component only of the
-classes every model's ``postprocessing.json`` keeps (the ensemble itself was never validated).
-Cascade and patchwork folders are refused for now.
+(and regions, dimensions and channels). Post-processing is the members' decision when every member
+decided the same (their ``postprocessing.json``), else none, said in one line: the ensemble itself
+was never validated, and a class one member helps by cutting may be one another hurts.
+``memory`` is planned per member as for one model (:meth:`LoadedModel.segment`); the members run one
+after the other, so each may use the budget, less the running sum of probabilities the ensemble
+holds. Cascade and patchwork folders are refused for now.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from flexpatch.data.io import Volume
+from flexpatch.data.resample import RESTORE_CHUNK_VOXELS
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.infer.predictor import LoadedModel, load_model
-from flexpatch.infer.runner import Prediction, Written, cases_for, run_prediction
+from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, run_prediction
 from flexpatch.methods import METHOD_FILE, method_of
+from flexpatch.plan.budget import parse_budget
+from flexpatch.runtime import console
 
 FOLD_PREFIX = "fold_"
 
@@ -81,14 +88,51 @@ def _outputs(lm: LoadedModel) -> tuple:
 
 def mean_probabilities(models: Sequence[LoadedModel], volume: Volume, **options: object) -> np.ndarray:
     """The models' probabilities ``(C, *spatial)`` on the volume's grid, averaged; ``options`` are
-    :meth:`LoadedModel.segment`'s (``patch_size`` None: each model's own default window)."""
+    :meth:`LoadedModel.segment`'s (``patch_size`` None: each model's own default window, or with
+    ``memory`` the one planned within it).
+
+    One running sum, the first model's probabilities themselves, summed into and divided in place:
+    besides it only the model running holds its probabilities. Why no explicit share is taken from
+    ``memory`` for the sum: on the CPU a model's plan sets aside what the process holds, which is
+    the sum from the second model on (the first one's probabilities, counted as its output, become
+    it); on a GPU the sum is in host memory, outside the device's budget.
+    """
     total: np.ndarray | None = None
     for lm in models:
         probs = lm.segment(volume, probabilities=True, **options)[1]  # type: ignore[arg-type]
         assert probs is not None  # asked for
         total = probs if total is None else np.add(total, probs, out=total)
+        del probs  # not held while the next model runs
     assert total is not None  # at least one model
-    return total / np.float32(len(models))
+    return np.divide(total, np.float32(len(models)), out=total)
+
+
+def mean_labels(first: LoadedModel, mean: np.ndarray) -> np.ndarray:
+    """The first model's labels of the mean probabilities, a few rows at a time: labelling the whole
+    image at once takes an int64 index per voxel (800 MB for a 512x512x400 CT), more than a
+    model's plan within ``memory`` left for it."""
+    labels = np.empty(mean.shape[1:], dtype=label_dtype(first.largest_value + 1))
+    step = max(1, RESTORE_CHUNK_VOXELS // max(1, math.prod(mean.shape[2:])))
+    for row in range(0, labels.shape[0], step):
+        labels[row : row + step] = first.labels(mean[:, row : row + step])
+    return labels
+
+
+def common_postprocessing(models: Sequence[LoadedModel]) -> tuple[list[int], str | None]:
+    """The classes every member keeps the largest component of, when all decided the same; else
+    none, with the line that says so, naming each member's decision."""
+    decisions = [sorted(read_postprocessing(lm.model_dir)) for lm in models]
+    if all(d == decisions[0] for d in decisions):
+        return decisions[0], None
+    names = [lm.model_dir.name for lm in models]
+    names = names if len(set(names)) == len(names) else [str(lm.model_dir) for lm in models]
+    said = "; ".join(
+        f"{name} {', '.join(map(str, d)) or 'none'}" for name, d in zip(names, decisions, strict=True)
+    )
+    return (
+        [],
+        f"post-processing: none applied, the members decided differently (largest component of: {said})",
+    )
 
 
 def predict_ensemble(
@@ -105,24 +149,28 @@ def predict_ensemble(
     progress: bool = True,
     tta: str = "auto",
     postprocess: bool = True,
+    memory: str | int | None = None,
 ) -> Written:
     """Segment image files with the mean probabilities of several model folders (or fold parents,
-    see :func:`expand_models`); the arguments are :func:`~flexpatch.infer.predictor.predict_files`'."""
+    see :func:`expand_models`); the arguments are :func:`~flexpatch.infer.predictor.predict_files`'.
+    ``postprocess``: the members' post-processing when they all decided the same
+    (:func:`common_postprocessing`)."""
     models = load_ensemble(expand_models([Path(d) for d in model_dirs]), device)
     for lm in models:
         lm.network(tta)  # a refused --tta fails before any case runs
         lm.window(patch_size)  # as a window too small for a model
     first = models[0]
+    budget = None if memory is None else parse_budget(memory, first.device)
     cases = cases_for(inputs, first.plan.in_channels, out_dir)
     options = dict(patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size,
-                   stitch_device=stitch_device, tta=tta)  # fmt: skip
+                   stitch_device=stitch_device, tta=tta, memory=budget)  # fmt: skip
 
     def segment(volume: Volume) -> Prediction:
         mean = mean_probabilities(models, volume, **options)
-        return Prediction(first.labels(mean), mean if save_probabilities else None)
+        return Prediction(mean_labels(first, mean), mean if save_probabilities else None)
 
-    kept = set.intersection(*(set(read_postprocessing(lm.model_dir)) for lm in models))
-    return run_prediction(
+    kept, line = common_postprocessing(models) if postprocess else ([], None)
+    written = run_prediction(
         cases,
         out_dir,
         first.plan.ndim,
@@ -131,5 +179,8 @@ def predict_ensemble(
         save_probabilities=save_probabilities,
         progress=progress,
         describe=f"predict, ensemble of {len(models)}",
-        largest_component=sorted(kept) if postprocess else (),
+        largest_component=kept,
     )
+    if line is not None:  # after the run: a bad input's error stays the only line on stderr
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    return written
