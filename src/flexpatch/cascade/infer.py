@@ -14,6 +14,7 @@ onto the input's own grid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from scipy import ndimage
 from flexpatch.accumulator import Accumulator
 from flexpatch.axes import per_axis
 from flexpatch.data.io import Volume, load_json, save_json
-from flexpatch.data.resample import restore
+from flexpatch.data.resample import restore, restore_chunked
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import Patch, Shape, extract
@@ -83,10 +84,10 @@ def object_extents(mask: np.ndarray | torch.Tensor, per_class: bool = True) -> l
     if not np.issubdtype(m.dtype, np.integer) or (m.size and m.min() < 0):
         raise FlexPatchError(f"mask of shape {m.shape} must hold non-negative integer labels, got {m.dtype}")
     structure = ndimage.generate_binary_structure(m.ndim, m.ndim)
-    groups = [(int(c), m == c) for c in np.unique(m) if c > 0] if per_class else [(0, m > 0)]
     out = []
-    for cls, fg in groups:
-        labelled, _ = ndimage.label(fg, structure=structure)
+    # one class's mask at a time: a mask per class held together is an image-sized array each
+    for cls in [int(c) for c in np.unique(m) if c > 0] if per_class else [0]:
+        labelled, _ = ndimage.label(m == cls if per_class else m > 0, structure=structure)
         for i, sl in enumerate(ndimage.find_objects(labelled), start=1):
             if not per_class:
                 cls = int(np.bincount(m[sl][labelled[sl] == i]).argmax())
@@ -232,11 +233,28 @@ def rough_probabilities(
 
 @dataclass
 class Segmentation:
-    """A cascade's answer on one grid: probabilities ``(K, *S)``, labels ``(*S)``, the boxes used."""
+    """A cascade's answer on one grid: probabilities ``(K, *S)`` (None when not asked for),
+    labels ``(*S)``, the boxes used."""
 
-    probabilities: torch.Tensor | np.ndarray
+    probabilities: torch.Tensor | np.ndarray | None
     labels: torch.Tensor | np.ndarray
     boxes: list[tuple[int, Box]]
+
+
+ARGMAX_CHUNK_VOXELS = 1 << 22  # voxels per class whose argmax is taken at once
+
+
+def _argmax(x: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``x.argmax(0)`` of ``(K, *S)`` as ``dtype``, a few rows of the first spatial axis at a time.
+
+    Why: torch's argmax is int64, 8 bytes a voxel: for a whole image (or an image-sized box)
+    more than the label map itself; the values are the same, voxel by voxel.
+    """
+    out = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
+    rows = max(1, ARGMAX_CHUNK_VOXELS // max(1, math.prod(x.shape[2:])))
+    for i in range(0, x.shape[1], rows):
+        out[i : i + rows] = x[:, i : i + rows].argmax(0)
+    return out
 
 
 @torch.no_grad()
@@ -253,22 +271,34 @@ def segment(
     batch_size: int = 16,
     baseline: bool = False,
     device: torch.device | str = "cpu",
+    labels_dtype: torch.dtype = torch.long,
 ) -> Segmentation:
     """Segment-then-segment on a preprocessed image ``(C, *S)``; tensors come back on ``device``.
 
     ``baseline`` returns the rough pass alone (the downscaled model the paper compares with).
-    Outside every box the answer is background, as in the paper.
+    Outside every box the answer is background, as in the paper. The labels are ``labels_dtype``.
+
+    Memory: the image, the fused probabilities (with ``or`` the masks too) and, while a box is
+    pasted back, its probabilities resized to the box; the rough pass's upsampled probabilities
+    are dropped once its boxes are drawn, and no argmax or one-hot of a whole image or box is
+    held in int64.
     """
     _check_fuse(fuse)
     image = image.to(device)
     rough_p = rough_probabilities(rough, image, input_size, device)
     if baseline:
-        return Segmentation(rough_p, rough_p.argmax(0), [])
-    boxes = object_boxes(rough_p.argmax(0), input_size, 0, None, min_side, per_class, oversize)
+        return Segmentation(rough_p, _argmax(rough_p, labels_dtype), [])
     k, spatial = rough_p.shape[0], tuple(image.shape[1:])
+    small = torch.int16 if k <= 1 << 15 else torch.long  # a class index, not torch's int64 argmax
+    rough_labels = _argmax(rough_p, small)
+    del rough_p
+    boxes = object_boxes(rough_labels, input_size, 0, None, min_side, per_class, oversize)
+    del rough_labels
     fused = torch.zeros((k, *spatial), device=device)
     fused[0] = 1.0  # background: the minimum over the crops, foreground the maximum
-    masks = torch.zeros((k - 1, *spatial), dtype=torch.bool, device=device)
+    # the masks of the crops' labels: what 'or' fuses ('max' takes the fused probabilities alone)
+    masks = torch.zeros((k - 1, *spatial), dtype=torch.bool, device=device) if fuse == "or" else None
+    classes = torch.arange(1, k, device=device).view(-1, *[1] * len(spatial))
     for i in range(0, len(boxes), batch_size):
         chunk = [b for _, b in boxes[i : i + batch_size]]
         crops = crop_resize(image, chunk, input_size, "linear")
@@ -277,10 +307,11 @@ def segment(
             p = resize(p, box.size, "linear")
             paste_back(fused[:1], p[:1], box, "min")
             paste_back(fused[1:], p[1:], box, "max")
-            onehot = F.one_hot(p.argmax(0), k).movedim(-1, 0).bool()
-            paste_back(masks, onehot[1:], box, "or")
-    fused /= fused.sum(0, keepdim=True).clamp_min(1e-6)
-    return Segmentation(fused, _labels(fused, masks, fuse), boxes)
+            if masks is not None:  # the foreground classes' one-hot masks (no int64 one-hot)
+                paste_back(masks, _argmax(p, small) == classes, box, "or")
+            del p
+    fused /= fused.sum(0, keepdim=True).clamp_min_(1e-6)
+    return Segmentation(fused, _labels(fused, masks, labels_dtype), boxes)
 
 
 def _check_fuse(fuse: str) -> None:
@@ -288,12 +319,19 @@ def _check_fuse(fuse: str) -> None:
         raise FlexPatchError(f"unknown fusion {fuse!r}; choose one of {', '.join(FUSIONS)}")
 
 
-def _labels(fused: torch.Tensor, masks: torch.Tensor, fuse: str) -> torch.Tensor:
-    if fuse == "max":
-        return fused.argmax(0)
+def _labels(fused: torch.Tensor, masks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The label map ``(*S)`` of the fused probabilities (and with 'or' the crops' masks), a few
+    rows at a time (as :func:`_argmax`)."""
+    if masks is None:  # 'max'
+        return _argmax(fused, dtype)
     # OR: a voxel takes a class some crop gave it; where crops disagree, the most probable of those
-    score = torch.where(masks, fused[1:], torch.full_like(fused[1:], -1.0))
-    return torch.where(masks.any(0), score.argmax(0) + 1, torch.zeros_like(score[0], dtype=torch.long))
+    out = torch.empty(fused.shape[1:], dtype=dtype, device=fused.device)
+    rows = max(1, ARGMAX_CHUNK_VOXELS // max(1, math.prod(fused.shape[2:])))
+    for i in range(0, fused.shape[1], rows):
+        m, f = masks[:, i : i + rows], fused[1:, i : i + rows]
+        score = f.masked_fill(~m, -1.0)
+        out[i : i + rows] = torch.where(m.any(0), score.argmax(0) + 1, 0)
+    return out
 
 
 def is_cascade(model_dir: str | Path) -> bool:
@@ -329,10 +367,14 @@ class Cascade:
         baseline: bool = False,
         batch_size: int = 16,
         tta: str = "none",
+        probabilities: bool = True,
     ) -> Segmentation:
-        """Segment a raw volume; probabilities ``(K, *S)`` and labels ``(*S)`` (numpy) on its own grid.
+        """Segment a raw volume; probabilities ``(K, *S)`` (when asked for) and labels ``(*S)``
+        (int16) as numpy on its own grid.
 
         The boxes are on the preprocessed grid (the plan's spacing), where the crops were taken.
+        The labels are that grid's, brought back by nearest neighbour: the probabilities are
+        brought back (a chunk at a time) only when asked for.
         """
         image, props = self.rough.prepare(volume)
         rough, fine = self.networks(tta)
@@ -345,11 +387,15 @@ class Cascade:
             batch_size=batch_size,
             baseline=baseline,
             device=self.rough.device,
+            labels_dtype=torch.int16,
             **self.rules,
         )
-        probs = restore(seg.probabilities.cpu().numpy(), props, is_label=False)
-        labels = restore(seg.labels.cpu().numpy().astype(np.int16), props, is_label=True)
-        return Segmentation(probs, labels, seg.boxes)
+        del image
+        boxes, fused, labels = seg.boxes, seg.probabilities if probabilities else None, seg.labels
+        del seg  # the fused probabilities go now, unless they are asked for
+        labels = restore(labels.cpu().numpy(), props, is_label=True)
+        probs = None if fused is None else restore_chunked(fused.cpu().numpy(), props)
+        return Segmentation(probs, labels, boxes)
 
 
 def load_cascade(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> Cascade:
@@ -397,7 +443,7 @@ def predict_cascade_files(
     dtype = label_dtype(plan.num_classes)
 
     def segment(volume: Volume) -> Prediction:
-        seg = cascade.predict(volume, fuse, baseline, batch_size, tta)
+        seg = cascade.predict(volume, fuse, baseline, batch_size, tta, probabilities=save_probabilities)
         boxes = [{"class": c, "start": b.start, "size": b.size} for c, b in seg.boxes]
         return Prediction(seg.labels.astype(dtype), seg.probabilities, info={"boxes": boxes})
 

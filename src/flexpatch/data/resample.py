@@ -65,11 +65,15 @@ RESTORE_CHUNK_VOXELS = 1 << 22  # target rows restored at a time: ~16 MB per cha
 
 
 def restore_slabs(
-    slabs: Iterable[tuple[int, np.ndarray]], source_rows: int, props: dict[str, Any], axis: int
+    slabs: Iterable[tuple[int, np.ndarray]],
+    source_rows: int,
+    props: dict[str, Any],
+    axis: int,
+    chunk_voxels: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """:func:`restore` of probabilities that come slab by slab along ``axis``: ``(first row,
     (C, rows, ...))`` on the resampled grid in row order in, the same on the original grid out,
-    a few rows at a time (:data:`RESTORE_CHUNK_VOXELS`).
+    a few rows at a time (``chunk_voxels`` per channel, :data:`RESTORE_CHUNK_VOXELS` by default).
 
     Why: the whole prediction need never be held, nor a copy of a slab (a window deep, it can be
     a GB); target rows come back as soon as the rows they interpolate from have arrived. Linear
@@ -83,7 +87,8 @@ def restore_slabs(
     x = np.clip((np.arange(target[axis]) + 0.5) * source / target[axis] - 0.5, 0, source - 1)
     lo = np.floor(x).astype(int)
     hi = np.where(x > lo, np.minimum(lo + 1, source - 1), lo)  # a row on a source row needs no next
-    chunk = max(1, RESTORE_CHUNK_VOXELS // max(1, int(np.prod(target)) // target[axis]))
+    per_chunk = RESTORE_CHUNK_VOXELS if chunk_voxels is None else chunk_voxels
+    chunk = max(1, per_chunk // max(1, int(np.prod(target)) // target[axis]))
     carry: list[tuple[int, np.ndarray]] = []  # (first row, rows) kept from the last slab: one or two
     row = 0  # the next target row
     for start, slab in slabs:
@@ -105,6 +110,26 @@ def restore_slabs(
         carry = [(keep_from, _take_rows(parts, np.arange(keep_from, arrived), axis))]
     if row != target[axis]:
         raise FlexPatchError(f"slabs ended at row {row} of {target[axis]} along axis {axis}")
+
+
+def restore_chunked(array: np.ndarray, props: dict[str, Any], axis: int = 0) -> np.ndarray:
+    """:func:`restore` of probabilities ``(C, *S')`` held whole, a chunk of rows at a time
+    (:func:`restore_slabs`): besides the input, the output and one chunk's temporaries, where
+    :func:`restore` holds every channel's output twice (each channel's, then their stack).
+    A chunk holds :data:`RESTORE_CHUNK_VOXELS` values of all channels together, not of each."""
+    target = tuple(int(s) for s in props["original_shape"])
+    out = np.empty((array.shape[0], *target), dtype=array.dtype)
+    source = array.shape[axis + 1]
+    per_chunk = max(1, RESTORE_CHUNK_VOXELS // array.shape[0])
+    rows = max(1, per_chunk // max(1, array[0].size // source))
+
+    def rows_from(i: int, n: int) -> tuple[slice, ...]:
+        return (slice(None),) * (axis + 1) + (slice(i, i + n),)
+
+    slabs = ((i, array[rows_from(i, rows)]) for i in range(0, source, rows))  # views, not copies
+    for first, part in restore_slabs(slabs, source, props, axis, per_chunk):
+        out[rows_from(first, part.shape[axis + 1])] = part
+    return out
 
 
 def _take_rows(parts: list[tuple[int, np.ndarray]], rows: np.ndarray, axis: int) -> np.ndarray:
