@@ -195,7 +195,9 @@ def test_hypernetwork_under_ddp_and_its_resume(tiny_cells: Path, tmp_path: Path)
     assert_same_run(tmp_path / "one", tmp_path / "three")
 
 
-def test_sharded_predict_writes_what_one_process_writes(tiny_cells: Path, tmp_path: Path) -> None:
+def test_sharded_predict_and_sweep_write_what_one_process_writes(tiny_cells: Path, tmp_path: Path) -> None:
+    """Cases (and a sweep's (case, window) pairs) split across two processes: the same files, the
+    same labels and probabilities, the same sweep table, written once."""
     model = tmp_path / "model"
     flexpatch(*_train_args(tiny_cells, model, "--patch", 32, "--steps", 1))
     images = tiny_cells / "imagesTs"
@@ -221,3 +223,7 @@ def test_a_user_error_is_said_once(tiny_cells: Path, tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         "error: a batch of 1 cannot be split across 2 processes: use a global batch of at least 2"
     ]
+    sweep = ("sweep", model, tiny_cells, "--sizes", "16,32", "--random", 1, "--device", "cpu", "--json")
+    flexpatch(*sweep, "--out", tmp_path / "sweep1")
+    torchrun(*sweep, "--out", tmp_path / "sweep2")
+    assert (tmp_path / "sweep1" / "sweep.csv").read_text() == (tmp_path / "sweep2" / "sweep.csv").read_text()

@@ -43,6 +43,7 @@ def sweep(
         summarize,
         write_rows,
     )
+    from flexpatch.distributed import current
     from flexpatch.infer.predictor import load_model
     from flexpatch.runtime import check_writable
 
@@ -64,8 +65,9 @@ def sweep(
         progress=not as_json,
         label=label or Path(model_dir).name,
     )
-    write_rows(rows, out)
-    plot_sweep(rows, out / "sweep.png", per_class=True)
+    if current().main:  # under torchrun every process has the rows; one writes them
+        write_rows(rows, out)
+        plot_sweep(rows, out / "sweep.png", per_class=True)
     summary = summarize(rows)
     if as_json:
         emit_json({"report": str(out), "summary": summary})

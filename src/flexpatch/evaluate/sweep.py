@@ -11,7 +11,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from flexpatch.axes import round_up
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import atomic_path, write_text
 from flexpatch.data.regions import written_truth
+from flexpatch.distributed import current
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.metrics import segmentation_metrics
 from flexpatch.runtime import generator, progress_bar
@@ -74,49 +75,67 @@ def run_sweep(
 
     A region model's classes are the values its label maps are written back with (named after
     their regions), scored against what perfect regions write back: the label map a user gets.
+    Under torchrun the (case, window) pairs are split across the processes and every process
+    returns all rows, in the order of one process.
     """
+    dist = current()
+    dist.start(torch.device("cpu"))  # rows go between processes through gloo, whatever segments
+    jobs = dist.split([(c, s) for c in range(len(cases)) for s in range(len(sizes))])
+    done: list[list[dict]] = []
+    prepared: tuple[int, Any] | None = None
+    with progress_bar(disable=not progress or not dist.main) as bar:
+        task = bar.add_task(f"sweep {label}", total=len(jobs), info="")
+        for c, s in jobs:
+            if prepared is None or prepared[0] != c:  # jobs come case by case: read each once
+                prepared = (c, _prepare(model, cases[c]))
+            done.append(_rows(model, cases[c], prepared[1], sizes[s], (overlap, batch_size), label))
+            bar.update(task, advance=1, info=f"{cases[c].id} {sizes[s]}")
+    return [row for rows in dist.gather(done) for row in rows]
+
+
+def _prepare(model: LoadedModel, case: Case) -> tuple[Any, np.ndarray]:
+    """A case's model input and its reference label map (what perfect regions write back)."""
+    plan = model.plan
+    volume, truth = load_case(case, plan.ndim, plan.labels)
+    if truth is None:
+        raise FlexPatchError(f"{case.images[0]}: sweep needs labelled cases (labelsTs/)")
+    reference = (
+        written_truth(truth.data, plan.regions, plan.regions_class_order) if plan.regions else truth.data
+    )
+    return (model.prepare(volume), truth.spacing), reference
+
+
+def _rows(
+    model: LoadedModel,
+    case: Case,
+    prepared: tuple[Any, np.ndarray],
+    size: tuple[int, ...],
+    window: tuple[float, int],
+    label: str,
+) -> list[dict]:
+    """The rows of one case at one window (``window``: overlap and windows per batch)."""
     plan = model.plan
     if plan.regions:
         classes = {name: v for v, name in model.label_names.items() if v > 0}
     else:
         classes = {name: v for name, v in plan.labels.items() if 0 < v < plan.num_classes}
-    pairs = [(model.plan.labels[a], model.plan.labels[b]) for a, b in model.mirrored_pairs]
-    rows: list[dict] = []
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(f"sweep {label}", total=len(sizes) * len(cases), info="")
-        for case in cases:
-            volume, truth = load_case(case, plan.ndim, plan.labels)
-            if truth is None:
-                raise FlexPatchError(f"{case.images[0]}: sweep needs labelled cases (labelsTs/)")
-            reference = (
-                written_truth(truth.data, plan.regions, plan.regions_class_order)
-                if plan.regions
-                else truth.data
-            )
-            prepared = model.prepare(volume)
-            image = format_shape(tuple(prepared[0].shape[2:]))  # the grid windows are measured on
-            for size in sizes:
-                seg = model.segment(prepared, size, overlap=overlap, batch_size=batch_size)[0]
-                scores = segmentation_metrics(
-                    seg, reference, list(classes.values()), truth.spacing, hd95=False
-                )
-                wrong_side = context_error(seg, reference, pairs)
-                for name, value in classes.items():
-                    rows.append(
-                        {
-                            "model": label,
-                            "size": format_shape(size),
-                            "isotropic": len(set(size)) == 1,
-                            "volume": int(np.prod(size)),
-                            "image": image,
-                            "case": case.id,
-                            "class": name,
-                            "dice": scores[value]["dice"],
-                            "context_error": wrong_side,
-                        }
-                    )
-                bar.update(task, advance=1, info=f"{case.id} {size}")
-    return rows
+    pairs = [(plan.labels[a], plan.labels[b]) for a, b in model.mirrored_pairs]
+    (inputs, spacing), reference = prepared
+    seg = model.segment(inputs, size, overlap=window[0], batch_size=window[1])[0]
+    scores = segmentation_metrics(seg, reference, list(classes.values()), spacing, hd95=False)
+    common = {
+        "model": label,
+        "size": format_shape(size),
+        "isotropic": len(set(size)) == 1,
+        "volume": int(np.prod(size)),
+        "image": format_shape(tuple(inputs[0].shape[2:])),  # the grid windows are measured on
+        "case": case.id,
+    }
+    wrong_side = context_error(seg, reference, pairs)
+    return [
+        {**common, "class": name, "dice": scores[value]["dice"], "context_error": wrong_side}
+        for name, value in classes.items()
+    ]
 
 
 def context_error(seg: np.ndarray, truth: np.ndarray, pairs: Sequence[tuple[int, int]]) -> float:
