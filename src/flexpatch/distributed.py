@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flexpatch.errors import FlexPatchError
@@ -176,6 +175,14 @@ def current() -> Dist:
     if world < 1 or not 0 <= rank < world:
         raise FlexPatchError(f"RANK {rank} is not one of WORLD_SIZE {world} processes")
     return Dist(rank, world, local)
+
+
+def one_process_only(method: str) -> None:
+    """Refuse, before any process writes, a method that does not train on several processes yet:
+    each process would otherwise train it alone into the same folder."""
+    dist = current()
+    if dist.active:
+        dist.fail(f"{method} trains on one process only so far; start it without torchrun or --nproc")
 
 
 def stop() -> None:

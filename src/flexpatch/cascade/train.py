@@ -34,6 +34,7 @@ from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import load_json, save_json
 from flexpatch.data.preprocess import load_preprocessed
+from flexpatch.distributed import one_process_only
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
 from flexpatch.geometry import Patch
@@ -316,6 +317,7 @@ def train_cascade(
         ``model_dir``, ``steps`` (both stages), ``best_val_dice`` (the cascade),
         ``baseline_val_dice`` (the rough model alone), ``last_loss`` (fine stage) and ``seconds``.
     """
+    one_process_only("a segment-then-segment cascade")
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     config, saved = _resolve(out_dir, config, resume)
     dev = resolve_device(device)

@@ -238,11 +238,8 @@ def train(
     from flexpatch.train.curves import tensorboard_logging
 
     # a cascade loads in its own process; the others get the workers chosen for the cores
-    planned = 0 if workers is None and cascade is not None else workers
-    args.cpu = use_cores(threads, planned)
-
+    args.cpu = use_cores(threads, 0 if workers is None and cascade is not None else workers)
     _fold_folder(args)
-
     with tensorboard_logging(tensorboard):  # every method's run logs through the same curves
         _train(args)
 
@@ -273,7 +270,9 @@ def torchrun(nproc: int) -> int:
         elif not arg.startswith("--nproc="):
             argv.append(arg)
     # each process gets its share of the cores: two cores, two processes: one thread each
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(max(1, available_cores() // nproc))
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(
+        max(1, available_cores() // nproc)
+    )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its exit report: ours
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
@@ -419,8 +418,7 @@ def _train_network(args: SimpleNamespace) -> None:
 
 
 def _report(result: Any, init_from: Path | None, as_json: bool) -> None:
-    """The run in one line, or as JSON: steps, best validation Dice, last loss, what --init-from loaded
-"""
+    """The run in one line, or as JSON: steps, best validation Dice, last loss, what --init-from loaded"""
     summary = {
         "model_dir": str(result.out_dir),
         "steps": result.steps,

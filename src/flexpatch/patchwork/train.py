@@ -20,6 +20,7 @@ import torch
 from flexpatch.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import save_json
+from flexpatch.distributed import one_process_only
 from flexpatch.errors import FlexPatchError
 from flexpatch.methods import write_method
 from flexpatch.models.registry import check_trainable
@@ -170,6 +171,7 @@ def train_patchwork(
     A non-empty ``out_dir`` is refused unless ``resume`` or ``overwrite`` (see
     :func:`flexpatch.train.harness.claim_folder`).
     """
+    one_process_only("a deep neural patchwork")
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     saved = load_resume(out_dir, config, changes) if resume else None
     config = saved["config"] if saved else (config or PatchworkConfig())

@@ -386,7 +386,7 @@ class Prober:
                 state["loss"] = self.loss_fn(net(x), y)
 
         def backward() -> None:
-            # _Run.step's order: gradients are zeroed after the forward, so they live through it
+            # Run.step's order (train/run.py): gradients are zeroed after the forward, so they live through it
             opt.zero_grad(set_to_none=True)
             state.pop("loss").backward()
 

@@ -8,17 +8,14 @@ data stream, which is a pure function of (seed, step)).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 
-from flexpatch.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import context_channels
 from flexpatch.data.dataset import DatasetInfo, load_dataset
 from flexpatch.data.io import load_json, save_json
@@ -31,7 +28,6 @@ from flexpatch.data.preprocess import (
 from flexpatch.data.sanity import warn_patch_clipped
 from flexpatch.distributed import Dist, current
 from flexpatch.errors import FlexPatchError
-from flexpatch.evaluate.postprocess import write_postprocessing
 from flexpatch.methods import write_method
 from flexpatch.models import check_patch_size, create_model
 from flexpatch.models.registry import check_trainable
@@ -40,7 +36,6 @@ from flexpatch.runtime import (
     console,
     numpy_rng,
     resolve_device,
-    rng_state,
     seed_everything,
     set_rng_state,
 )
@@ -55,13 +50,12 @@ from flexpatch.train.harness import (
     claim_folder,
     resume_checkpoint,
     resume_settings,
-    training_log,
     truncate_log,
 )
 from flexpatch.train.loss import segmentation_loss
-from flexpatch.train.step import Divergence, advance, guarded_step
+from flexpatch.train.run import Run
+from flexpatch.train.step import Divergence
 from flexpatch.train.transfer import initialise, param_groups
-from flexpatch.train.validation import validate, validate_and_decide
 
 
 @dataclass
@@ -155,6 +149,8 @@ def make_optimizer(
     poly = lambda step: max(1.0 - step / config.steps, 0.0) ** config.poly_power  # noqa: E731
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, poly)
 
+
+LOG = "log.jsonl"  # the run's JSONL log in its model folder
 
 # Settings a resumed run may change: workers leave the numbers alone; more steps extend the run
 # (the learning-rate decay and a growing patch schedule then follow the new length from there).
@@ -268,7 +264,9 @@ def _batches(
         context=config.context,
     )
     start, end = span
-    stream = PatchStream(cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start, dist=dist)
+    stream = PatchStream(
+        cases, sizes, sampling, seed=config.seed, start_step=start, steps=end - start, dist=dist
+    )
     return iter(make_loader(stream, workers=config.workers, pin_memory=dev.type == "cuda"))
 
 
@@ -286,6 +284,8 @@ def train(
 ) -> TrainResult:
     """Train a model on patches of a dataset and write a self-contained model folder; inputs are
     checked (dataset, model, patch sizes, output folder) before preprocessing, so mistakes fail fast.
+    ``config.init_from`` loads matching weights from another model folder first (see
+    :mod:`flexpatch.train.transfer`). Under torchrun the processes split each step's batch.
 
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
@@ -293,37 +293,28 @@ def train(
         config: the run's settings; on ``resume`` the checkpoint's config is used and this must be
             None or equal to it (except ``workers`` and ``steps``).
         resume: continue from ``out_dir/model_last.pt`` exactly where it stopped (with more
-            ``steps``, a finished run goes on). ``config.init_from`` loads matching weights from
-            another model folder first (see :mod:`flexpatch.train.transfer`).
-        device: ``auto``, ``cpu``, ``cuda``.
+            ``steps``, a finished run goes on).
+        device: ``auto``, ``cpu``, ``cuda`` (under torchrun: each process's own GPU).
         progress: show progress (loss, validation Dice, it/s) on stderr.
         stop_after: stop (saving ``model_last.pt``) after this many steps, as an interruption would.
         overwrite: replace an earlier run's model folder (else a non-empty ``out_dir`` is refused).
-        changes: on ``resume`` without ``config``, settings of :data:`RESUME_FREE` to change
-            (e.g. ``{"steps": 2000}`` to train a finished run longer).
+        changes: on ``resume`` without ``config``, settings of :data:`RESUME_FREE` to change.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    dist = current()
-    dev = dist.device(resolve_device(device))
-    dist.start(dev)
-    console.quiet = console.quiet or not dist.main  # one process speaks for the run: the main one
+    dist, dev = _processes(device)
     config, saved = dist.on_main(lambda: resolve_config(out_dir, config, resume, changes))
     net, loaded, plan, cases, ds = _setup(dataset_dir, out_dir, config, (resume, overwrite, progress), dist)
     train_cases, val_cases = split_for(cases, dataset_dir, config)  # a --fold's, else val_fraction's
-    sizes, val_patch = _write_folder(out_dir, config, plan, net, dist.main)
-    dist.samples(min(st.batch for st in sizes.stages()) if isinstance(sizes, ProgressiveSchedule) else config.batch)
-    if dist.main:
-        warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
+    sizes, val_patch = _write_folder(out_dir, config, plan, net, dist)
     opt, sched = make_optimizer(net.to(dev), config, loaded)
-    log_path = out_dir / "log.jsonl"
-    start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, log_path, dist)
+    start, best, rng, divergence = _restore(saved, out_dir / LAST, net, opt, sched, out_dir / LOG, dist)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     if end < start:
         raise FlexPatchError(f"{out_dir / LAST}: stop_after {stop_after} is before its step {start}")
-    regions = [values for _, values in plan.regions]
-    loss_fn = segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions, dist)
-    harness = Harness(out_dir, config.steps, config.val_every, best=best, divergence=divergence, main=dist.main)
-    run = _Run(net, opt, sched, loss_fn, config, plan, dev, harness, stage_ends(sizes), dist)
+    harness = Harness(
+        out_dir, config.steps, config.val_every, best=best, divergence=divergence, main=dist.main
+    )
+    run = Run(net, opt, sched, _loss(config, plan, dist), config, plan, dev, harness, stage_ends(sizes), dist)
     augment = augmentation(config, [list(p) for p in ds.mirrored_pairs])
     batches = _batches(train_cases, sizes, net.divisor, config, (start, end), dev, plan, augment, dist)
     if rng is not None:
@@ -331,16 +322,29 @@ def train(
         # uninterrupted run did before its first step, not at this one
         set_rng_state(rng)
     on = f"{dev}" if not dist.active else f"{dist.world} processes ({dev.type})"
-    console.print(
-        f"[bold]train[/] {config.model} on {len(train_cases)} cases (val {len(val_cases)}), "
-        f"patch {sizes.describe()}, batch {config.batch}, steps {start}->{end}, device {on}"
-    )
-    last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, log_path, progress)
+    what = f"{config.model} on {len(train_cases)} cases (val {len(val_cases)}), patch {sizes.describe()}"
+    console.print(f"[bold]train[/] {what}, batch {config.batch}, steps {start}->{end}, device {on}")
+    last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, out_dir / LOG, progress)
     run.finish(end)
     if isinstance(config.fold, int) and end == config.steps and dist.main:  # as nnU-Net: a fold's predictions
         write_validation(dataset_dir, out_dir, val_cases, device)
     dist.barrier()  # the processes return together, the model folder complete
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
+
+
+def _processes(device: str) -> tuple[Dist, torch.device]:
+    """This process's place under torchrun (one process without it) and its device; only the main
+    process speaks (progress, messages)."""
+    dist = current()
+    dev = dist.device(resolve_device(device))
+    dist.start(dev)
+    console.quiet = console.quiet or not dist.main
+    return dist, dev
+
+
+def _loss(config: TrainConfig, plan: Plan, dist: Dist) -> Any:
+    regions = [values for _, values in plan.regions]
+    return segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions, dist)
 
 
 def _setup(
@@ -362,7 +366,13 @@ def _follow(
     ds, net = check_inputs(dataset_dir, out_dir, config)
     loaded = initialise(net, config, out_dir, resume, write=False)
     plan = make_plan(ds, fingerprint, target_spacing=config.target_spacing)
-    return net, loaded, plan, preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False), ds
+    return (
+        net,
+        loaded,
+        plan,
+        preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False),
+        ds,
+    )
 
 
 def _start(
@@ -381,14 +391,17 @@ def _start(
 
 
 def _write_folder(
-    out_dir: Path, config: TrainConfig, plan: Plan, net: torch.nn.Module, write: bool = True
+    out_dir: Path, config: TrainConfig, plan: Plan, net: torch.nn.Module, dist: Dist
 ) -> tuple[SizeSampler, tuple[int, ...]]:
     """config.json, model.json and method.json (the default inference window and the size kind,
-    so that predicting needs no training code), when ``write``; returns the patch sizes and
-    validation window."""
+    so that predicting needs no training code), by the main process; returns the patch sizes and
+    validation window, after checking that every step's batch can be split across the processes."""
     sizes = parse_patch_spec(config.patch, plan.ndim, net.divisor, batch=config.batch, steps=config.steps)
     val_patch = config.validation_patch(plan.ndim) or sizes.max_size()
-    if write:
+    growing = isinstance(sizes, ProgressiveSchedule)
+    dist.samples(min(st.batch for st in sizes.stages()) if growing else config.batch)
+    if dist.main:
+        warn_patch_clipped(sizes, load_json(out_dir / "fingerprint.json"), plan.target_spacing, net.divisor)
         save_json(out_dir / "config.json", config.to_json())
         save_json(out_dir / "model.json", net.spec.to_json())
         fixed = isinstance(sizes, FixedSize)
@@ -401,126 +414,3 @@ def stage_ends(sizes: SizeSampler) -> dict[int, int]:
     if isinstance(sizes, ProgressiveSchedule) and sizes.mode != "random":
         return {st.start + st.steps: st.index for st in sizes.stages()[:-1]}
     return {}
-
-
-@dataclass
-class _Run:
-    """The moving parts of a run, so that the step loop reads as one short function."""
-
-    net: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: Any
-    loss_fn: Any
-    config: TrainConfig
-    plan: Plan
-    dev: torch.device
-    harness: Harness
-    stage_ends: dict[int, int] = field(default_factory=dict)
-    dist: Dist = field(default_factory=Dist)
-
-    def __post_init__(self) -> None:
-        # under torchrun the steps run through DistributedDataParallel (gradients averaged over the
-        # processes); validation and checkpoints use the network itself
-        self.model = self.net
-        if self.dist.active:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.dev.index] if self.dev.type == "cuda" else None
-            self.model = DistributedDataParallel(self.net, device_ids=ids)
-
-    def state(self, step: int) -> dict[str, Any]:
-        """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
-        return {
-            "model": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "step": step,
-            "best": self.harness.best,
-            "rng": rng_state(),
-            "rng_ranks": self.dist.gather([rng_state()]),  # each process's, for an exact resume
-            "world": self.dist.world,
-            "config": self.config.to_json(),
-            "divergence": asdict(self.harness.divergence),  # a resumed run counts skipped steps on
-        }
-
-    def finish(self, end: int) -> None:
-        """Where a run stopped early goes on from; and weights for predict from a run stopped before
-        its first validation (its best is then none yet)."""
-        # one decision for every process: state() gathers from all of them
-        if self.dist.broadcast(end < self.config.steps or not (self.harness.folder / BEST).exists()):
-            self.harness.save_last(self.state(end))
-        self.harness.keep_if_best(self.harness.best, lambda: self.weights(end, self.harness.best))
-
-    def weights(self, step: int, val_mean: float) -> dict[str, Any]:
-        """What ``model_best.pt`` holds: the weights, their step and validation Dice."""
-        return {"model": self.net.state_dict(), "step": step, "val_mean": val_mean}
-
-    def validate_and_save(self, step: int, val_cases: list[Path], val_patch: tuple[int, ...]) -> dict:
-        """Validation Dice per class; saves the best checkpoint when it improves, and the last. At
-        the run's last step the same predictions decide the post-processing (as nnU-Net, on the
-        final weights' validation), so it costs no pass of its own."""
-        if step < self.config.steps:
-            dice = validate(self.net, val_cases, val_patch, self.plan, self.dev, self.config, self.dist)
-        else:
-            dice, decision = validate_and_decide(
-                self.net, val_cases, val_patch, self.plan, self.dev, self.config, self.dist
-            )
-            if self.dist.main:
-                write_postprocessing(self.harness.folder, decision)
-            kept = decision["largest_component"] or "none"
-            console.print(f"post-processing: largest component kept for classes {kept} (validation Dice)")
-        mean = float(np.nanmean(list(dice.values())))
-        self.harness.keep_if_best(mean, lambda: self.weights(step, mean))
-        self.harness.save_last(self.state(step))
-        return {"val_dice": {str(k): v for k, v in dice.items()}, "val_mean": mean}
-
-    def step(self, batch: dict[str, Any], amp: bool) -> tuple[float, bool]:
-        """One optimiser step on a batch; returns the loss and whether the step was taken (not skipped
-        for a non-finite gradient). The schedule advances either way, so a run keeps its length."""
-        image = batch["image"].to(self.dev, non_blocking=True)
-        label = batch["label"].to(self.dev, non_blocking=True)[:, None]
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = self.loss_fn(self.model(image), label)
-        # randomly sized patches give gradients of very different scales from step to step: clip them
-        stepped = guarded_step(loss, self.opt, self.net.parameters(), self.config.grad_clip)
-        advance(self.sched, stepped)
-        return float(loss.detach()), stepped
-
-    def loop(
-        self,
-        batches: Iterator[dict[str, Any]],
-        start: int,
-        end: int,
-        val_cases: list[Path],
-        val_patch: tuple[int, ...],
-        log_path: Path,
-        progress: bool,
-    ) -> tuple[float, float]:
-        """Steps ``start+1 .. end``; one JSONL line each. Returns the last loss and the seconds taken."""
-        use_amp, h = self.config.amp and self.dev.type == "cuda", self.harness
-        t0, last_loss, last_val = time.perf_counter(), float("nan"), float("nan")
-        self.net.train()
-        log_to = training_log(log_path) if h.main else nullcontext(_no_log)
-        with h.progress("train", start, progress and h.main) as update, log_to as log:
-            for batch in batches:
-                step = int(batch["step"]) + 1
-                last_loss, stepped = self.step(batch, use_amp)
-                record = {"step": step, "loss": last_loss, "lr": self.sched.get_last_lr()[0]}
-                record.update(patch=list(batch["size"]), batch=int(batch.get("global_batch", len(batch["image"]))))
-                h.taken(step, stepped, record)
-                if h.validation_due(step):
-                    record.update(self.validate_and_save(step, val_cases, val_patch))
-                    last_val = record["val_mean"]
-                elif step in self.stage_ends:  # a resumable point at each stage switch
-                    h.save_last(self.state(step))
-                if step in self.stage_ends and h.main:  # the stage's weights, validated or not
-                    stage_file = h.folder / f"model_stage{self.stage_ends[step]}.pt"
-                    save_checkpoint(stage_file, {"model": self.net.state_dict(), "step": step})
-                log(record)
-                rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
-                update(step, f"loss {last_loss:.3f}  val Dice {last_val:.3f}  {rate:.2f} it/s")
-        return last_loss, time.perf_counter() - t0
-
-
-def _no_log(record: dict[str, Any]) -> None:
-    """The log of a process other than the main one, which alone writes the run's log."""
