@@ -105,7 +105,11 @@ def torchrun(*args: object, nproc: int = 2, timeout: float = 300) -> subprocess.
     """``torchrun --standalone --nproc-per-node N -m flexpatch ARGS``."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     proc = subprocess.run(
-        [*launch, "-m", "flexpatch", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env()
+        [*launch, "-m", "flexpatch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -113,7 +117,11 @@ def torchrun(*args: object, nproc: int = 2, timeout: float = 300) -> subprocess.
 
 def flexpatch(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "flexpatch", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=_env()
+        [sys.executable, "-m", "flexpatch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -210,6 +218,10 @@ def test_sharded_predict_and_sweep_write_what_one_process_writes(tiny_cells: Pat
         a, b = nib.load(tmp_path / "one" / rel), nib.load(tmp_path / "two" / rel)
         np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
         np.testing.assert_array_equal(a.affine, b.affine)
+    sweep = ("sweep", model, tiny_cells, "--sizes", "16,32", "--random", 1, "--device", "cpu", "--json")
+    flexpatch(*sweep, "--out", tmp_path / "sweep1")
+    torchrun(*sweep, "--out", tmp_path / "sweep2")
+    assert (tmp_path / "sweep1" / "sweep.csv").read_text() == (tmp_path / "sweep2" / "sweep.csv").read_text()
 
 
 def test_a_user_error_is_said_once(tiny_cells: Path, tmp_path: Path) -> None:
@@ -223,7 +235,3 @@ def test_a_user_error_is_said_once(tiny_cells: Path, tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         "error: a batch of 1 cannot be split across 2 processes: use a global batch of at least 2"
     ]
-    sweep = ("sweep", model, tiny_cells, "--sizes", "16,32", "--random", 1, "--device", "cpu", "--json")
-    flexpatch(*sweep, "--out", tmp_path / "sweep1")
-    torchrun(*sweep, "--out", tmp_path / "sweep2")
-    assert (tmp_path / "sweep1" / "sweep.csv").read_text() == (tmp_path / "sweep2" / "sweep.csv").read_text()

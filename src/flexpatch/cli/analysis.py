@@ -35,6 +35,7 @@ def sweep(
 ) -> None:
     """Dice against patch size: every isotropic window in the range plus random anisotropic ones."""
     from flexpatch.data.dataset import load_dataset
+    from flexpatch.distributed import current
     from flexpatch.evaluate.sweep import (
         parse_sizes,
         plot_sweep,
@@ -43,7 +44,6 @@ def sweep(
         summarize,
         write_rows,
     )
-    from flexpatch.distributed import current
     from flexpatch.infer.predictor import load_model
     from flexpatch.runtime import check_writable
 

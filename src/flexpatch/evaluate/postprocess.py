@@ -81,7 +81,9 @@ def case_decision(
     pred: np.ndarray, truth: np.ndarray, classes: Sequence[int]
 ) -> tuple[list[float], list[float]]:
     """One case's Dice per class without and with the largest component kept (see :func:`decision`)."""
-    scores = [(_dice(pred == c, truth == c), _dice(largest_component(pred == c), truth == c)) for c in classes]
+    scores = [
+        (_dice(pred == c, truth == c), _dice(largest_component(pred == c), truth == c)) for c in classes
+    ]
     return [b for b, _ in scores], [a for _, a in scores]
 
 
