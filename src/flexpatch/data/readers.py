@@ -96,13 +96,11 @@ def sitk_header(path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(int(n) for n in reader.GetSize()), int(reader.GetNumberOfComponents())
 
 
-def load_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels ``(x, y, z[, c])`` and the RAS affine of a file SimpleITK reads; the header is
-    checked before the voxels are read."""
+def _open_sitk(path: Path) -> tuple[Any, np.ndarray]:
+    """A SimpleITK reader with the header read and checked, and the RAS affine; no voxel read."""
     if not path.exists():
         raise FlexPatchError(f"{path}: file not found")
-    sitk = _sitk()
-    reader = sitk.ImageFileReader()
+    reader = _sitk().ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -111,7 +109,25 @@ def load_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise FlexPatchError(f"{path}: a {dim}D image; flexpatch reads 2D and 3D images (4D: channels)")
         check_shape(reader.GetSize(), path)
         affine = itk_to_affine(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), path)
-        array = sitk.GetArrayFromImage(reader.Execute())
+    except RuntimeError as e:
+        raise FlexPatchError(f"{path}: not a readable image ({_first_line(e)})") from None
+    return reader, affine
+
+
+def sitk_shape(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """The shape of the voxels :func:`load_sitk` returns and the RAS affine, from the header alone."""
+    reader, affine = _open_sitk(path)
+    size, components = tuple(int(n) for n in reader.GetSize()), int(reader.GetNumberOfComponents())
+    return (*size[:3], *((components,) if components > 1 else ()), *size[3:]), affine
+
+
+def load_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels ``(x, y, z[, c])`` and the RAS affine of a file SimpleITK reads; the header is
+    checked before the voxels are read."""
+    reader, affine = _open_sitk(path)
+    dim = int(reader.GetDimension())
+    try:
+        array = _sitk().GetArrayFromImage(reader.Execute())
     except RuntimeError as e:
         raise FlexPatchError(f"{path}: not a readable image ({_first_line(e)})") from None
     if array.dtype.kind not in "biuf":

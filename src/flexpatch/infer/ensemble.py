@@ -24,7 +24,7 @@ from flexpatch.data.io import Volume
 from flexpatch.data.resample import RESTORE_CHUNK_VOXELS
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
-from flexpatch.infer.predictor import LoadedModel, load_model
+from flexpatch.infer.predictor import LoadedModel, check_floors, load_model
 from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, run_prediction
 from flexpatch.methods import METHOD_FILE, method_of
 from flexpatch.plan.budget import parse_budget
@@ -162,6 +162,8 @@ def predict_ensemble(
     first = models[0]
     budget = None if memory is None else parse_budget(memory, first.device)
     cases = cases_for(inputs, first.plan.in_channels, out_dir)
+    if budget is not None:  # before any image is read
+        check_floors(first, cases, budget, patch_size, overlap, probabilities=True)
     options = dict(patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size,
                    stitch_device=stitch_device, tta=tta, memory=budget)  # fmt: skip
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +17,11 @@ from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
 from flexpatch.data.preprocess import Plan, preprocess_case
 from flexpatch.data.regions import to_labels, written_names
-from flexpatch.data.resample import RESTORE_CHUNK_VOXELS, restore_slabs
+from flexpatch.data.resample import restore_slabs
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import slab_axis
+from flexpatch.infer.floor import check_floor, cpu_share, outputs_bytes, weight_bytes
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -334,27 +334,9 @@ class LoadedModel:
         image or the weights, which the window's plan counts itself), the label map and the
         streamed slabs' restore (for the largest window) are set aside first."""
         original = tuple(int(s) for s in props["original_shape"])
-        shape = tuple(image.shape[2:])
-        window = self.window(patch_size)
-        axis = slab_axis(shape, window, overlap, self.divisor)
-        voxels, rest = int(np.prod(original)), int(np.prod(original)) // original[axis]
-        rows = math.ceil(min(window[axis], shape[axis]) * original[axis] / shape[axis]) + 2
-        rows = min(rows, max(1, RESTORE_CHUNK_VOXELS // rest))  # restored a chunk at a time
-        c_out = self.plan.out_channels
-        # a chunk's rows taken, interpolated and resampled in float32, and its argmax in int64
-        slabs = rows * rest * (3 * c_out * 4 + 8)
-        outputs = voxels * np.dtype(label_dtype(self.largest_value + 1)).itemsize
-        outputs += voxels * c_out * 4 if probabilities else 0
-        weights = sum(p.numel() * p.element_size() for p in self.net.parameters())
-        held = resident_bytes() - image.numel() * image.element_size() - weights
-        left = budget - held - outputs - slabs
-        if left <= 0:
-            raise FlexPatchError(
-                f"memory budget {format_bytes(budget)} is below what predicting image "
-                f"{format_shape(original)} needs besides the sliding window: the process holds "
-                f"{format_bytes(held)}, the outputs take {format_bytes(outputs + slabs)}"
-            )
-        return left
+        held = resident_bytes() - image.numel() * image.element_size() - weight_bytes(self.net)
+        outputs = outputs_bytes(self, original, tuple(image.shape[2:]), patch_size, overlap, probabilities)
+        return cpu_share(budget, held, outputs, original)  # (the same floor as check_floor's)
 
     def _within(
         self,
@@ -393,6 +375,16 @@ class LoadedModel:
             aside,
         )
         return result
+
+
+def check_floors(
+    lm: LoadedModel, cases: dict[str, list[Path]], budget: int, patch_size: Sequence[int] | None,
+    overlap: float, probabilities: bool,
+) -> None:  # fmt: skip
+    """:func:`~flexpatch.infer.floor.check_floor` of every case, before any image is read."""
+    for files in cases.values():
+        held = resident_bytes() - weight_bytes(lm.net)
+        check_floor(lm, files, budget, patch_size, overlap, probabilities, held)
 
 
 def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
@@ -480,6 +472,8 @@ def predict_files(
     window = lm.window(patch_size)
     cases = cases_for(inputs, lm.plan.in_channels, out_dir)
     chosen = window if memory is None or patch_size is not None else None
+    if memory is not None:
+        check_floors(lm, cases, memory, chosen, overlap, save_probabilities)
 
     def segment(volume: Volume) -> Prediction:
         labels, probs = lm.segment(
