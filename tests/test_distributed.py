@@ -235,3 +235,23 @@ def test_a_user_error_is_said_once(tiny_cells: Path, tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         "error: a batch of 1 cannot be split across 2 processes: use a global batch of at least 2"
     ]
+
+
+def test_plan_per_device_and_global_batch(tiny_cells: Path, tmp_path: Path) -> None:
+    """plan --nproc N: the batch fits one device's budget less DDP's gradient buckets (a float32 copy
+    of the gradients), the plan's global batch is N times it, and train --plan takes the global one."""
+    from flexpatch.cli.train import _from_plan
+    from flexpatch.data.io import save_json
+    from flexpatch.errors import FlexPatchError
+    from flexpatch.plan.dataset import plan_dataset
+
+    options = json.loads(TINY)
+    one = plan_dataset(tiny_cells, "50MB", "unet", options, device="cpu", check=False)
+    two = plan_dataset(tiny_cells, "50MB", "unet", options, device="cpu", check=False, processes=2)
+    assert two["processes"] == 2 and two["train"]["global_batch"] == 2 * two["train"]["batch"]
+    assert one["train"]["global_batch"] == one["train"]["batch"]
+    assert two["train"]["predicted"] <= one["train"]["predicted"]
+    save_json(tmp_path / "plan.json", two)
+    assert _from_plan(tmp_path / "plan.json", None, None, None)[3] == two["train"]["global_batch"]
+    with pytest.raises(FlexPatchError, match="gradient buckets"):
+        plan_dataset(tiny_cells, "1KB", "unet", options, device="cpu", check=False, processes=2)

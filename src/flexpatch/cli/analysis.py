@@ -152,6 +152,13 @@ def plan(
         ),
     ] = False,
     device: DeviceOpt = "auto",
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Devices a torchrun training shares (one process each): the batch is planned per device "
+            "and the plan's global batch is N times it."
+        ),
+    ] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """The largest training patch and batch, and inference window and batch, that fit a memory budget.
@@ -169,9 +176,11 @@ def plan(
     check_writable(target.parent, "plan folder")
     result = plan_dataset(
         dataset_dir, memory, model, parse_options(options), device=device, dtype=dtype,
-        token_class=token_class, progress=not as_json, check=not no_check,
+        token_class=token_class, progress=not as_json, check=not no_check, processes=nproc,
     )  # fmt: skip
-    result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}"
+    result["train_command"] = f"flexpatch train {dataset_dir} --out MODEL_DIR --plan {target}" + (
+        f" --nproc {nproc}" if nproc > 1 else ""
+    )
     save_json(target, result)
     if as_json:
         emit_json({**result, "plan_file": str(target)})
@@ -187,7 +196,12 @@ def _print_plan(result: dict, model: str, target: Path) -> None:
     typer.echo(
         f"{model} on {result['device']} ({result['dtype']}), budget {format_bytes(result['budget_bytes'])}"
     )
-    typer.echo(f"  train:   patch {x(train['patch'])}, batch {train['batch']} ({_peaks(train)})")
+    per = (
+        f" per device, global {train['global_batch']} on {result['processes']}"
+        if result["processes"] > 1
+        else ""
+    )
+    typer.echo(f"  train:   patch {x(train['patch'])}, batch {train['batch']}{per} ({_peaks(train)})")
     typer.echo(
         f"  predict: window {x(infer['window'])}, {infer['batch']} per batch, stitching on "
         f"{infer['stitch_device']}, for the median image {x(infer['image_shape'])} ({_peaks(infer)})"

@@ -453,7 +453,7 @@ def _from_plan(
         planned, options = str(saved["model"]), dict(saved["model_kwargs"])
         planned_patch, planned_batch = (
             ",".join(map(str, saved["train"]["patch"])),
-            int(saved["train"]["batch"]),
+            int(saved["train"].get("global_batch", saved["train"]["batch"])),  # per device x processes
         )
     except (KeyError, TypeError, ValueError):
         raise FlexPatchError(

@@ -17,6 +17,7 @@ import torch
 from flexpatch.axes import round_down
 from flexpatch.data.dataset import load_dataset
 from flexpatch.data.preprocess import Plan, compute_fingerprint, make_plan, resampled_shape
+from flexpatch.errors import FlexPatchError
 from flexpatch.models import create_model
 from flexpatch.models.tokens import TokenPlan, plan_tokens
 from flexpatch.plan.budget import parse_budget
@@ -37,6 +38,7 @@ def plan_dataset(
     target_spacing: Sequence[float] | None = None,
     progress: bool = False,
     check: bool = True,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """The memory plan of a dataset: training patch and batch, inference window and batch (JSON-ready).
 
@@ -50,7 +52,12 @@ def plan_dataset(
         check: measure a training step at the planned patch and batch, and the network's
             call at the planned window and batch, and plan again where the small probes
             were off (:mod:`flexpatch.plan.planner`); the saved memory models are anchored there.
+        processes: devices a torchrun training shares (one process each): the budget and the
+            planned batch are one device's, less DistributedDataParallel's gradient buckets (a
+            float32 copy of the gradients); ``train.global_batch`` is what ``--batch`` takes.
     """
+    if processes < 1:
+        raise FlexPatchError(f"processes {processes} must be at least 1")
     ds = load_dataset(dataset_dir)
     fingerprint = compute_fingerprint(ds, progress=progress)
     plan = make_plan(ds, fingerprint, target_spacing=target_spacing)
@@ -62,7 +69,13 @@ def plan_dataset(
         kwargs["token_size"] = list(tokens.token_size)
     net = create_model(model, plan.ndim, plan.in_channels, plan.out_channels, **kwargs)
     limit = parse_budget(budget, dev)
-    train, choices = _plan_network(net, plan, _dataset_voxels(fingerprint, plan), limit, dev, dtype, check)
+    buckets = 4 * sum(p.numel() for p in net.parameters()) if processes > 1 else 0
+    if buckets >= limit:
+        raise FlexPatchError(f"budget {budget} does not hold the gradient buckets of {processes} processes")
+    train, choices = _plan_network(
+        net, plan, _dataset_voxels(fingerprint, plan), limit, dev, dtype, check, buckets
+    )
+    choices["train"]["global_batch"] = choices["train"]["batch"] * processes
     if model == "unetr":
         kwargs["img_size"] = list(train.patch)  # the position embeddings' grid: the training patch
     return {
@@ -79,6 +92,7 @@ def plan_dataset(
         "infer": choices["infer"],
         "tokens": None if tokens is None else _token_window(tokens, train.patch).to_json(),
         "memory_models": choices["memory_models"],
+        "processes": processes,
     }
 
 
@@ -89,18 +103,26 @@ def _dataset_voxels(fingerprint: dict[str, Any], plan: Plan) -> int:
 
 
 def _plan_network(
-    net: torch.nn.Module, plan: Plan, voxels: int, limit: int, dev: torch.device, dtype: str, check: bool
+    net: torch.nn.Module,
+    plan: Plan,
+    voxels: int,
+    limit: int,
+    dev: torch.device,
+    dtype: str,
+    check: bool,
+    reserved: int = 0,
 ) -> tuple[TrainChoice, dict[str, Any]]:
     """The training choice, and the training and inference choices and memory models as JSON.
 
     ``net`` is probed on ``dev`` (training in ``dtype``); with ``check``, each choice is checked
-    by measurement and its memory model anchored there.
+    by measurement and its memory model anchored there. ``reserved`` bytes of the budget are not
+    the training step's (DDP's gradient buckets).
     """
     train_prober, infer_prober = Prober(net, "train", dev, dtype), Prober(net, "infer", dev)
     train_mm, infer_mm = calibrate(net, prober=train_prober), calibrate(net, prober=infer_prober)
     train = plan_training(
-        train_mm, limit, plan.median_shape, plan.target_spacing, net.divisor, dataset_voxels=voxels,
-        measure=train_prober.peak if check else None,
+        train_mm, limit - reserved, plan.median_shape, plan.target_spacing, net.divisor,
+        dataset_voxels=voxels, measure=train_prober.peak if check else None,
     )  # fmt: skip
     infer = plan_window(
         infer_mm, limit, plan.median_shape, net.divisor, measure=infer_prober.peak if check else None
