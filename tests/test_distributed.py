@@ -205,7 +205,7 @@ def test_hypernetwork_under_ddp_and_its_resume(tiny_cells: Path, tmp_path: Path)
 
 def test_sharded_predict_and_sweep_write_what_one_process_writes(tiny_cells: Path, tmp_path: Path) -> None:
     """Cases (and a sweep's (case, window) pairs) split across two processes: the same files, the
-    same labels and probabilities, the same sweep table, written once."""
+    same labels and probabilities, the same sweep table and evaluation, written once."""
     model = tmp_path / "model"
     flexpatch(*_train_args(tiny_cells, model, "--patch", 32, "--steps", 1))
     images = tiny_cells / "imagesTs"
@@ -222,6 +222,12 @@ def test_sharded_predict_and_sweep_write_what_one_process_writes(tiny_cells: Pat
     flexpatch(*sweep, "--out", tmp_path / "sweep1")
     torchrun(*sweep, "--out", tmp_path / "sweep2")
     assert (tmp_path / "sweep1" / "sweep.csv").read_text() == (tmp_path / "sweep2" / "sweep.csv").read_text()
+    labels = tiny_cells / "labelsTs"
+    flexpatch("evaluate", tmp_path / "one", labels, "--out", tmp_path / "eval1", "--json")
+    torchrun("evaluate", tmp_path / "two", labels, "--out", tmp_path / "eval2", "--json")
+    assert (tmp_path / "eval1" / "metrics.csv").read_text() == (
+        tmp_path / "eval2" / "metrics.csv"
+    ).read_text()
 
 
 def test_a_user_error_is_said_once(tiny_cells: Path, tmp_path: Path) -> None:

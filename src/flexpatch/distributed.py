@@ -55,13 +55,18 @@ class Dist:
         torch.cuda.set_device(self.local_rank)
         return torch.device("cuda", self.local_rank)
 
-    def start(self, dev: torch.device) -> None:
-        """Join the process group (NCCL on CUDA, gloo on the CPU), once per process."""
+    def start(self, dev: torch.device | str = "cpu") -> None:
+        """Join the process group, once per process: NCCL when ``dev`` is a GPU, else gloo (which
+        also carries the small objects of prediction, sweeps and evaluation, whatever computes)."""
+        import torch
         import torch.distributed as td
 
         if self.active and not td.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            td.init_process_group(backend, timeout=TIMEOUT, device_id=dev if dev.type == "cuda" else None)
+            dev = torch.device(dev)
+            cuda = dev.type == "cuda"
+            td.init_process_group(
+                "nccl" if cuda else "gloo", timeout=TIMEOUT, device_id=dev if cuda else None
+            )
 
     def barrier(self) -> None:
         import torch.distributed as td

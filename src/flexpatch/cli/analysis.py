@@ -257,6 +257,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Dice, IoU, precision, recall, HD95 and NSD per case and class."""
+    from flexpatch.distributed import current
     from flexpatch.evaluate.metrics import evaluate_folders, read_declared_labels
     from flexpatch.runtime import console
 
@@ -271,7 +272,7 @@ def evaluate(
         nsd_tolerance=nsd_tolerance,
         partial=partial,
     )
-    if out is not None:
+    if out is not None and current().main:  # under torchrun every process has the report; one writes it
         report.write(out)
     if as_json:
         emit_json(report.to_json())

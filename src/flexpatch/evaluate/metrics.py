@@ -343,14 +343,18 @@ def evaluate_folders(
         partial: score the predictions present when some reference cases have none (nnU-Net's
             ``chill``); the report lists the cases left out. Otherwise a missing one is an error.
     """
+    from flexpatch.distributed import current
     from flexpatch.runtime import track
 
     names = _class_names(labels)
     tol = None if nsd_tolerance is None else _check_tolerance(nsd_tolerance)
     pairs, missing = _pair(Path(pred_dir), Path(label_dir), partial)
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    bar = track(pairs, "evaluating", disable=not progress)
-    for case, pred_path, label_path in bar:
+    dist = current()  # under torchrun each process scores its share of the cases
+    dist.start()
+    scored = []
+    for case, pred_path, label_path in track(
+        dist.split(pairs), "evaluating", disable=not progress or not dist.main
+    ):
         label = read_label(label_path)
         pred = read_label(pred_path, ndim=label.ndim)
         _check_same_grid(pred, label)
@@ -358,7 +362,8 @@ def evaluate_folders(
             for volume in (label, pred):
                 _check_declared(volume, names, labels_source)
         classes = sorted(names) if names is not None else _present(pred.data, label.data)
-        results[case] = segmentation_metrics(pred.data, label.data, classes, label.spacing, hd95, tol)
+        scored.append((case, segmentation_metrics(pred.data, label.data, classes, label.spacing, hd95, tol)))
+    results: dict[str, dict[int, dict[str, float]]] = dict(dist.gather(scored))
     if names is None:
         names = {c: f"class_{c}" for c in sorted({c for res in results.values() for c in res})}
     left_out = {"hd95", "nsd"} if not hd95 else {"nsd"} if tol is None else set()

@@ -79,7 +79,7 @@ def run_sweep(
     returns all rows, in the order of one process.
     """
     dist = current()
-    dist.start(torch.device("cpu"))  # rows go between processes through gloo, whatever segments
+    dist.start()
     jobs = dist.split([(c, s) for c in range(len(cases)) for s in range(len(sizes))])
     done: list[list[dict]] = []
     prepared: tuple[int, Any] | None = None

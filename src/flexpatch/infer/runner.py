@@ -113,7 +113,7 @@ def run_prediction(
     process returns the whole run's :class:`Written`, in case order; the main process shows progress.
     """
     out, dist = Path(out_dir), current()
-    dist.start(_gather_device())
+    dist.start()
     mine = dict(dist.split(list(cases.items())))
     written = Written()
     with progress_bar(disable=not progress or not dist.main) as bar:
@@ -139,13 +139,6 @@ def _gathered(written: Written, dist: Dist) -> Written:
         return written
     whole = dist.gather([(path, case, info) for path, (case, info) in zip(written, written.info.items())])
     return Written([path for path, _, _ in whole], {case: info for _, case, info in whole})
-
-
-def _gather_device() -> Any:
-    """Cases and reports go between processes through gloo on the CPU, whatever device segments."""
-    import torch
-
-    return torch.device("cpu")
 
 
 def output_suffix(volume: Volume, prediction: Prediction) -> str:
