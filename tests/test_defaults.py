@@ -44,6 +44,10 @@ def test_plan_from_the_cores_the_user_and_the_environment() -> None:
     assert cpu_plan(cores=4, environ={"OMP_NUM_THREADS": "x"}).threads == 2  # unreadable: ignored
     assert cpu_plan(cores=2, environ={}).describe() == "2 cores: 2 threads, 0 loader workers"
     assert CpuPlan(1, 1, 1).describe() == "1 cores: 1 thread, 1 loader worker"
+    # torchrun's processes on one machine share its cores (LOCAL_WORLD_SIZE processes)
+    own = available_cores()
+    assert cpu_plan(environ={"LOCAL_WORLD_SIZE": "2"}).cores == max(1, own // 2)
+    assert cpu_plan(environ={"LOCAL_WORLD_SIZE": str(4 * own)}) == CpuPlan(1, 1, 0)
     for bad in ({"threads": 0}, {"workers": -1}):
         with pytest.raises(FlexPatchError, match="must be >="):
             cpu_plan(cores=2, **bad)

@@ -111,22 +111,26 @@ def cpu_plan(
         threads: torch intra-op threads (``--threads``); None: ``OMP_NUM_THREADS`` when set (torch
             reads it itself), else the cores the workers leave (at least 1).
         workers: loader processes (``--workers``); None: :func:`default_workers`.
-        cores: the cores available; None: :func:`available_cores`.
+        cores: the cores available; None: :func:`available_cores`, shared by the processes torchrun
+            started on this machine (``LOCAL_WORLD_SIZE``).
         environ: the environment read for ``OMP_NUM_THREADS`` (default ``os.environ``).
     """
-    cores = available_cores() if cores is None else cores
+    env = os.environ if environ is None else environ
+    if cores is None:  # torchrun's processes on this machine share its cores
+        cores = max(1, available_cores() // (_env_int(env, "LOCAL_WORLD_SIZE") or 1))
     for name, value in (("threads", threads), ("workers", workers)):
         if value is not None and value < (1 if name == "threads" else 0):
             raise FlexPatchError(f"--{name} must be >= {1 if name == 'threads' else 0}, got {value}")
     workers = default_workers(cores) if workers is None else workers
     if threads is None:
-        threads = _omp_threads(os.environ if environ is None else environ) or max(1, cores - workers)
+        threads = _env_int(env, "OMP_NUM_THREADS") or max(1, cores - workers)
     return CpuPlan(cores, threads, workers)
 
 
-def _omp_threads(environ: Mapping[str, str]) -> int | None:
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    """A positive integer setting of the environment, None when unset or not one."""
     try:
-        value = int(environ.get("OMP_NUM_THREADS", ""))
+        value = int(environ.get(name, ""))
     except ValueError:
         return None
     return value if value >= 1 else None
