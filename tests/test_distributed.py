@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -157,15 +158,21 @@ def assert_same_run(one: Path, many: Path) -> None:
 
 
 def test_two_processes_train_as_one(tiny_abdomen: Path, tmp_path: Path) -> None:
-    """3D, fixed size, validation split across the processes: two processes with a global batch of
-    4 are one process with a batch of 4; only the main process writes (one log, one summary line)."""
-    args = ("--patch", 16, "--steps", 3)
-    flexpatch(*_train_args(tiny_abdomen, tmp_path / "one", *args))
-    proc = torchrun(*_train_args(tiny_abdomen, tmp_path / "two", *args))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    """3D, fixed size, a cross-validation fold, validation split across the processes: two processes
+    with a global batch of 4 are one process with a batch of 4; only the main process writes (one
+    log, one summary line); the fold's validation cases are predicted by both, the same files."""
+    data = shutil.copytree(tiny_abdomen, tmp_path / "data")  # the fold's splits_final.json goes there
+    args = ("--patch", 16, "--steps", 3, "--fold", 0, "--num-folds", 2)
+    flexpatch(*_train_args(data, tmp_path / "one", *args))
+    proc = torchrun(*_train_args(data, tmp_path / "two", *args))
+    one, two = tmp_path / "one" / "fold_0", tmp_path / "two" / "fold_0"
+    assert_same_run(one, two)
     assert proc.stdout.count("trained 3 steps") == 1, proc.stdout
-    state = torch.load(tmp_path / "two" / "model_last.pt", weights_only=False)
+    state = torch.load(two / "model_last.pt", weights_only=False)
     assert state["world"] == 2 and len(state["rng_ranks"]) == 2
+    assert sorted(p.name for p in (one / "validation").iterdir()) == sorted(
+        p.name for p in (two / "validation").iterdir()
+    )
 
 
 def test_two_nodes_train_random_sizes_as_one(tiny_cells: Path, tmp_path: Path) -> None:

@@ -326,9 +326,9 @@ def train(
     console.print(f"[bold]train[/] {what}, batch {config.batch}, steps {start}->{end}, device {on}")
     last_loss, seconds = run.loop(batches, start, end, val_cases, val_patch, out_dir / LOG, progress)
     run.finish(end)
-    if isinstance(config.fold, int) and end == config.steps and dist.main:  # as nnU-Net: a fold's predictions
-        write_validation(dataset_dir, out_dir, val_cases, device)
-    dist.barrier()  # the processes return together, the model folder complete
+    dist.barrier()  # the model folder is complete: the main process has written it
+    if isinstance(config.fold, int) and end == config.steps:  # as nnU-Net: a fold's predictions
+        write_validation(dataset_dir, out_dir, val_cases, device)  # each process its share
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
 
 
