@@ -35,15 +35,7 @@ def sweep(
 ) -> None:
     """Dice against patch size: every isotropic window in the range plus random anisotropic ones."""
     from flexpatch.data.dataset import load_dataset
-    from flexpatch.distributed import current
-    from flexpatch.evaluate.sweep import (
-        parse_sizes,
-        plot_sweep,
-        random_sizes,
-        run_sweep,
-        summarize,
-        write_rows,
-    )
+    from flexpatch.evaluate.sweep import parse_sizes, random_sizes, run_sweep
     from flexpatch.infer.predictor import load_model
     from flexpatch.runtime import check_writable
 
@@ -65,7 +57,16 @@ def sweep(
         progress=not as_json,
         label=label or Path(model_dir).name,
     )
-    if current().main:  # under torchrun every process has the rows; one writes them
+    _sweep_report(rows, out, as_json)
+
+
+def _sweep_report(rows: list[dict], out: Path, as_json: bool) -> None:
+    """The sweep's table and plot in ``out`` (under torchrun every process has the rows; the main
+    one writes them), and its summary: mean Dice (and wrong side) per window, or JSON."""
+    from flexpatch.distributed import current
+    from flexpatch.evaluate.sweep import plot_sweep, summarize, write_rows
+
+    if current().main:
         write_rows(rows, out)
         plot_sweep(rows, out / "sweep.png", per_class=True)
     summary = summarize(rows)

@@ -230,17 +230,21 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train on patches: fixed, augmented or growing sizes; plain, hypernetwork, cascade or patchwork.
-    Training curves are drawn into MODEL_DIR/progress.png at each validation. Under torchrun (or
-    with --nproc) on several processes, the same run with the batch split across them."""
+    Curves go to MODEL_DIR/progress.png. Under torchrun (or --nproc) the processes split the batch."""
     if nproc is not None:
         raise typer.Exit(torchrun(nproc))
-    args = SimpleNamespace(**locals())
+    _run(SimpleNamespace(**locals()))
+
+
+def _run(args: SimpleNamespace) -> None:
+    """``train`` once its options are read: threads and workers, the fold's folder, the run."""
     from flexpatch.train.curves import tensorboard_logging
 
     # a cascade loads in its own process; the others get the workers chosen for the cores
-    args.cpu = use_cores(threads, 0 if workers is None and cascade is not None else workers)
+    planned = 0 if args.workers is None and args.cascade is not None else args.workers
+    args.cpu = use_cores(args.threads, planned)
     _fold_folder(args)
-    with tensorboard_logging(tensorboard):  # every method's run logs through the same curves
+    with tensorboard_logging(args.tensorboard):  # every method's run logs through the same curves
         _train(args)
 
 

@@ -52,12 +52,9 @@ def plan_dataset(
         check: measure a training step at the planned patch and batch, and the network's
             call at the planned window and batch, and plan again where the small probes
             were off (:mod:`flexpatch.plan.planner`); the saved memory models are anchored there.
-        processes: devices a torchrun training shares (one process each): the budget and the
-            planned batch are one device's, less DistributedDataParallel's gradient buckets (a
-            float32 copy of the gradients); ``train.global_batch`` is what ``--batch`` takes.
+        processes: devices a torchrun training shares: the batch fits one device's budget less DDP's
+            gradient buckets; ``train.global_batch``, ``processes`` times it, is what ``--batch`` takes.
     """
-    if processes < 1:
-        raise FlexPatchError(f"processes {processes} must be at least 1")
     ds = load_dataset(dataset_dir)
     fingerprint = compute_fingerprint(ds, progress=progress)
     plan = make_plan(ds, fingerprint, target_spacing=target_spacing)
@@ -69,13 +66,8 @@ def plan_dataset(
         kwargs["token_size"] = list(tokens.token_size)
     net = create_model(model, plan.ndim, plan.in_channels, plan.out_channels, **kwargs)
     limit = parse_budget(budget, dev)
-    buckets = 4 * sum(p.numel() for p in net.parameters()) if processes > 1 else 0
-    if buckets >= limit:
-        raise FlexPatchError(f"budget {budget} does not hold the gradient buckets of {processes} processes")
-    train, choices = _plan_network(
-        net, plan, _dataset_voxels(fingerprint, plan), limit, dev, dtype, check, buckets
-    )
-    choices["train"]["global_batch"] = choices["train"]["batch"] * processes
+    voxels = _dataset_voxels(fingerprint, plan)
+    train, choices = _plan_network(net, plan, voxels, limit, dev, dtype, check, processes)
     if model == "unetr":
         kwargs["img_size"] = list(train.patch)  # the position embeddings' grid: the training patch
     return {
@@ -96,6 +88,19 @@ def plan_dataset(
     }
 
 
+def _gradient_buckets(net: torch.nn.Module, processes: int, limit: int) -> int:
+    """Bytes DistributedDataParallel adds on each device: its buckets, a float32 copy of the gradients."""
+    if processes < 1:
+        raise FlexPatchError(f"processes {processes} must be at least 1")
+    buckets = 4 * sum(p.numel() for p in net.parameters()) if processes > 1 else 0
+    if buckets >= limit:
+        raise FlexPatchError(
+            f"a budget of {limit} bytes does not hold the gradient buckets of {processes} processes "
+            f"({buckets} bytes)"
+        )
+    return buckets
+
+
 def _dataset_voxels(fingerprint: dict[str, Any], plan: Plan) -> int:
     """Voxels of the training set at the plan's target spacing."""
     shapes = zip(fingerprint["shapes"], fingerprint["spacings"], strict=True)
@@ -110,14 +115,15 @@ def _plan_network(
     dev: torch.device,
     dtype: str,
     check: bool,
-    reserved: int = 0,
+    processes: int = 1,
 ) -> tuple[TrainChoice, dict[str, Any]]:
     """The training choice, and the training and inference choices and memory models as JSON.
 
     ``net`` is probed on ``dev`` (training in ``dtype``); with ``check``, each choice is checked
-    by measurement and its memory model anchored there. ``reserved`` bytes of the budget are not
-    the training step's (DDP's gradient buckets).
+    by measurement and its memory model anchored there. Training on ``processes`` devices, each
+    step's budget is less DDP's gradient buckets, and its global batch ``processes`` times one's.
     """
+    reserved = _gradient_buckets(net, processes, limit)
     train_prober, infer_prober = Prober(net, "train", dev, dtype), Prober(net, "infer", dev)
     train_mm, infer_mm = calibrate(net, prober=train_prober), calibrate(net, prober=infer_prober)
     train = plan_training(
@@ -128,7 +134,7 @@ def _plan_network(
         infer_mm, limit, plan.median_shape, net.divisor, measure=infer_prober.peak if check else None
     )
     return train, {
-        "train": train.to_json(),
+        "train": {**train.to_json(), "global_batch": train.batch * processes},
         "infer": {**infer.to_json(), "image_shape": list(plan.median_shape)},
         "memory_models": {  # anchored at the measured choices where checked
             "train": (train.model or train_mm).to_json(),
