@@ -6,6 +6,10 @@ dataset's ``plan.json`` / ``fingerprint.json``, one ``log.jsonl`` and two ordina
 ``rough/`` and ``fine/``, each loadable by ``load_model``. Every random draw (cases, crops,
 jitter) comes from a generator seeded by ``(seed, stage, step)``, so a run is a pure function
 of its config.
+
+Under torchrun the processes split each step's global batch (:mod:`flexpatch.cascade.batches`)
+and train through DistributedDataParallel on the loss of the whole batch, split the validation
+cases, and the main process alone writes: a run on N processes is the one-process run.
 """
 
 from __future__ import annotations
@@ -13,43 +17,27 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from flexpatch.cascade.batches import Cases, Sampler, fine_sampler, rough_sample, step_batch
 from flexpatch.cascade.config import CascadeConfig, check_unused
-from flexpatch.cascade.infer import (
-    CASCADE_FILE,
-    Box,
-    boxes_from_extents,
-    crop_resize,
-    object_extents,
-    rough_probabilities,
-    segment,
-)
+from flexpatch.cascade.infer import CASCADE_FILE, rough_probabilities, segment
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import load_json, save_json
-from flexpatch.data.preprocess import load_preprocessed
-from flexpatch.distributed import one_process_only
+from flexpatch.data.preprocess import Plan, make_plan, preprocess_dataset
+from flexpatch.distributed import Dist
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
-from flexpatch.geometry import Patch
 from flexpatch.methods import write_method
 from flexpatch.models import build, check_patch_size, create_model
-from flexpatch.runtime import (
-    check_writable,
-    console,
-    generator,
-    resolve_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from flexpatch.sampling.augment import AugmentConfig, augmented_sample
+from flexpatch.runtime import check_writable, console, rng_state, seed_everything, set_rng_state
+from flexpatch.sampling.augment import AugmentConfig
 from flexpatch.train.config import TrainConfig
 from flexpatch.train.harness import (
     Harness,
@@ -59,87 +47,41 @@ from flexpatch.train.harness import (
     training_log,
     truncate_log,
 )
-from flexpatch.train.loop import augmentation, make_optimizer, prepare, split_cases
+from flexpatch.train.loop import (
+    _processes,
+    augmentation,
+    cache_dir_for,
+    make_optimizer,
+    prepare,
+    rng_for,
+    split_cases,
+)
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
 
 STAGES = ("rough", "fine")
-CACHE_BYTES = 4 * 2**30  # preprocessed cases kept in memory; the rest are read again when drawn
-
-
-class _Cases:
-    """Preprocessed cases as tensors, with their ground-truth object extents computed once."""
-
-    def __init__(self, paths: list[Path], per_class: bool) -> None:
-        self.paths, self.per_class = paths, per_class
-        self.extents: dict[int, list] = {}
-        self.resized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the rough stage's inputs
-        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if i in self._kept:
-            return self._kept[i]
-        image, label, _ = load_preprocessed(self.paths[i])
-        case = torch.from_numpy(image), torch.from_numpy(label.astype(np.int64))
-        if i not in self.extents:
-            self.extents[i] = object_extents(label, self.per_class)
-        if self._bytes + image.nbytes + label.nbytes <= CACHE_BYTES:
-            self._kept[i] = case
-            self._bytes += image.nbytes + label.nbytes
-        return case
-
-
-def _rough_sample(cases: _Cases, size: int, idx: list[int], _: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Whole images resized to S (labels by nearest neighbour), each resized once."""
-    for i in set(idx) - cases.resized.keys():
-        image, label = cases[i]
-        box = [Box.whole(image.shape[1:])]
-        cases.resized[i] = (
-            crop_resize(image, box, size, "linear")[0],
-            crop_resize(label[None], box, size, "nearest")[0],
-        )
-    return torch.stack([cases.resized[i][0] for i in idx]), torch.stack([cases.resized[i][1] for i in idx])
-
-
-def _fine_sampler(config: CascadeConfig) -> Callable[..., tuple[torch.Tensor, ...]]:
-    def sample(cases: _Cases, size: int, idx: list[int], g: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """One random jittered ground-truth object crop per image (the whole image when it has none)."""
-        xs, ys = [], []
-        for i in idx:
-            image, label = cases[i]
-            spatial = tuple(image.shape[1:])
-            boxes = boxes_from_extents(
-                cases.extents[i], spatial, size, config.jitter, g, config.min_side, config.oversize
-            )
-            box = boxes[int(torch.randint(len(boxes), (1,), generator=g))][1] if boxes else Box.whole(spatial)
-            xs.append(crop_resize(image, [box], size, "linear")[0])
-            ys.append(crop_resize(label[None], [box], size, "nearest")[0])
-        return torch.stack(xs), torch.stack(ys)
-
-    return sample
+LOG = "log.jsonl"
 
 
 @torch.no_grad()
 def validate_cascade(
     rough: torch.nn.Module,
     fine: torch.nn.Module | None,
-    cases: _Cases,
+    cases: Cases,
     config: CascadeConfig,
     num_classes: int,
     device: torch.device,
+    dist: Dist = Dist(),
 ) -> tuple[dict[str, float], float]:
     """Foreground Dice on the preprocessed grid, of the rough model alone when ``fine`` is None:
-    per class (its mean over the cases, for the log and the curves) and over all."""
+    per class (its mean over the cases, for the log and the curves) and over all. Under torchrun
+    each process segments its share of the cases and every process gets the scores of all."""
     nets = [n for n in (rough, fine) if n is not None]
     modes = [n.training for n in nets]
     for n in nets:
         n.eval()
     scores = []
-    for i in range(len(cases)):
+    for i in dist.split(range(len(cases))):
         image, label = cases[i]
         if fine is None:
             pred = rough_probabilities(rough, image.to(device), config.input_size, device).argmax(0)
@@ -151,7 +93,7 @@ def validate_cascade(
         scores.append(dice_torch(onehot(pred), onehot(label))[0, 1:])
     for n, mode in zip(nets, modes, strict=True):
         n.train(mode)
-    table = torch.stack(scores).float()  # (cases, classes)
+    table = torch.stack(dist.gather(scores)).float()  # (cases, classes), in the cases' order
     per_class = {str(c + 1): float(v) for c, v in enumerate(torch.nanmean(table, dim=0))}
     return per_class, float(torch.nanmean(table))
 
@@ -170,29 +112,50 @@ class _Stage:
         return self.harness.best
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What both stages of a run share: settings, device, folder and this process's place."""
+
+    config: CascadeConfig
+    dev: torch.device
+    out_dir: Path
+    progress: bool
+    dist: Dist
+    ignore: int | None  # the plan's "don't care" label
+    aug: AugmentConfig | None
+
+
 def _stage_state(
-    net: torch.nn.Module, opt: Any, sched: Any, at: _Stage, config: CascadeConfig
+    net: torch.nn.Module, opt: Any, sched: Any, at: _Stage, config: CascadeConfig, dist: Dist
 ) -> dict[str, Any]:
-    """Everything a resumed stage needs, and the run's config (a resume compares it, not a file)."""
+    """Everything a resumed stage needs, and the run's config (a resume compares it, not a file);
+    under torchrun every process's RNG state (gathered: all processes call this together)."""
+    ranks = {"rng_ranks": dist.gather([rng_state()]), "world": dist.world} if dist.active else {}
     return {
         "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
         "step": at.step, "val_mean": at.best, "loss": at.loss, "rng": rng_state(),
-        "divergence": dataclasses.asdict(at.harness.divergence), "cascade": config.to_json(),
+        "divergence": dataclasses.asdict(at.harness.divergence), "cascade": config.to_json(), **ranks,
     }  # fmt: skip
 
 
 def _start_stage(
-    saved: dict[str, Any] | None, folder: Path, tc: TrainConfig, net: torch.nn.Module, opt: Any, sched: Any
+    saved: dict[str, Any] | None,
+    folder: Path,
+    tc: TrainConfig,
+    net: torch.nn.Module,
+    opt: Any,
+    sched: Any,
+    dist: Dist,
 ) -> _Stage:
     """A stage from its start, or from ``saved`` (its last checkpoint) when resumed."""
-    harness = Harness(folder, tc.steps, tc.val_every)
+    harness = Harness(folder, tc.steps, tc.val_every, main=dist.main)
     if saved is None:
         return _Stage(0, float("nan"), harness)
     try:
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(rng_for(saved, dist))
         harness.best, harness.divergence = float(saved["val_mean"]), Divergence(**saved["divergence"])
         return _Stage(int(saved["step"]), float(saved["loss"]), harness)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -200,40 +163,41 @@ def _start_stage(
         raise FlexPatchError(f"{folder / LAST}: does not fit this cascade ({reason})") from None
 
 
+def _parallel(net: torch.nn.Module, ctx: _Context) -> torch.nn.Module:
+    """The module the steps run through: under torchrun DistributedDataParallel (as the core
+    trainer's ``Run``), which sums the gradients of the processes' shares; else ``net`` itself."""
+    if not ctx.dist.active:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[ctx.dev.index] if ctx.dev.type == "cuda" else None)
+
+
 def _train_stage(
     stage: str,
     net: torch.nn.Module,
-    cases: _Cases,
-    sample: Callable[..., tuple[torch.Tensor, ...]],
+    cases: Cases,
+    sample: Sampler,
     validate: Callable[[torch.nn.Module], tuple[dict[str, float], float]],
-    config: CascadeConfig,
-    dev: torch.device,
-    out_dir: Path,
-    progress: bool,
+    ctx: _Context,
     saved: dict[str, Any] | None = None,
     end: int | None = None,
 ) -> _Stage:
     """Train one stage into ``out_dir/stage/model_{best,last}.pt``, from ``saved`` (a resumed
     stage's last checkpoint) on, up to step ``end`` (default: the stage's steps)."""
-    tc = config.stage(stage)
+    tc, config, dev, dist = ctx.config.stage(stage), ctx.config, ctx.dev, ctx.dist
     net.to(dev).train()
     opt, sched = make_optimizer(net, tc)
-    ignore = load_json(out_dir / "plan.json")["labels"].get("ignore")
-    loss_fn, amp = segmentation_loss(False, ignore), tc.amp and dev.type == "cuda"
-    aug = augmentation(tc, load_json(out_dir / "dataset.json").get("mirrored_pairs", []))
-    at = _start_stage(saved, out_dir / stage, tc, net, opt, sched)
+    loss_fn, amp = segmentation_loss(False, ctx.ignore, (), dist), tc.amp and dev.type == "cuda"
+    at = _start_stage(saved, ctx.out_dir / stage, tc, net, opt, sched, dist)
+    model = _parallel(net, ctx)
     h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
-    with h.progress(stage, at.step, progress) as update, training_log(out_dir / "log.jsonl") as log:
+    log_to = training_log(ctx.out_dir / LOG) if dist.main else nullcontext(lambda record: None)
+    with h.progress(stage, at.step, ctx.progress and dist.main) as update, log_to as log:
         for step in range(at.step + 1, end + 1):
-            g = generator("flexpatch-sts", stage, config.train.seed, step)
-            idx = torch.randint(len(cases), (tc.batch,), generator=g).tolist()
-            x, y = sample(cases, config.input_size, idx, g)
-            if aug is not None:
-                x, y = _augmented(
-                    x, y, aug, generator("flexpatch-sts-augment", stage, config.train.seed, step)
-                )
+            x, y = step_batch(stage, step, cases, sample, config, ctx.aug, dist)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss_t = loss_fn(net(x.to(dev)), y.to(dev))
+                loss_t = loss_fn(model(x.to(dev)), y.to(dev))
             stepped = guarded_step(loss_t, opt, net.parameters(), None)  # the paper trains unclipped
             advance(sched, stepped)
             at.step, at.loss = step, float(loss_t.detach())
@@ -243,23 +207,13 @@ def _train_stage(
                 per_class, dice = validate(net)
                 record.update(val_dice=per_class, val_mean=dice)
                 h.keep_if_best(dice, lambda: {"model": net.state_dict(), "step": step, "val_mean": dice})  # noqa: B023
-                h.save_last(_stage_state(net, opt, sched, at, config))
+                h.save_last(_stage_state(net, opt, sched, at, config, dist))
             log(record)
             update(step, f"loss {at.loss:.3f}  val Dice {at.best:.3f}")
-    if at.step < tc.steps or not (h.folder / LAST).is_file():  # stopped early: where to go on from
-        h.save_last(_stage_state(net, opt, sched, at, config))
+    # stopped early: where to go on from (one decision for all: the state gathers from every process)
+    if dist.broadcast(at.step < tc.steps or not (h.folder / LAST).is_file()):
+        h.save_last(_stage_state(net, opt, sched, at, config, dist))
     return at
-
-
-def _augmented(
-    x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``(B, C, *S)`` and labels ``(B, 1, *S)``, each augmented as a patch of itself (the core
-    trainer's set and draws): the network sees the image resized to S, so the augmented field is
-    that S-cube, its edges repeated."""
-    box = Patch.box((0,) * (x.ndim - 2), tuple(x.shape[2:]))
-    pairs = [augmented_sample(x[b], y[b, 0], box, aug, g) for b in range(x.shape[0])]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])[:, None]
 
 
 def _check(ds: DatasetInfo, out_dir: Path, config: CascadeConfig) -> torch.nn.Module:
@@ -298,13 +252,14 @@ def train_cascade(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train the rough and the fine network of a segment-then-segment cascade.
+    """Train the rough and the fine network of a segment-then-segment cascade (under torchrun on
+    every process, each its share of every step's batch; see the module docstring).
 
     Args:
         dataset_dir: an nnU-Net raw or MSD dataset.
         out_dir: the cascade folder (see the module docstring); ``predict_cascade_files`` reads it.
         config: the run's settings (on ``resume``: None, or equal to the checkpoint's).
-        device: ``auto``, ``cpu``, ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` (under torchrun: each process's own GPU).
         progress: show progress bars on stderr.
         overwrite: replace the cascade folder of an earlier run (a non-empty ``out_dir`` is refused
             otherwise).
@@ -317,39 +272,100 @@ def train_cascade(
         ``model_dir``, ``steps`` (both stages), ``best_val_dice`` (the cascade),
         ``baseline_val_dice`` (the rough model alone), ``last_loss`` (fine stage) and ``seconds``.
     """
-    one_process_only("a segment-then-segment cascade")
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    config, saved = _resolve(out_dir, config, resume)
-    dev = resolve_device(device)
+    dist, dev = _processes(device)
+    config, saved = dist.on_main(lambda: _resolve(out_dir, config, resume))
+    dist.samples(config.train.batch)  # a batch the processes cannot split fails before preprocessing
+    t0 = time.perf_counter()
+    rough, plan, paths, ds = _setup(dataset_dir, out_dir, config, saved, (resume, overwrite, progress), dist)
+    aug = augmentation(config.train, [list(p) for p in ds.mirrored_pairs])
+    ctx = _Context(config, dev, out_dir, progress, dist, plan.labels.get("ignore"), aug)
+    result = _run_stages(ctx, rough, plan, paths, saved, stop_after, t0)
+    dist.barrier()  # the cascade folder is complete: the main process has written it
+    return result
+
+
+def _run_stages(
+    ctx: _Context,
+    rough: torch.nn.Module,
+    plan: Plan,
+    paths: list[Path],
+    saved: dict[str, dict[str, Any]],
+    stop_after: int | None,
+    t0: float,
+) -> dict[str, Any]:
+    """The rough stage, then (unless stopped before) the fine one; the summary of the run."""
+    config, out_dir, dist, k = ctx.config, ctx.out_dir, ctx.dist, plan.num_classes
+    train_paths, val_paths = split_cases(paths, config.train.val_fraction, config.train.seed)
+    train_cases, val_cases = Cases(train_paths, config.per_class), Cases(val_paths, config.per_class)
+    on = f"{ctx.dev}" if not dist.active else f"{dist.world} processes ({ctx.dev.type})"
+    console.print(
+        f"[bold]segment-then-segment[/] {config.train.model} at S={config.input_size} on "
+        f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.train.batch}, {on}"
+    )
+    if dist.main:
+        _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
+    validate = lambda net: validate_cascade(net, None, val_cases, config, k, ctx.dev, dist)  # noqa: E731
+    base = _train_stage(
+        "rough", rough, train_cases, rough_sample, validate, ctx, saved.get("rough"), stop_after
+    )
+    if base.step < config.train.steps:
+        return _summary(out_dir, base.step, float("nan"), base, t0)
+    best = dist.on_main(lambda: load_checkpoint(out_dir / "rough" / BEST, map_location="cpu")["model"])
+    fine = _fine_net(rough, config, best)
+    if dist.main:
+        _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"), "fine" in saved)
+    validate = lambda net: validate_cascade(rough, net, val_cases, config, k, ctx.dev, dist)  # noqa: E731
+    left = None if stop_after is None else stop_after - config.train.steps
+    at = _train_stage("fine", fine, train_cases, fine_sampler(config), validate, ctx, saved.get("fine"), left)
+    if at.step == config.stage("fine").steps and dist.main:  # not stopped early: the folder is complete
+        _finish(out_dir, config)
+    return _summary(out_dir, config.train.steps + at.step, at.best, base, t0, at.loss)
+
+
+def _setup(
+    dataset_dir: Path,
+    out_dir: Path,
+    config: CascadeConfig,
+    saved: dict[str, dict[str, Any]],
+    flags: tuple[bool, bool, bool],
+    dist: Dist,
+) -> tuple[torch.nn.Module, Plan, list[Path], DatasetInfo]:
+    """:func:`_start` in the main process; the others wait for its fingerprint and :func:`_follow`
+    (as the core trainer): the rough net, the plan, the preprocessed cases and the dataset."""
+    started = _start(dataset_dir, out_dir, config, saved, flags) if dist.main else None
+    fingerprint = dist.on_main(lambda: load_json(out_dir / "fingerprint.json"))
+    return started or _follow(dataset_dir, out_dir, config, fingerprint)
+
+
+def _start(
+    dataset_dir: Path,
+    out_dir: Path,
+    config: CascadeConfig,
+    saved: dict[str, dict[str, Any]],
+    flags: tuple[bool, bool, bool],
+) -> tuple[torch.nn.Module, Plan, list[Path], DatasetInfo]:
+    """Check the inputs, claim the folder, preprocess, start (or cut) the log."""
+    resume, overwrite, progress = flags
     ds = load_dataset(dataset_dir)
     rough = _check(ds, out_dir, config)
     claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
-    t0 = time.perf_counter()
     plan, paths = prepare(ds, out_dir, config.stage("rough"), progress, resume)
     (out_dir / CASCADE_FILE).unlink(missing_ok=True)  # an old run's marker must not outlive it
-    _start_log(out_dir / "log.jsonl", saved)
-    train_paths, val_paths = split_cases(paths, config.train.val_fraction, config.train.seed)
-    train_cases, val_cases = _Cases(train_paths, config.per_class), _Cases(val_paths, config.per_class)
-    console.print(
-        f"[bold]segment-then-segment[/] {config.train.model} at S={config.input_size} on "
-        f"{len(train_paths)} cases (val {len(val_paths)}), batch {config.train.batch}, {dev}"
-    )
-    k = plan.num_classes
-    _stage_folder(out_dir / "rough", rough, out_dir, config.stage("rough"), "rough" in saved)
-    validate = lambda net: validate_cascade(net, None, val_cases, config, k, dev)  # noqa: E731
-    base = _train_stage("rough", rough, train_cases, _rough_sample, validate, config, dev, out_dir, progress,
-                        saved.get("rough"), stop_after)  # fmt: skip
-    if base.step < config.train.steps:
-        return _summary(out_dir, base.step, float("nan"), base, t0)
-    fine = _fine_net(rough, config, load_checkpoint(out_dir / "rough" / BEST, map_location=dev)["model"])
-    _stage_folder(out_dir / "fine", fine, out_dir, config.stage("fine"), "fine" in saved)
-    validate = lambda net: validate_cascade(rough, net, val_cases, config, k, dev)  # noqa: E731
-    left = None if stop_after is None else stop_after - config.train.steps
-    at = _train_stage("fine", fine, train_cases, _fine_sampler(config), validate, config, dev, out_dir,
-                      progress, saved.get("fine"), left)  # fmt: skip
-    if at.step == config.stage("fine").steps:  # not stopped early: the folder is complete
-        _finish(out_dir, config)
-    return _summary(out_dir, config.train.steps + at.step, at.best, base, t0, at.loss)
+    _start_log(out_dir / LOG, saved)
+    return rough, plan, paths, ds
+
+
+def _follow(
+    dataset_dir: Path, out_dir: Path, config: CascadeConfig, fingerprint: dict[str, Any]
+) -> tuple[torch.nn.Module, Plan, list[Path], DatasetInfo]:
+    """What a process other than the main one needs, writing nothing the main one writes: the rough
+    net, the main process's plan and the preprocessed cases (read from the cache, or made on a
+    machine that does not share the main one's disk)."""
+    ds = load_dataset(dataset_dir)
+    rough = _check(ds, out_dir, config)
+    plan = make_plan(ds, fingerprint, target_spacing=config.train.target_spacing)
+    return rough, plan, preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False), ds
 
 
 def _resolve(
