@@ -9,6 +9,7 @@ resume exactly. The processes are started by torchrun, as a user starts them.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ stop()
 
 def test_a_resume_under_torchrun_continues_the_cascade(tiny_cells: Path, tmp_path: Path) -> None:
     """Two processes stopped in the fine stage (2 rough steps + 1 fine) and resumed by
-    ``torchrun ... train --resume`` end where one process's uninterrupted run ends."""
+    ``torchrun ... train --resume`` end where one process's uninterrupted run ends; resumed on one
+    process, the stopped run ends there too (to rounding)."""
     settings = dict(OPTIONS, input_size=16, steps=2, batch=4, model_kwargs=json.loads(TINY))
     script = tmp_path / "stopped.py"
     script.write_text(STOPPED.format(options=repr(settings), stop_after=3))
@@ -107,7 +109,11 @@ def test_a_resume_under_torchrun_continues_the_cascade(tiny_cells: Path, tmp_pat
     two = tmp_path / "two"
     assert not (two / "cascade.json").exists()
     assert torch.load(two / "fine" / LAST, weights_only=False)["step"] == 1
+    shutil.copytree(two, tmp_path / "three")
     torchrun("train", tiny_cells, "--out", two, "--resume", "--device", "cpu")
     train_cascade(tiny_cells, tmp_path / "one", CascadeConfig.of(**settings), device="cpu", progress=False)
     assert_same_cascade(tmp_path / "one", two)
     assert _config(two) == _config(tmp_path / "one")
+    # another number of processes: the same global batches, so the same run to rounding
+    train_cascade(tiny_cells, tmp_path / "three", device="cpu", progress=False, resume=True)
+    assert_same_cascade(tmp_path / "one", tmp_path / "three")
