@@ -10,6 +10,7 @@ sampled softmax (TensorFlow's candidate sampling) and decodes by the maximal res
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +56,17 @@ def _soft_dice_loss(prob: Tensor, truth: Tensor) -> Tensor:
     return 1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)
 
 
-def _masked_mean(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean of ``values`` over valid elements: (whole batch, per sample); 0 where nothing is valid."""
+def _masked_sums(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum and count of ``values`` over valid elements (what a batch mean is made of), and the mean
+    per sample (0 where nothing is valid)."""
     values = values * valid
     valid = valid.to(values.dtype)
-    batch = values.sum() / valid.sum().clamp(min=1.0)
     per_sample = values.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1.0)
-    return batch, per_sample
+    return torch.stack([values.sum(), valid.sum()]), per_sample
+
+
+def _unchanged(stats: Tensor) -> Tensor:
+    return stats
 
 
 def patch_loss(
@@ -71,6 +76,7 @@ def patch_loss(
     dice_weight: float = 1.0,
     ce_weight: float = 1.0,
     batch_dice: bool = False,
+    total: Callable[[Tensor], Tensor] = _unchanged,
 ) -> tuple[Tensor, Tensor]:
     """Cross entropy + soft Dice with don't-care voxels; returns (mean loss, detached per-sample loss).
 
@@ -80,6 +86,9 @@ def patch_loss(
             sigmoid): ``(B, C, *m)`` float 0/1 maps. ``-1`` (and, for floats, NaN) marks "don't care".
         categorical: softmax over channels (True) or an independent sigmoid per channel (False).
         dice_weight, ce_weight: weights of the two terms.
+        total: sums the batch's statistics over the processes that each hold part of it
+            (:meth:`flexpatch.distributed.Dist.sum` under torchrun, so that the mean loss is the
+            whole batch's and its gradient too); the identity on one process.
 
     Categorical: softmax cross entropy with ``ignore_index=-1`` (the batch term equals
     ``F.cross_entropy(logits, target, ignore_index=-1)``), plus soft Dice over the foreground classes
@@ -102,24 +111,32 @@ def patch_loss(
     if categorical:
         valid = target >= 0
         ce_vox = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-        ce, ce_b = _masked_mean(ce_vox, valid)
+        ce, ce_b = _masked_sums(ce_vox, valid)
         prob = torch.softmax(logits, 1)[:, 1:] * valid.unsqueeze(1)
         truth = _onehot(target, logits.shape[1], valid)[:, 1:]
     else:
         valid = target >= 0  # NaN >= 0 is False: NaN is don't care as well
         truth = torch.where(valid, target, torch.zeros_like(target)).to(logits.dtype)
         bce_vox = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
-        ce, ce_b = _masked_mean(bce_vox, valid)
+        ce, ce_b = _masked_sums(bce_vox, valid)
         prob = torch.sigmoid(logits) * valid
-    dice_bc = _soft_dice_loss(prob, truth)
-    dice_b = dice_bc.mean(1)
-    if batch_dice:  # the batch as one sample: (1, C, *m, B)
-        dice = _soft_dice_loss(prob.movedim(0, -1)[None], truth.movedim(0, -1)[None]).mean()
+    dice_b = _soft_dice_loss(prob, truth).mean(1)
+    # the batch's terms from sums (one reduction across processes): CE sum and count, then batch
+    # Dice's overlap and volumes per class, or the per-sample Dice losses' sum and count
+    if batch_dice:  # the batch as one sample
+        axes = (0, *range(2, prob.ndim))
+        dice_stats = torch.cat([(prob * truth).sum(axes), prob.sum(axes) + truth.sum(axes)])
     else:
-        dice = dice_b.mean()
-    total = ce_weight * ce + dice_weight * dice
+        dice_stats = torch.stack([dice_b.sum(), torch.tensor(float(dice_b.numel()), device=dice_b.device)])
+    sums = total(torch.cat([ce, dice_stats]))
+    mean_ce = sums[0] / sums[1].clamp(min=1.0)
+    if batch_dice:
+        inter, denom = sums[2:].reshape(2, -1)
+        dice = (1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)).mean()
+    else:
+        dice = sums[2] / sums[3].clamp(min=1.0)
     per_sample = ce_weight * ce_b + dice_weight * dice_b
-    return total, per_sample.detach()
+    return ce_weight * mean_ce + dice_weight * dice, per_sample.detach()
 
 
 @torch.no_grad()
@@ -189,6 +206,7 @@ class LabelEmbedding(nn.Module):
         target: Tensor,
         num_sampled: int,
         generator: torch.Generator | None = None,
+        total: Callable[[Tensor], Tensor] = _unchanged,
     ) -> Tensor:
         """Sampled softmax cross entropy (candidate sampling); ``-1`` target voxels are ignored.
 
@@ -203,6 +221,8 @@ class LabelEmbedding(nn.Module):
             target: ``(B, *m)`` int64 class indices, ``-1`` = don't care.
             num_sampled: negatives per batch, ``1 <= num_sampled <= K``.
             generator: CPU generator for the draw (global RNG when None).
+            total: sums (cross-entropy sum, voxel count) over the processes that each hold part
+                of the batch, as in :func:`patch_loss`; the identity on one process.
         """
         self._check_features(features, 1)
         if tuple(target.shape) != (features.shape[0], *features.shape[2:]):
@@ -212,17 +232,21 @@ class LabelEmbedding(nn.Module):
         valid = target >= 0
         feats = features.movedim(1, -1)[valid]  # (V, E)
         true_cls = target[valid]  # (V,)
-        if true_cls.numel() == 0:
-            return (features * 0).sum() + (self.weight * 0).sum()  # keeps the graph, contributes nothing
+        # drawn whatever the batch holds: every process that trains on part of it draws alike
         sampled = torch.randperm(self.num_classes, generator=generator)[:num_sampled].to(features.device)
+        if true_cls.numel() == 0:  # keeps the graph, contributes nothing
+            nothing = (features * 0).sum() + (self.weight * 0).sum() + (self.bias * 0).sum()
+            sums = total(torch.stack([nothing, nothing.detach()]))
+            return sums[0] / sums[1].clamp(min=1.0)
         true_logit = (feats * self.weight[true_cls]).sum(-1) + self.bias[true_cls]
         neg_logits = feats @ self.weight[sampled].T + self.bias[sampled]  # (V, S)
         neg_logits = neg_logits.masked_fill(true_cls[:, None] == sampled[None, :], float("-inf"))
         # TF's sampled softmax subtracts log Q(class) from every logit. The proposal is uniform, so
         # Q is the same for the true and every sampled class: a constant shift that the softmax cancels.
         all_logits = torch.cat([true_logit[:, None], neg_logits], 1)
-        zeros = torch.zeros_like(true_cls)
-        return F.cross_entropy(all_logits, zeros)
+        ce = F.cross_entropy(all_logits, torch.zeros_like(true_cls), reduction="sum")
+        sums = total(torch.stack([ce, torch.tensor(float(len(true_cls)), device=ce.device)]))
+        return sums[0] / sums[1].clamp(min=1.0)
 
     @torch.no_grad()
     def decode(self, features: Tensor) -> Tensor:
