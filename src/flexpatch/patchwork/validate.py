@@ -6,11 +6,14 @@ application options (tree generation, no lazy evaluation) and scored with the sa
 ``flexpatch evaluate``. The best round's weights are kept beside the last ones, as nnU-Net and
 the core trainer keep ``model_best.pt``; with them, each label's mask threshold that maximises the
 validation Dice (DNP: ``mask`` outputs use "the optimal threshold on the validation set").
+
+Under torchrun each process segments its share of the cases (:meth:`Dist.split`) and the scores are
+gathered in case order, so every process gets what one process computes, to the bit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 
 from flexpatch.data.dataset import Case, load_case
 from flexpatch.data.io import Volume
+from flexpatch.distributed import Dist
 from flexpatch.evaluate.metrics import segmentation_metrics
 from flexpatch.patchwork.apply import ApplyOptions
 from flexpatch.patchwork.losses import LabelEmbedding
@@ -34,35 +38,47 @@ class Validator:
     values: list[int]  # the labels learnt
     ignore: int | None  # the don't-care value: scored as neither hit nor miss
     opts: ApplyOptions
+    dist: Dist = field(default_factory=Dist)  # under torchrun ``cases`` are this process's share
 
     @classmethod
     def load(
-        cls, cases: list[Case], ndim: int, values: list[int], ignore: int | None, batch_size: int
+        cls,
+        cases: list[Case],
+        ndim: int,
+        values: list[int],
+        ignore: int | None,
+        batch_size: int,
+        dist: Dist = Dist(),
     ) -> Validator:
-        loaded = [load_case(c, ndim) for c in cases]
-        return cls(
-            [(img, lab.data) for img, lab in loaded], values, ignore, ApplyOptions(batch_size=batch_size)
-        )
+        loaded = [load_case(c, ndim) for c in dist.split(cases)]
+        opts = ApplyOptions(batch_size=batch_size)
+        return cls([(img, lab.data) for img, lab in loaded], values, ignore, opts, dist)
 
     def score(self, model: LoadedPatchwork) -> tuple[dict[str, float], list[float] | None]:
         """Mean Dice per label value over the cases (a label absent from a case and its prediction is
         skipped there), and the mask threshold per label that maximises the Dice over all cases
         (None for a label embedding, whose outputs are no probabilities). Leaves the net in eval mode."""
         model.net.eval()
-        scores: dict[int, list[float]] = {v: [] for v in self.values}
+        per_case = self.dist.gather([self._score_case(model, image, label) for image, label in self.cases])
         counts = np.zeros((len(self.values), len(THRESHOLDS), 3))  # hits, predicted, labelled
-        for image, label in self.cases:
-            applied = stitched(model, image, self.opts)
-            seg = label_map(model, applied.values)
-            care = np.ones(label.shape, bool) if self.ignore is None else label != self.ignore
-            metrics = segmentation_metrics(outside_as(seg, care), label, self.values, hd95=False)
-            for v in self.values:
-                scores[v].append(metrics[v]["dice"])
-            if model.embedding is None:
-                fg = applied.values.cpu().numpy()[int(model.categorical) :]
-                counts += threshold_counts(fg, label, self.values, care)
-        dice = {str(v): _nanmean(d) for v, d in scores.items()}
+        for _, case_counts in per_case:  # summed in case order, as one process sums them
+            counts = counts + case_counts if case_counts is not None else counts
+        dice = {str(v): _nanmean([case_dice[v] for case_dice, _ in per_case]) for v in self.values}
         return dice, None if model.embedding is not None else best_thresholds(counts)
+
+    def _score_case(
+        self, model: LoadedPatchwork, image: Volume, label: np.ndarray
+    ) -> tuple[dict[int, float], np.ndarray | None]:
+        """One case's Dice per label value and its threshold counts (None for a label embedding)."""
+        applied = stitched(model, image, self.opts)
+        seg = label_map(model, applied.values)
+        care = np.ones(label.shape, bool) if self.ignore is None else label != self.ignore
+        metrics = segmentation_metrics(outside_as(seg, care), label, self.values, hd95=False)
+        dice = {v: metrics[v]["dice"] for v in self.values}
+        if model.embedding is not None:
+            return dice, None
+        fg = applied.values.cpu().numpy()[int(model.categorical) :]
+        return dice, threshold_counts(fg, label, self.values, care)
 
 
 def outside_as(seg: np.ndarray, care: np.ndarray, fill: int = -1) -> np.ndarray:
