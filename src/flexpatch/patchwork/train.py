@@ -5,11 +5,23 @@ The outer loop (``rounds``, DNP's num_its) draws ``num_patches`` chains per trai
 inner loop (``epochs``) runs gradient steps over that set in batches. Every ``save_every``
 rounds the run's state goes to ``resume.pt``, from which ``resume`` continues exactly where it
 stopped.
+
+Under torchrun (DistributedDataParallel; gloo on the CPU, NCCL on CUDA) every process draws the
+round's whole patch set alike (the same seeds: no patches travel between processes) and shuffles it
+with the same generator; each trains on its contiguous share of every batch (:meth:`Dist.samples`),
+and the loss is computed from statistics summed over the processes (:func:`patch_loss`'s ``total``),
+so a step is the whole batch's, batch Dice included. Hard mining sees every patch's score (summed
+from the processes' shares), validation splits the held-out cases, and only the main process writes
+(``resume.pt``, the best weights, ``log.json``, ``progress.png``, the model). The run equals one
+process's with the same ``batch_size`` to float rounding (sums reduced in another order); a block
+with dropout would draw its masks per process. Each process crops every patch of a round: the CPU
+work of drawing patch sets is repeated by every process, not split.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,24 +32,24 @@ import torch
 from flexpatch.checkpoint import load_checkpoint, save_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
 from flexpatch.data.io import save_json
-from flexpatch.distributed import one_process_only
+from flexpatch.distributed import Dist
 from flexpatch.errors import FlexPatchError
 from flexpatch.methods import write_method
 from flexpatch.models.registry import check_trainable
 from flexpatch.patchwork.config import PatchworkConfig
 from flexpatch.patchwork.files import BEST, CONFIG, RESUME, WEIGHTS
-from flexpatch.patchwork.losses import LabelEmbedding, f1_per_sample, patch_loss
-from flexpatch.patchwork.mining import INDEX_KEY, PatchPool, balance_scores, count_labels
+from flexpatch.patchwork.mining import PatchPool, balance_scores, count_labels
 from flexpatch.patchwork.model import PatchworkNet
 from flexpatch.patchwork.predict import LoadedPatchwork
-from flexpatch.patchwork.rounds import IGNORE, RoundJob, RoundSource, label_table, load_state
+from flexpatch.patchwork.rounds import RoundJob, RoundSource, label_table, load_state
 from flexpatch.patchwork.scheme import Scheme
+from flexpatch.patchwork.trainer import Trainer
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
-from flexpatch.runtime import check_writable, generator, resolve_device, seed_everything
+from flexpatch.runtime import check_writable, seed_everything
 from flexpatch.train.curves import Curves
 from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
-from flexpatch.train.loop import split_cases
-from flexpatch.train.step import Divergence, guarded_step
+from flexpatch.train.loop import _processes, split_cases
+from flexpatch.train.step import Divergence
 
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
 RESUME_FREE = ("rounds", "workers", "save_every", "val_every")
@@ -62,69 +74,6 @@ def build_net(config: PatchworkConfig, scheme: Scheme, in_channels: int, num_lab
     for k, m in enumerate(scheme.matrix):
         check_trainable(m, net.block(k).divisor, f"matrix of level {k}", config.block)
     return net
-
-
-def targets(label: torch.Tensor, num_labels: int, categorical: bool) -> torch.Tensor:
-    """Categorical: the index map as is; multi-label: one channel per label, -1 where don't care."""
-    if categorical:
-        return label
-    onehot = torch.stack([(label == i).float() for i in range(1, num_labels + 1)], dim=1)
-    return torch.where((label == IGNORE)[:, None], torch.full_like(onehot, IGNORE), onehot)
-
-
-class Trainer:
-    """Loss over a patchwork's levels, per-sample scores for hard mining."""
-
-    def __init__(
-        self,
-        net: PatchworkNet,
-        config: PatchworkConfig,
-        num_labels: int,
-        device: torch.device,
-        where: str = "patchwork training",  # what a divergence error names: the model folder
-    ):
-        self.net, self.config, self.num_labels, self.device = net, config, num_labels, device
-        self.where, self.steps, self.divergence = where, 0, Divergence()
-        self.embedding = (
-            LabelEmbedding(num_labels + 1, config.embedding_dim, seed=config.seed).to(device)
-            if config.embedding_dim
-            else None
-        )
-        params = list(net.parameters()) + (list(self.embedding.parameters()) if self.embedding else [])
-        self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.gen = generator(config.seed)
-
-    def level_loss(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = logits[:, : self.net.num_outputs]
-        if self.embedding is not None:
-            loss = self.embedding.sampled_loss(out, label, self.config.num_sampled, self.gen)
-            return loss, loss.detach().expand(len(out))
-        target = targets(label, self.num_labels, self.config.categorical)
-        return patch_loss(out, target, self.config.categorical, batch_dice=self.config.batch_dice)
-
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor, torch.Tensor]:
-        depth = self.net.depth
-        crops = [batch[f"x{k}"].to(self.device) for k in range(depth)]
-        rels = [None] + [batch[f"rel{k}"].to(self.device) for k in range(1, depth)]
-        levels = range(depth) if self.config.intermediate_loss else [depth - 1]
-        total = torch.zeros((), device=self.device)
-        # bfloat16 autocast on CUDA, as the sliding-window trainer; the losses cast logits to float32
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            outs = self.net(crops, rels)
-            for k in levels:
-                loss, per_sample = self.level_loss(outs[k], batch[f"y{k}"].to(self.device))
-                total = total + loss
-        self.steps += 1
-        stepped = guarded_step(total, self.opt, self.net.parameters(), 12.0)
-        self.divergence.update(stepped, self.steps, self.where)
-        final = outs[-1][:, : self.net.num_outputs].detach()
-        if self.embedding is not None:
-            final = self.embedding.logits(final)
-        label = batch[f"y{depth - 1}"].to(self.device)
-        f1 = f1_per_sample(
-            final, targets(label, self.num_labels, self.config.categorical), self.config.categorical
-        )
-        return float(total.detach()), per_sample.detach().cpu(), f1.detach().cpu()
 
 
 def mining_scores(
@@ -169,54 +118,87 @@ def train_patchwork(
     but for :data:`RESUME_FREE` (``rounds`` to train longer, ``workers``, ``save_every``, ``val_every``);
     without one, ``changes`` may set those on the saved config (the checkpoint is read once).
     A non-empty ``out_dir`` is refused unless ``resume`` or ``overwrite`` (see
-    :func:`flexpatch.train.harness.claim_folder`).
+    :func:`flexpatch.train.harness.claim_folder`). Under torchrun every process calls this, with the
+    same arguments; ``config.batch_size`` is the global batch (see the module's docstring).
     """
-    one_process_only("a deep neural patchwork")
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    saved = load_resume(out_dir, config, changes) if resume else None
+    dist, dev = _processes(device)  # under torchrun: this process's place and device
+    saved = dist.on_main(lambda: load_resume(out_dir, config, changes)) if resume else None
     config = saved["config"] if saved else (config or PatchworkConfig())
-    ds = check_training_inputs(dataset_dir, out_dir, config)
-    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
-    dev = resolve_device(device)
+    ds = dist.on_main(lambda: start_folder(dataset_dir, out_dir, config, (resume, overwrite), dist))
     values, ignore = label_table(ds, config)
     scheme = config.scheme_obj(ds.ndim)
     seed_everything(config.seed)
     net = build_net(config, scheme, len(ds.channel_names), len(values)).to(dev)
-    trainer = Trainer(net, config, len(values), dev, str(out_dir))
+    trainer = Trainer(net, config, len(values), dev, str(out_dir), dist)
     run, best = restore(saved, trainer, out_dir / RESUME) if saved else (RunState(), -1.0)
     # the harness counts rounds: validation every val_every, resume.pt every save_every, and the best
-    h = Harness(out_dir, config.rounds, config.val_every, config.save_every, best, BEST, RESUME)
+    h = Harness(
+        out_dir, config.rounds, config.val_every, config.save_every, best, BEST, RESUME, main=dist.main
+    )
     cases, val_cases = list(ds.training), []
     if config.val_fraction > 0:
         cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
-    validator = Validator.load(val_cases, ds.ndim, values, ignore, config.batch_size) if val_cases else None
+    validator = (
+        Validator.load(val_cases, ds.ndim, values, ignore, config.batch_size, dist) if val_cases else None
+    )
     view = loaded_view(net, scheme, asdict(config), values, len(ds.channel_names), trainer.embedding, dev)
-    # the training curves (progress.png) go on from the rounds resume.pt holds, drawn at each validation
-    curves = Curves(out_dir, run.log, {str(v): n for n, v in ds.labels.items()})
     states = [load_state(c, ds.ndim, scheme, config, values, ignore) for c in cases]
     source = RoundSource(RoundJob(states, scheme, config), config.workers)
-    start = time.perf_counter() - run.seconds()
     try:
-        with h.progress("patchwork", run.next_round, progress) as update, curves:
-            for r in range(run.next_round, config.rounds):
-                source.prefetch(r + 1) if r + 1 < config.rounds else None
-                run.pool = next_pool(run.pool, run.scores, source.get(r), config, scheme.depth, len(values))
-                loss, run.scores = run_round(run.pool, trainer, config)
-                seconds = time.perf_counter() - start
-                lr = trainer.opt.param_groups[0]["lr"]
-                run.log.append(
-                    {"round": r, "loss": loss, "lr": lr, "patches": len(run.pool), "seconds": seconds}
-                )
-                run.next_round = r + 1
-                if validator is not None and h.validation_due(run.next_round):
-                    validate_round(validator, view, trainer, run, h)
-                if h.save_due(run.next_round):
-                    save_resume(h, trainer, config, run)
-                curves.add(run.log[-1], draw=h.validation_due(run.next_round))
-                update(run.next_round, round_info(run.log[-1]))
+        names = {str(v): n for n, v in ds.labels.items()}
+        train_rounds(run, trainer, source, (validator, view), h, names, progress)
     finally:
         source.close()
-    return save_model(out_dir, net, trainer, config, ds, values, ignore, run, h.best)
+    result = save_model(out_dir, net, trainer, config, ds, values, ignore, run, h.best, write=dist.main)
+    dist.barrier()  # the model folder is complete: the main process has written it
+    return result
+
+
+def start_folder(
+    dataset_dir: Path, out_dir: Path, config: PatchworkConfig, flags: tuple[bool, bool], dist: Dist
+) -> DatasetInfo:
+    """The main process's checks (the inputs, a batch the processes can split) and its claim of the
+    model folder, before any process trains; returns the dataset."""
+    resume, overwrite = flags
+    ds = check_training_inputs(dataset_dir, out_dir, config)
+    dist.samples(config.batch_size)
+    claim_folder(out_dir, "model folder", resume=resume, overwrite=overwrite)
+    return ds
+
+
+def train_rounds(
+    run: RunState,
+    trainer: Trainer,
+    source: RoundSource,
+    validation: tuple[Validator | None, LoadedPatchwork],
+    h: Harness,
+    names: dict[str, str],
+    progress: bool,
+) -> None:
+    """Rounds ``run.next_round .. rounds``: a patch set each (with the hard patches kept), trained
+    on; validation and ``resume.pt`` at their cadence, one log entry per round."""
+    config, depth, labels = trainer.config, trainer.net.depth, trainer.num_labels
+    validator, view = validation
+    # the training curves (progress.png) go on from the rounds resume.pt holds, drawn at each validation
+    curves = Curves(h.folder, run.log, names) if h.main else None
+    start = time.perf_counter() - run.seconds()
+    with h.progress("patchwork", run.next_round, progress and h.main) as update, curves or nullcontext():
+        for r in range(run.next_round, config.rounds):
+            source.prefetch(r + 1) if r + 1 < config.rounds else None
+            run.pool = next_pool(run.pool, run.scores, source.get(r), config, depth, labels)
+            loss, run.scores = run_round(run.pool, trainer, config)
+            seconds = time.perf_counter() - start
+            lr = trainer.opt.param_groups[0]["lr"]
+            run.log.append({"round": r, "loss": loss, "lr": lr, "patches": len(run.pool), "seconds": seconds})
+            run.next_round = r + 1
+            if validator is not None and h.validation_due(run.next_round):
+                validate_round(validator, view, trainer, run, h)
+            if h.save_due(run.next_round):
+                save_resume(h, trainer, config, run)
+            if curves is not None:
+                curves.add(run.log[-1], draw=h.validation_due(run.next_round))
+            update(run.next_round, round_info(run.log[-1]))
 
 
 def round_info(entry: dict[str, Any]) -> str:
@@ -343,18 +325,20 @@ def next_pool(
 def run_round(
     pool: PatchPool, trainer: Trainer, config: PatchworkConfig
 ) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
-    """``epochs`` passes over the patch set; records each patch's last loss and F1 for mining."""
+    """``epochs`` passes over the patch set; records each patch's last loss and F1 for mining (under
+    torchrun every process gets all of them: each wrote its own samples', the others' are zero)."""
     trainer.net.train()
-    losses = torch.zeros(len(pool))
-    f1 = torch.zeros(len(pool))
+    scores = torch.zeros(2, len(pool))  # loss, F1
     values = []
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         for batch in pool.batches(config.batch_size, trainer.gen):
-            idx = batch.pop(INDEX_KEY)
-            loss, per_sample, f1_b = trainer.step(batch)
-            losses[idx], f1[idx] = per_sample, f1_b
+            loss, idx, per_sample, f1 = trainer.step(batch)
+            if epoch == config.epochs - 1:  # each pass takes every patch once: the last one's count
+                scores[0, idx], scores[1, idx] = per_sample, f1
             values.append(loss)
-    return float(np.mean(values)), (losses, f1)
+    if trainer.dist.active:  # x + 0 is x: the sum is each patch's own score, exactly
+        scores = trainer.dist.sum(scores.to(trainer.device)).cpu()
+    return float(np.mean(values)), (scores[0], scores[1])
 
 
 def save_model(
@@ -367,7 +351,32 @@ def save_model(
     ignore: int | None,
     run: RunState,
     best: float,
+    write: bool = True,
 ) -> dict[str, Any]:
+    """The model folder (weights, log, method, ``patchwork.json`` last) when ``write`` (the main
+    process under torchrun), and the run's summary."""
+    if write:
+        write_model(out_dir, net, trainer, config, ds, values, ignore, run)
+    log = run.log
+    return {
+        "out_dir": str(out_dir),
+        "rounds": len(log),
+        "last_loss": log[-1]["loss"] if log else None,
+        "best_val_dice": best if best >= 0 else None,
+        "seconds": log[-1]["seconds"] if log else 0.0,
+    }
+
+
+def write_model(
+    out_dir: Path,
+    net: PatchworkNet,
+    trainer: Trainer,
+    config: PatchworkConfig,
+    ds: DatasetInfo,
+    values: list[int],
+    ignore: int | None,
+    run: RunState,
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = {v: k for k, v in ds.labels.items()}
     meta = {
@@ -385,11 +394,3 @@ def save_model(
     save_json(out_dir / "log.json", run.log)
     write_method(out_dir, "patchwork")  # no sliding window: the scheme's levels tile the image
     save_json(out_dir / CONFIG, meta)  # last: its presence means the model folder is complete
-    log = run.log
-    return {
-        "out_dir": str(out_dir),
-        "rounds": len(log),
-        "last_loss": log[-1]["loss"] if log else None,
-        "best_val_dice": best if best >= 0 else None,
-        "seconds": log[-1]["seconds"] if log else 0.0,
-    }
