@@ -25,7 +25,7 @@ def test_cadence_validates_every_n_and_at_the_end(tmp_path: Path) -> None:
 
 def test_best_is_kept_first_then_only_when_it_improves(tmp_path: Path) -> None:
     h = Harness(tmp_path, total=5, val_every=1)
-    weights = lambda v: (lambda: {"w": torch.tensor([v])})  # noqa: E731
+    weights = lambda v: lambda: {"w": torch.tensor([v])}  # noqa: E731
     assert h.keep_if_best(math.nan, weights(0.0))  # the first validation keeps weights, even NaN
     assert h.best == -1.0
     assert h.keep_if_best(0.5, weights(0.5)) and not h.keep_if_best(0.4, weights(0.4))

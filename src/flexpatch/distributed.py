@@ -182,14 +182,6 @@ def current() -> Dist:
     return Dist(rank, world, local)
 
 
-def one_process_only(method: str) -> None:
-    """Refuse, before any process writes, a method that does not train on several processes yet:
-    each process would otherwise train it alone into the same folder."""
-    dist = current()
-    if dist.active:
-        dist.fail(f"{method} trains on one process only so far; start it without torchrun or --nproc")
-
-
 def stop() -> None:
     """Leave the process group (at the end of a command), so that torchrun's processes exit cleanly."""
     import torch.distributed as td

@@ -48,9 +48,9 @@ from flexpatch.train.harness import (
     truncate_log,
 )
 from flexpatch.train.loop import (
-    _processes,
     augmentation,
     cache_dir_for,
+    join_processes,
     make_optimizer,
     prepare,
     rng_for,
@@ -273,7 +273,7 @@ def train_cascade(
         ``baseline_val_dice`` (the rough model alone), ``last_loss`` (fine stage) and ``seconds``.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    dist, dev = _processes(device)
+    dist, dev = join_processes(device)
     config, saved = dist.on_main(lambda: _resolve(out_dir, config, resume))
     dist.samples(config.train.batch)  # a batch the processes cannot split fails before preprocessing
     t0 = time.perf_counter()

@@ -69,6 +69,15 @@ def _unchanged(stats: Tensor) -> Tensor:
     return stats
 
 
+def _dice_stats(prob: Tensor, truth: Tensor, dice_b: Tensor, batch_dice: bool) -> Tensor:
+    """What the batch Dice term is computed from: the overlap and volumes per class over the batch
+    (``batch_dice``: the batch as one sample), else the per-sample Dice losses' sum and count."""
+    if batch_dice:
+        axes = (0, *range(2, prob.ndim))
+        return torch.cat([(prob * truth).sum(axes), prob.sum(axes) + truth.sum(axes)])
+    return torch.stack([dice_b.sum(), torch.tensor(float(dice_b.numel()), device=dice_b.device)])
+
+
 def patch_loss(
     logits: Tensor,
     target: Tensor,
@@ -121,14 +130,8 @@ def patch_loss(
         ce, ce_b = _masked_sums(bce_vox, valid)
         prob = torch.sigmoid(logits) * valid
     dice_b = _soft_dice_loss(prob, truth).mean(1)
-    # the batch's terms from sums (one reduction across processes): CE sum and count, then batch
-    # Dice's overlap and volumes per class, or the per-sample Dice losses' sum and count
-    if batch_dice:  # the batch as one sample
-        axes = (0, *range(2, prob.ndim))
-        dice_stats = torch.cat([(prob * truth).sum(axes), prob.sum(axes) + truth.sum(axes)])
-    else:
-        dice_stats = torch.stack([dice_b.sum(), torch.tensor(float(dice_b.numel()), device=dice_b.device)])
-    sums = total(torch.cat([ce, dice_stats]))
+    # the batch's terms from sums (one reduction across processes): CE sum and count, then Dice's
+    sums = total(torch.cat([ce, _dice_stats(prob, truth, dice_b, batch_dice)]))
     mean_ce = sums[0] / sums[1].clamp(min=1.0)
     if batch_dice:
         inter, denom = sums[2:].reshape(2, -1)

@@ -48,7 +48,7 @@ from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, seed_everything
 from flexpatch.train.curves import Curves
 from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
-from flexpatch.train.loop import _processes, split_cases
+from flexpatch.train.loop import join_processes, split_cases
 from flexpatch.train.step import Divergence
 
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
@@ -122,7 +122,7 @@ def train_patchwork(
     same arguments; ``config.batch_size`` is the global batch (see the module's docstring).
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    dist, dev = _processes(device)  # under torchrun: this process's place and device
+    dist, dev = join_processes(device)  # under torchrun: this process's place and device
     saved = dist.on_main(lambda: load_resume(out_dir, config, changes)) if resume else None
     config = saved["config"] if saved else (config or PatchworkConfig())
     ds = dist.on_main(lambda: start_folder(dataset_dir, out_dir, config, (resume, overwrite), dist))

@@ -301,7 +301,7 @@ def train(
         changes: on ``resume`` without ``config``, settings of :data:`RESUME_FREE` to change.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    dist, dev = _processes(device)
+    dist, dev = join_processes(device)
     config, saved = dist.on_main(lambda: resolve_config(out_dir, config, resume, changes))
     net, loaded, plan, cases, ds = _setup(dataset_dir, out_dir, config, (resume, overwrite, progress), dist)
     train_cases, val_cases = split_for(cases, dataset_dir, config)  # a --fold's, else val_fraction's
@@ -332,7 +332,7 @@ def train(
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
 
 
-def _processes(device: str) -> tuple[Dist, torch.device]:
+def join_processes(device: str) -> tuple[Dist, torch.device]:
     """This process's place under torchrun (one process without it) and its device; only the main
     process speaks (progress, messages)."""
     dist = current()
