@@ -102,30 +102,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
+def _succeeds(command: list[object], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` (one thread per process, a wide terminal) and check it exits 0."""
+    proc = subprocess.run(
+        list(map(str, command)), capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def torchrun(*args: object, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node N -m flexpatch ARGS``."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    proc = subprocess.run(
-        [*launch, "-m", "flexpatch", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return _succeeds([*launch, "-m", "flexpatch", *args], timeout)
 
 
 def flexpatch(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "flexpatch", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return _succeeds([sys.executable, "-m", "flexpatch", *args], timeout)
 
 
 def _train_args(data: Path, out: Path, *extra: object) -> list[object]:
