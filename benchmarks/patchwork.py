@@ -213,9 +213,11 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
                     overwrite=True)
         return run.seconds
 
+    # The difference of two tiny runs can be noise (even negative): a floor of a quarter of the short
+    # run's mean step keeps it from sizing a probe of thousands of steps (the smoke run's took 85 s).
     first, second, least = mode.probes
     short = seconds(first)
-    rough = max((seconds(second) - short) / max(second - first, 1), 1e-4)
+    rough = max((seconds(second) - short) / max(second - first, 1), short / first / 4, 1e-4)
     extra = min(max(least, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
     steps = max(4, int(mode.budget / max((seconds(first + extra) - short) / extra, 1e-4)))
     done = train(ds, out / "model", config(steps), device=device, progress=True, overwrite=True)
