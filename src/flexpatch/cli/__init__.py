@@ -70,6 +70,18 @@ def main() -> None:
     if not current().main:  # under torchrun one process speaks for the run; errors still say where
         _quiet()
     try:
+        code = _run()
+    finally:
+        # on every way out, an error's exit included: a torchrun process that exits still in its
+        # group may abort in the group's threads ("terminate called without an active exception")
+        if "torch.distributed" in sys.modules:
+            stop()
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The command; its exit code (an error's: one line, SystemExit)."""
+    try:
         code = app(standalone_mode=False)  # parser errors come back as exceptions, not usage boxes
     except MainFailed:  # under torchrun: the main process says it, once
         code = 2
@@ -90,9 +102,7 @@ def main() -> None:
         code = TERMINATED
     if code in (INTERRUPTED, TERMINATED):
         typer.echo("interrupted" if code == INTERRUPTED else "terminated", err=True)
-    if "torch.distributed" in sys.modules:  # a torchrun process leaves its group before it exits
-        stop()
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def _usage_error(e: Any) -> None:
