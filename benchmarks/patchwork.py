@@ -163,6 +163,14 @@ def resumable(out: Path, method: str, fn: Any) -> Result:
     return result
 
 
+def step_time(long_s: float, long_n: int, short_s: float, short_n: int) -> float:
+    """Seconds per step (or round) from two timed runs of ``long_n`` and ``short_n``: their difference
+    divided, which leaves start-up out. At smoke sizes that difference can be noise, even negative:
+    floored at a quarter of the long run's mean, so it cannot size a run of thousands of steps (a
+    smoke run's U-Net probe once ran 1201 steps, and its training 30000 in another)."""
+    return max((long_s - short_s) / max(long_n - short_n, 1), long_s / long_n / 4, 1e-4)
+
+
 def train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     return resumable(out, "patchwork", lambda: _train_patchwork(ds, out, mode, device))
 
@@ -174,7 +182,7 @@ def _train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     run(ds, out / "calibrate", pw_config(mode, CALIBRATION_ROUNDS), device=device, progress=False,
         overwrite=True)
     log = json.loads((out / "calibrate" / "log.json").read_text())
-    per_round = (log[-1]["seconds"] - log[0]["seconds"]) / (CALIBRATION_ROUNDS - 1)
+    per_round = step_time(log[-1]["seconds"], CALIBRATION_ROUNDS, log[0]["seconds"], 1)
     rounds = max(2, int(mode.budget / per_round))
     done = run(ds, out / "model", pw_config(mode, rounds), device=device, progress=True, overwrite=True)
     return Result("patchwork", done["seconds"], rounds)
@@ -213,13 +221,11 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
                     overwrite=True)
         return run.seconds
 
-    # The difference of two tiny runs can be noise (even negative): a floor of a quarter of the short
-    # run's mean step keeps it from sizing a probe of thousands of steps (the smoke run's took 85 s).
     first, second, least = mode.probes
     short = seconds(first)
-    rough = max((seconds(second) - short) / max(second - first, 1), short / first / 4, 1e-4)
+    rough = step_time(seconds(second), second, short, first)
     extra = min(max(least, int(CALIBRATION_SHARE * mode.budget / rough)), 2000)
-    steps = max(4, int(mode.budget / max((seconds(first + extra) - short) / extra, 1e-4)))
+    steps = max(4, int(mode.budget / step_time(seconds(first + extra), first + extra, short, first)))
     done = train(ds, out / "model", config(steps), device=device, progress=True, overwrite=True)
     return Result(f"U-Net {patch}^3", done.seconds, steps)
 
