@@ -68,6 +68,16 @@ class Dist:
                 "nccl" if cuda else "gloo", timeout=TIMEOUT, device_id=dev if cuda else None
             )
 
+    def wrap(self, module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+        """What a trainer's steps run through: under torchrun ``module`` in DistributedDataParallel
+        (the processes' gradients averaged as their shares' loss is summed), else ``module`` itself;
+        validation and checkpoints use ``module``."""
+        if not self.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
     def barrier(self) -> None:
         import torch.distributed as td
 

@@ -29,8 +29,8 @@ from flexpatch.cascade.config import CascadeConfig, check_unused
 from flexpatch.cascade.infer import CASCADE_FILE, rough_probabilities, segment
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.dataset import DatasetInfo, load_dataset, refuse_regions
-from flexpatch.data.io import load_json, save_json
-from flexpatch.data.preprocess import Plan, make_plan, preprocess_dataset
+from flexpatch.data.io import save_json
+from flexpatch.data.preprocess import Plan
 from flexpatch.distributed import Dist
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.metrics import dice_torch
@@ -49,8 +49,9 @@ from flexpatch.train.harness import (
 )
 from flexpatch.train.loop import (
     augmentation,
-    cache_dir_for,
+    followed_cases,
     join_processes,
+    main_then_others,
     make_optimizer,
     prepare,
     rng_for,
@@ -163,16 +164,6 @@ def _start_stage(
         raise FlexPatchError(f"{folder / LAST}: does not fit this cascade ({reason})") from None
 
 
-def _parallel(net: torch.nn.Module, ctx: _Context) -> torch.nn.Module:
-    """The module the steps run through: under torchrun DistributedDataParallel (as the core
-    trainer's ``Run``), which sums the gradients of the processes' shares; else ``net`` itself."""
-    if not ctx.dist.active:
-        return net
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(net, device_ids=[ctx.dev.index] if ctx.dev.type == "cuda" else None)
-
-
 def _train_stage(
     stage: str,
     net: torch.nn.Module,
@@ -190,7 +181,7 @@ def _train_stage(
     opt, sched = make_optimizer(net, tc)
     loss_fn, amp = segmentation_loss(False, ctx.ignore, (), dist), tc.amp and dev.type == "cuda"
     at = _start_stage(saved, ctx.out_dir / stage, tc, net, opt, sched, dist)
-    model = _parallel(net, ctx)
+    model = ctx.dist.wrap(net, ctx.dev)
     h, end = at.harness, tc.steps if end is None else min(end, tc.steps)
     log_to = training_log(ctx.out_dir / LOG) if dist.main else nullcontext(lambda record: None)
     with h.progress(stage, at.step, ctx.progress and dist.main) as update, log_to as log:
@@ -331,11 +322,14 @@ def _setup(
     flags: tuple[bool, bool, bool],
     dist: Dist,
 ) -> tuple[torch.nn.Module, Plan, list[Path], DatasetInfo]:
-    """:func:`_start` in the main process; the others wait for its fingerprint and :func:`_follow`
-    (as the core trainer): the rough net, the plan, the preprocessed cases and the dataset."""
-    started = _start(dataset_dir, out_dir, config, saved, flags) if dist.main else None
-    fingerprint = dist.on_main(lambda: load_json(out_dir / "fingerprint.json"))
-    return started or _follow(dataset_dir, out_dir, config, fingerprint)
+    """:func:`_start` in the main process, :func:`_follow` in the others: the rough net, the plan,
+    the preprocessed cases and the dataset."""
+    return main_then_others(
+        dist,
+        out_dir,
+        lambda: _start(dataset_dir, out_dir, config, saved, flags),
+        lambda fingerprint: _follow(dataset_dir, out_dir, config, fingerprint),
+    )
 
 
 def _start(
@@ -359,13 +353,11 @@ def _start(
 def _follow(
     dataset_dir: Path, out_dir: Path, config: CascadeConfig, fingerprint: dict[str, Any]
 ) -> tuple[torch.nn.Module, Plan, list[Path], DatasetInfo]:
-    """What a process other than the main one needs, writing nothing the main one writes: the rough
-    net, the main process's plan and the preprocessed cases (read from the cache, or made on a
-    machine that does not share the main one's disk)."""
+    """What a process other than the main one needs: the rough net and :func:`followed_cases`."""
     ds = load_dataset(dataset_dir)
     rough = _check(ds, out_dir, config)
-    plan = make_plan(ds, fingerprint, target_spacing=config.train.target_spacing)
-    return rough, plan, preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False), ds
+    plan, cases = followed_cases(ds, out_dir, fingerprint, config.train.target_spacing)
+    return rough, plan, cases, ds
 
 
 def _resolve(

@@ -97,13 +97,11 @@ def mean_probabilities(models: Sequence[LoadedModel], volume: Volume, **options:
     the sum from the second model on (the first one's probabilities, counted as its output, become
     it); on a GPU the sum is in host memory, outside the device's budget.
     """
-    total: np.ndarray | None = None
-    for lm in models:
-        probs = lm.segment(volume, probabilities=True, **options)[1]  # type: ignore[arg-type]
-        assert probs is not None  # asked for
-        total = probs if total is None else np.add(total, probs, out=total)
-        del probs  # not held while the next model runs
-    assert total is not None  # at least one model
+    if not models:
+        raise FlexPatchError("an ensemble needs at least one model folder")
+    total = models[0].probabilities(volume, **options)  # type: ignore[arg-type]
+    for lm in models[1:]:
+        np.add(total, lm.probabilities(volume, **options), out=total)  # type: ignore[arg-type]
     return np.divide(total, np.float32(len(models)), out=total)
 
 

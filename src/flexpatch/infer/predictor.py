@@ -216,7 +216,8 @@ class LoadedModel:
         """
         args = (patch_size, overlap, blend, batch_size, stitch_device, progress, memory, tta)
         probs = self.segment(volume, *args, probabilities=True)[1]
-        assert probs is not None  # asked for
+        if probs is None:  # an explicit check: python -O drops an assert
+            raise RuntimeError("segment returned no probabilities although they were asked for")
         return probs
 
     def segment(

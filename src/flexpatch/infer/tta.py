@@ -33,13 +33,11 @@ class Mirrored(torch.nn.Module):
         self.spec = getattr(net, "spec", None)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        total: torch.Tensor | None = None
+        total = torch.zeros((), device=x.device)  # broadcast to the first output's shape
         for axes in self.flips:
             dims = [2 + a for a in axes]
             y = self.net(x.flip(dims) if dims else x, *args, **kwargs)
-            y = y.flip(dims) if dims else y
-            total = y.float() if total is None else total + y.float()
-        assert total is not None  # flip_sets always holds the empty set
+            total = total + (y.flip(dims) if dims else y).float()
         return total / len(self.flips)
 
 

@@ -49,7 +49,7 @@ class Trainer:
         params = list(net.parameters()) + (list(self.embedding.parameters()) if self.embedding else [])
         self.opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.gen = generator(config.seed)
-        self.model = parallel(net, self.embedding, device, dist)
+        self.model = dist.wrap(_Trained(net, self.embedding), device) if dist.active else net
 
     def level_loss(
         self, logits: torch.Tensor, label: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor]
@@ -115,15 +115,3 @@ class _Trained(torch.nn.Module):
 
     def forward(self, crops: list[torch.Tensor], rels: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return self.net(crops, rels)
-
-
-def parallel(
-    net: PatchworkNet, embedding: LabelEmbedding | None, dev: torch.device, dist: Dist
-) -> torch.nn.Module:
-    """What the steps call: the network itself on one process, under torchrun its DDP wrapper."""
-    if not dist.active:
-        return net
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [dev.index] if dev.type == "cuda" else None
-    return DistributedDataParallel(_Trained(net, embedding), device_ids=ids)

@@ -8,7 +8,7 @@ data stream, which is a pure function of (seed, step)).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -347,32 +347,47 @@ def _loss(config: TrainConfig, plan: Plan, dist: Dist) -> Any:
     return segmentation_loss(config.batch_dice, plan.labels.get("ignore"), regions, dist)
 
 
+def main_then_others(
+    dist: Dist, out_dir: Path, start: Callable[[], T], follow: Callable[[dict[str, Any]], T]
+) -> T:
+    """A trainer's set-up: ``start()`` in the main process (it claims the folder, preprocesses and
+    writes the fingerprint); the others wait for the fingerprint and ``follow`` it, writing nothing."""
+    started = start() if dist.main else None
+    fingerprint = dist.on_main(lambda: load_json(out_dir / "fingerprint.json"))
+    return started if started is not None else follow(fingerprint)
+
+
+def followed_cases(
+    ds: DatasetInfo, out_dir: Path, fingerprint: dict[str, Any], target_spacing: Any
+) -> tuple[Plan, list[Path]]:
+    """A process other than the main one: the main process's plan and the preprocessed cases (read
+    from the cache, or made on a machine that does not share the main one's disk)."""
+    plan = make_plan(ds, fingerprint, target_spacing=target_spacing)
+    return plan, preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False)
+
+
 def _setup(
     dataset_dir: Path, out_dir: Path, config: TrainConfig, flags: tuple[bool, bool, bool], dist: Dist
 ) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path], DatasetInfo]:
-    """:func:`_start` in the main process; the others wait for its fingerprint and :func:`_follow`."""
+    """:func:`_start` in the main process, :func:`_follow` in the others."""
     resume, overwrite, progress = flags
-    started = _start(dataset_dir, out_dir, config, resume, overwrite, progress) if dist.main else None
-    fingerprint = dist.on_main(lambda: load_json(out_dir / "fingerprint.json"))
-    return started or _follow(dataset_dir, out_dir, config, resume, fingerprint)
+    return main_then_others(
+        dist,
+        out_dir,
+        lambda: _start(dataset_dir, out_dir, config, resume, overwrite, progress),
+        lambda fingerprint: _follow(dataset_dir, out_dir, config, resume, fingerprint),
+    )
 
 
 def _follow(
     dataset_dir: Path, out_dir: Path, config: TrainConfig, resume: bool, fingerprint: dict[str, Any]
 ) -> tuple[torch.nn.Module, frozenset[str], Plan, list[Path], DatasetInfo]:
-    """What a process other than the main one needs, writing nothing the main one writes: the network,
-    its --init-from weights, the main process's plan and the preprocessed cases (read from the cache,
-    or made on a machine that does not share the main one's disk)."""
+    """What a process other than the main one needs: the network, its --init-from weights, and
+    :func:`followed_cases`."""
     ds, net = check_inputs(dataset_dir, out_dir, config)
     loaded = initialise(net, config, out_dir, resume, write=False)
-    plan = make_plan(ds, fingerprint, target_spacing=config.target_spacing)
-    return (
-        net,
-        loaded,
-        plan,
-        preprocess_dataset(ds, plan, cache_dir_for(ds.root, out_dir), progress=False),
-        ds,
-    )
+    plan, cases = followed_cases(ds, out_dir, fingerprint, config.target_spacing)
+    return net, loaded, plan, cases, ds
 
 
 def _start(

@@ -40,14 +40,7 @@ class Run:
     dist: Dist = field(default_factory=Dist)
 
     def __post_init__(self) -> None:
-        # under torchrun the steps run through DistributedDataParallel (gradients averaged over the
-        # processes); validation and checkpoints use the network itself
-        self.model = self.net
-        if self.dist.active:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.dev.index] if self.dev.type == "cuda" else None
-            self.model = DistributedDataParallel(self.net, device_ids=ids)
+        self.model = self.dist.wrap(self.net, self.dev)  # validation and checkpoints use net
 
     def state(self, step: int) -> dict[str, Any]:
         """Everything ``resume`` needs: weights, optimiser, scheduler, step, best Dice, RNG, config."""
