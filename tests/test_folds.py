@@ -165,3 +165,121 @@ def test_2d_folds_ensemble(tiny_cells: Path, tmp_path: Path) -> None:
     volume = read_image(image, ndim=2)
     by_hand = np.mean([m.segment(volume, probabilities=True)[1] for m in models], axis=0)
     assert np.array_equal(read_image(written[0], ndim=2).data[0], models[0].labels(by_hand))
+
+
+def _fold_dataset(source: Path, folder: Path) -> tuple[Path, list[dict]]:
+    """A copy of a phantom with a 2-fold splits_final.json of its own."""
+    data = folder / "data"
+    shutil.copytree(source, data, ignore=shutil.ignore_patterns(".flexpatch_cache"))
+    ids = [p.name.removesuffix(".nii.gz") for p in (data / "labelsTr").iterdir()]
+    return data, json.loads(ensure_splits(data, ids, 2).read_text())
+
+
+def _validation_cases(folder: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".nii.gz") for p in (folder / "validation").glob("*.nii.gz"))
+
+
+def test_cli_trains_a_cascade_fold_on_its_split(tiny_cells: Path, tmp_path: Path) -> None:
+    """2D: ``train --cascade sts --fold 1`` trains into OUT/fold_1 on the fold's training cases,
+    validates on its validation cases and predicts them with the cascade (its boxes file too)."""
+    data, splits = _fold_dataset(tiny_cells, tmp_path)
+    done = run_cli(
+        "train", data, "--out", tmp_path / "cv", "--cascade", "sts", "--fold", 1, "--input-size", 16,
+        "--steps", 2, "--batch", 2, "--device", "cpu", "--options", json.dumps(TINY),
+        "--cascade-options", '{"fine_steps": 1, "min_side": 3}',
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fold = tmp_path / "cv" / "fold_1"
+    assert json.loads((fold / "cascade.json").read_text())["config"]["train"]["fold"] == 1
+    train_ids, val_ids = splits[1]["train"], splits[1]["val"]
+    assert f"on {len(train_ids)} cases (val {len(val_ids)})" in done.stdout + done.stderr
+    assert _validation_cases(fold) == sorted(val_ids)
+    assert (fold / "validation" / "boxes.json").is_file()  # written by the cascade's predictor
+
+
+def test_3d_cascade_folds_and_their_ensemble(tiny_abdomen: Path, tmp_path: Path) -> None:
+    """3D, Python API: each fold's split (not the val_fraction one) and its validation predictions;
+    the folds' ensemble writes the mean of the cascades' fused probabilities, and its labels."""
+    from flexpatch.cascade.config import CascadeConfig
+    from flexpatch.cascade.infer import load_cascade
+    from flexpatch.cascade.train import train_cascade
+
+    data, splits = _fold_dataset(tiny_abdomen, tmp_path)
+    for k in (0, 1):
+        config = CascadeConfig.of(input_size=16, steps=2, batch=2, model_kwargs=TINY, fold=k, fine_steps=1)
+        train_cascade(data, tmp_path / "models" / f"fold_{k}", config, device="cpu", progress=False)
+        assert _validation_cases(tmp_path / "models" / f"fold_{k}") == sorted(splits[k]["val"])
+    image = sorted((data / "imagesTs").iterdir())[0]
+    predict_ensemble([tmp_path / "models"], [image], tmp_path / "pred", save_probabilities=True,
+                     progress=False, device="cpu", tta="none", postprocess=False)  # fmt: skip
+    cascades = [load_cascade(tmp_path / "models" / f"fold_{k}", device="cpu") for k in (0, 1)]
+    volume = read_image(image, ndim=3)
+    by_hand = np.mean([c.predict(volume, batch_size=4).probabilities for c in cascades], axis=0)
+    case = image.name.removesuffix("_0000.nii.gz")
+    written = np.moveaxis(
+        np.asarray(nib.load(tmp_path / "pred" / "probabilities" / f"{case}.nii.gz").dataobj), -1, 0
+    )
+    np.testing.assert_allclose(written, by_hand, atol=1e-6)
+    labels = np.asarray(nib.load(tmp_path / "pred" / f"{case}.nii.gz").dataobj)
+    assert np.array_equal(labels, cascades[0].rough.labels(by_hand))
+    with pytest.raises(FlexPatchError, match="no window"):
+        predict_ensemble([tmp_path / "models"], [image], tmp_path / "p2", (16, 16, 16), device="cpu")
+
+
+def test_cli_trains_a_patchwork_fold_on_its_split(tiny_cells: Path, tmp_path: Path) -> None:
+    """2D: ``train --patchwork --fold 0``: OUT/fold_0, the fold's validation cases scored and
+    predicted by the patchwork (the others trained on)."""
+    data, splits = _fold_dataset(tiny_cells, tmp_path)
+    done = run_cli(
+        "train", data, "--out", tmp_path / "cv", "--patchwork", "--fold", 0, "--depth", 2, "--matrix", 8,
+        "--rounds", 1, "--num-patches", 2, "--batch", 2, "--options", json.dumps(TINY), "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    fold = tmp_path / "cv" / "fold_0"
+    assert json.loads((fold / "patchwork.json").read_text())["config"]["fold"] == 0
+    assert _validation_cases(fold) == sorted(splits[0]["val"])
+
+
+def test_a_3d_patchwork_fold_through_the_api(tiny_abdomen: Path, tmp_path: Path) -> None:
+    """3D, Python API: fold 1 trains on its split and predicts its validation cases; a fold that is
+    neither a number nor "all" is refused."""
+    from flexpatch.patchwork.config import PatchworkConfig
+    from flexpatch.patchwork.train import train_patchwork
+
+    data, splits = _fold_dataset(tiny_abdomen, tmp_path)
+    scheme = {"depth": 2, "matrix": [8, 8, 8]}
+    config = PatchworkConfig(scheme=scheme, block_options=TINY, rounds=1, num_patches=2, batch_size=2, fold=1)
+    train_patchwork(data, tmp_path / "fold_1", config, device="cpu", progress=False)
+    assert _validation_cases(tmp_path / "fold_1") == sorted(splits[1]["val"])
+    with pytest.raises(FlexPatchError, match="fold must be"):
+        PatchworkConfig(scheme=scheme, fold="last").check()
+
+
+def test_evaluate_a_parent_of_folds_scores_every_fold_s_validation(
+    folds: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """nnU-Net's cross-validation result: ``evaluate MODELS LABELS`` scores fold_0/validation and
+    fold_1/validation together, each case as its own fold scored it; a case two folds predicted is
+    one line."""
+    from flexpatch.evaluate.metrics import evaluate_folders
+
+    data, parent = folds
+    labels = data / "labelsTr"
+    together = evaluate_folders(parent, labels, hd95=False, progress=False)
+    apart = [
+        evaluate_folders(
+            parent / f"fold_{k}" / "validation", labels, hd95=False, progress=False, partial=True
+        )
+        for k in (0, 1)
+    ]
+    cases = sorted(p.name.removesuffix(".nii.gz") for p in labels.iterdir())
+    assert sorted(together.cases) == cases  # every training case, once
+    key = lambda row: (row["case"], row["class"])  # noqa: E731
+    by_fold = sorted((row for report in apart for row in report.per_case), key=key)
+    np.testing.assert_equal(sorted(together.per_case, key=key), by_fold)  # NaN (absent class) equal
+    copy = tmp_path / "models"
+    shutil.copytree(parent, copy)
+    twice = next((copy / "fold_0" / "validation").glob("*.nii.gz"))
+    shutil.copy(twice, copy / "fold_1" / "validation" / twice.name)
+    with pytest.raises(FlexPatchError, match="is also predicted by"):
+        evaluate_folders(copy, labels, hd95=False, progress=False)

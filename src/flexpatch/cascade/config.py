@@ -15,7 +15,7 @@ from flexpatch.train.config import TrainConfig, config_from_json
 # The TrainConfig fields the cascade's loop reads; it sets patch (S) and workers (0) itself.
 SHARED = (
     "model", "model_kwargs", "steps", "batch", "lr", "optimizer", "weight_decay", "poly_power",
-    "val_every", "val_fraction", "amp", "target_spacing", "seed", "augment",
+    "val_every", "val_fraction", "amp", "target_spacing", "seed", "augment", "fold",
 )  # fmt: skip
 _PER_STAGE = ("patch", "workers")
 # Where the cascade's defaults differ from TrainConfig's (the paper's batch; crops are drawn in-process).

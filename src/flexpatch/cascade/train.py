@@ -39,6 +39,7 @@ from flexpatch.models import build, check_patch_size, create_model
 from flexpatch.runtime import check_writable, console, rng_state, seed_everything, set_rng_state
 from flexpatch.sampling.augment import AugmentConfig
 from flexpatch.train.config import TrainConfig
+from flexpatch.train.folds import split_for, write_validation
 from flexpatch.train.harness import (
     Harness,
     claim_folder,
@@ -55,7 +56,6 @@ from flexpatch.train.loop import (
     make_optimizer,
     prepare,
     rng_for,
-    split_cases,
 )
 from flexpatch.train.loss import segmentation_loss
 from flexpatch.train.step import Divergence, advance, guarded_step
@@ -271,8 +271,12 @@ def train_cascade(
     rough, plan, paths, ds = _setup(dataset_dir, out_dir, config, saved, (resume, overwrite, progress), dist)
     aug = augmentation(config.train, [list(p) for p in ds.mirrored_pairs])
     ctx = _Context(config, dev, out_dir, progress, dist, plan.labels.get("ignore"), aug)
-    result = _run_stages(ctx, rough, plan, paths, saved, stop_after, t0)
+    split = split_for(paths, dataset_dir, config.train)  # a --fold's, else val_fraction's
+    result = _run_stages(ctx, rough, plan, split, saved, stop_after, t0)
     dist.barrier()  # the cascade folder is complete: the main process has written it
+    complete = dist.broadcast((out_dir / CASCADE_FILE).is_file())  # the main process's disk decides
+    if isinstance(config.train.fold, int) and complete:  # as nnU-Net: a fold's validation predictions
+        write_validation(dataset_dir, out_dir, [p.stem for p in split[1]], device)
     return result
 
 
@@ -280,14 +284,15 @@ def _run_stages(
     ctx: _Context,
     rough: torch.nn.Module,
     plan: Plan,
-    paths: list[Path],
+    split: tuple[list[Path], list[Path]],
     saved: dict[str, dict[str, Any]],
     stop_after: int | None,
     t0: float,
 ) -> dict[str, Any]:
-    """The rough stage, then (unless stopped before) the fine one; the summary of the run."""
+    """The rough stage, then (unless stopped before) the fine one, on the (training, validation)
+    cases of ``split``; the summary of the run."""
     config, out_dir, dist, k = ctx.config, ctx.out_dir, ctx.dist, plan.num_classes
-    train_paths, val_paths = split_cases(paths, config.train.val_fraction, config.train.seed)
+    train_paths, val_paths = split
     train_cases, val_cases = Cases(train_paths, config.per_class), Cases(val_paths, config.per_class)
     on = f"{ctx.dev}" if not dist.active else f"{dist.world} processes ({ctx.dev.type})"
     console.print(

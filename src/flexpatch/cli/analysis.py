@@ -227,7 +227,11 @@ def _peaks(choice: dict) -> str:
 
 def evaluate(
     pred_dir: Annotated[
-        Path, typer.Argument(help="Folder of predicted label maps (.nii.gz, .nii, .mha, .nrrd, .png, .tif).")
+        Path,
+        typer.Argument(
+            help="Folder of predicted label maps (.nii.gz, .nii, .mha, .nrrd, .png, .tif), or a parent of "
+            "cross-validation folds: every fold_K/validation together (the cross-validation result)."
+        ),
     ],
     label_dir: Annotated[
         Path, typer.Argument(help="Folder of reference label maps, paired by case id (any of those formats).")

@@ -316,8 +316,6 @@ def _fold_folder(args: SimpleNamespace) -> None:
         if args.num_folds is not None:
             raise FlexPatchError("--num-folds is for --fold")
         return
-    if args.patchwork or args.cascade is not None:
-        raise FlexPatchError("--fold is for single networks so far, not --patchwork or --cascade")
     args.fold = parse_fold(args.fold)
     if args.fold != "all" or args.num_folds is not None:
         from flexpatch.data.dataset import load_dataset
@@ -359,6 +357,7 @@ def _train_patchwork(args: SimpleNamespace) -> None:
         block=args.model, rounds=args.rounds, num_patches=args.num_patches, hard_mining=args.hard_mining,
         batch_size=args.batch, lr=args.lr if args.lr != 1e-3 else None, seed=args.seed or None,
         workers=args.workers, block_options=parse_options(args.options) or None, overwrite=args.overwrite,
+        fold=args.fold,
     )  # fmt: skip
 
 
@@ -369,7 +368,8 @@ def _train_cascade(args: SimpleNamespace) -> None:
     if args.resume:
         raise FlexPatchError(f"{args.out / 'rough' / 'model_last.pt'}: nothing to resume from")
     flags = dict(input_size=args.input_size, model=args.model, model_kwargs=args.model_kwargs,
-                 steps=args.steps or DEFAULT_STEPS, batch=args.batch, lr=args.lr, seed=args.seed)  # fmt: skip
+                 steps=args.steps or DEFAULT_STEPS, batch=args.batch, lr=args.lr, seed=args.seed,
+                 fold=args.fold)  # fmt: skip
     options = parse_options(args.cascade_options, "--cascade-options")
     cascade_train_cli(
         args.dataset_dir, args.out, args.cascade, flags, options, args.device, args.as_json, args.overwrite

@@ -257,6 +257,28 @@ def _case_files(folder: Path, role: str) -> dict[str, Path]:
     return files
 
 
+def fold_validations(parent: Path) -> list[Path]:
+    """``fold_K/validation`` under a parent of cross-validation folds, numerically ordered."""
+    folds = [p for p in parent.glob("fold_*") if p.name[5:].isdigit() and (p / "validation").is_dir()]
+    return [p / "validation" for p in sorted(folds, key=lambda p: int(p.name[5:]))]
+
+
+def _prediction_files(pred_dir: Path) -> dict[str, Path]:
+    """The predictions of a folder; of a parent of folds, every fold's validation predictions
+    together: nnU-Net's cross-validation result, each case predicted by the fold that held it out.
+    A case two folds predicted (an edited splits file) is refused: which one counts is not clear."""
+    folders = fold_validations(pred_dir) if pred_dir.is_dir() else []
+    if not folders:
+        return _case_files(pred_dir, "prediction")
+    files: dict[str, Path] = {}
+    for folder in folders:
+        for case, path in _case_files(folder, "prediction").items():
+            if case in files:
+                raise FlexPatchError(f"{path}: case '{case}' is also predicted by {files[case]}")
+            files[case] = path
+    return files
+
+
 def _pair(
     pred_dir: Path, label_dir: Path, partial: bool = False
 ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
@@ -265,7 +287,7 @@ def _pair(
     A prediction without a label is always an error (there is nothing to score it against);
     a label without a prediction is one unless ``partial`` (nnU-Net's ``chill``).
     """
-    preds, labels = _case_files(pred_dir, "prediction"), _case_files(label_dir, "label")
+    preds, labels = _prediction_files(pred_dir), _case_files(label_dir, "label")
     for case, path in preds.items():
         if case not in labels:
             raise FlexPatchError(f"{path}: no label for case '{case}' in {label_dir}")
@@ -331,7 +353,8 @@ def evaluate_folders(
     its affine).
 
     Args:
-        pred_dir: folder of predicted label maps.
+        pred_dir: folder of predicted label maps, or a parent of cross-validation folds: every
+            ``fold_K/validation`` together (:func:`fold_validations`).
         label_dir: folder of reference label maps.
         labels: ``{name: value}`` as in nnU-Net's dataset.json (background skipped); every
             value > 0 in a prediction or label must be one of them. When None, every value > 0

@@ -1,4 +1,5 @@
-"""Ensembles of sliding-window models, as nnU-Net's ensemble of cross-validation folds.
+"""Ensembles of sliding-window and segment-then-segment models, as nnU-Net's ensemble of
+cross-validation folds.
 
 ``flexpatch predict MODEL_A MODEL_B ... IMAGES --out`` or ``predict FOLDS_PARENT IMAGES --out``
 (a folder holding ``fold_0``..``fold_4``) averages the models' probabilities (softmax, or a region
@@ -9,14 +10,18 @@ decided the same (their ``postprocessing.json``), else none, said in one line: t
 was never validated, and a class one member helps by cutting may be one another hurts.
 ``memory`` is planned per member as for one model (:meth:`LoadedModel.segment`); the members run one
 after the other, so each may use the budget, less the running sum of probabilities the ensemble
-holds. Cascade and patchwork folders are refused for now.
+holds. A segment-then-segment member gives its fused probabilities on the input grid
+(:class:`CascadeMember`); it has no window and no ``memory`` plan. Patchwork folders are refused
+for now: a patchwork writes on an output grid of its own.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,13 +68,78 @@ def expand_models(paths: Sequence[Path]) -> list[Path]:
     return models
 
 
-def load_ensemble(model_dirs: Sequence[Path], device: str = "auto") -> list[LoadedModel]:
-    """The models, checked to be sliding-window models with the first one's labels."""
-    for d in model_dirs:
-        name = method_of(d).name
-        if name != "sliding-window":
-            raise FlexPatchError(f"{d}: a {name} model folder; ensembles are of sliding-window models so far")
-    models = [load_model(d, device=device) for d in model_dirs]
+@dataclass
+class CascadeMember:
+    """A segment-then-segment folder in an ensemble: the members' interface of a
+    :class:`LoadedModel` (plan, labels, post-processing folder), its probabilities the cascade's
+    fused ones on the input grid."""
+
+    cascade: Any  # flexpatch.cascade.infer.Cascade (imported with the cascade, on use)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.cascade.model_dir)
+
+    @property
+    def plan(self) -> Any:
+        return self.cascade.rough.plan
+
+    @property
+    def device(self) -> Any:
+        return self.cascade.rough.device
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return self.cascade.rough.label_names
+
+    @property
+    def largest_value(self) -> int:
+        return self.cascade.rough.largest_value
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        return self.cascade.rough.labels(probs)
+
+    def network(self, tta: str = "none") -> None:
+        self.cascade.networks(tta)  # a refused --tta fails before any case runs
+
+    def window(self, patch_size: Sequence[int] | None) -> None:
+        if patch_size is not None:
+            raise FlexPatchError(
+                f"{self.model_dir}: a segment-then-segment model has no window (its input size is fixed)"
+            )
+
+    def probabilities(
+        self, volume: Volume, batch_size: int = 4, tta: str = "none", memory: int | None = None, **_: Any
+    ) -> np.ndarray:
+        """The fused probabilities on ``volume``'s grid; the sliding window's options do not apply."""
+        if memory is not None:
+            raise FlexPatchError(f"{self.model_dir}: --memory is for sliding-window models so far")
+        probs = self.cascade.predict(volume, batch_size=batch_size, tta=tta, probabilities=True).probabilities
+        if probs is None:  # an explicit check: python -O drops an assert
+            raise RuntimeError("the cascade returned no probabilities although they were asked for")
+        return probs
+
+
+Member = LoadedModel | CascadeMember
+
+
+def _load_member(model_dir: Path, device: str) -> Member:
+    name = method_of(model_dir).name
+    if name == "sliding-window":
+        return load_model(model_dir, device=device)
+    if name == "segment-then-segment":
+        from flexpatch.cascade.infer import load_cascade
+
+        return CascadeMember(load_cascade(model_dir, device=device))
+    raise FlexPatchError(
+        f"{model_dir}: a {name} model folder; ensembles are of sliding-window and segment-then-segment "
+        "models so far (a patchwork writes on an output grid of its own)"
+    )
+
+
+def load_ensemble(model_dirs: Sequence[Path], device: str = "auto") -> list[Member]:
+    """The members, checked to be sliding-window or cascade models with the first one's labels."""
+    models = [_load_member(d, device) for d in model_dirs]
     first = models[0]
     for lm in models[1:]:
         if _outputs(lm) != _outputs(first):
@@ -80,13 +150,13 @@ def load_ensemble(model_dirs: Sequence[Path], device: str = "auto") -> list[Load
     return models
 
 
-def _outputs(lm: LoadedModel) -> tuple:
+def _outputs(lm: Member) -> tuple:
     """What must agree for probabilities to be averaged: labels, regions, dimensions, channels."""
     plan = lm.plan
     return plan.labels, plan.regions, plan.regions_class_order, plan.ndim, plan.in_channels
 
 
-def mean_probabilities(models: Sequence[LoadedModel], volume: Volume, **options: object) -> np.ndarray:
+def mean_probabilities(models: Sequence[Member], volume: Volume, **options: object) -> np.ndarray:
     """The models' probabilities ``(C, *spatial)`` on the volume's grid, averaged; ``options`` are
     :meth:`LoadedModel.segment`'s (``patch_size`` None: each model's own default window, or with
     ``memory`` the one planned within it).
@@ -105,7 +175,7 @@ def mean_probabilities(models: Sequence[LoadedModel], volume: Volume, **options:
     return np.divide(total, np.float32(len(models)), out=total)
 
 
-def mean_labels(first: LoadedModel, mean: np.ndarray) -> np.ndarray:
+def mean_labels(first: Member, mean: np.ndarray) -> np.ndarray:
     """The first model's labels of the mean probabilities, a few rows at a time: labelling the whole
     image at once takes an int64 index per voxel (800 MB for a 512x512x400 CT), more than a
     model's plan within ``memory`` left for it."""
@@ -116,7 +186,7 @@ def mean_labels(first: LoadedModel, mean: np.ndarray) -> np.ndarray:
     return labels
 
 
-def common_postprocessing(models: Sequence[LoadedModel]) -> tuple[list[int], str | None]:
+def common_postprocessing(models: Sequence[Member]) -> tuple[list[int], str | None]:
     """The classes every member keeps the largest component of, when all decided the same; else
     none, with the line that says so, naming each member's decision."""
     decisions = [sorted(read_postprocessing(lm.model_dir)) for lm in models]
@@ -161,6 +231,9 @@ def predict_ensemble(
     budget = None if memory is None else parse_budget(memory, first.device)
     cases = cases_for(inputs, first.plan.in_channels, out_dir)
     if budget is not None:  # before any image is read
+        cascade = next((m for m in models if isinstance(m, CascadeMember)), None)
+        if cascade is not None:
+            raise FlexPatchError(f"{cascade.model_dir}: --memory is for sliding-window models so far")
         check_floors(first, cases, budget, patch_size, overlap, probabilities=True)
     options = dict(patch_size=patch_size, overlap=overlap, blend=blend, batch_size=batch_size,
                    stitch_device=stitch_device, tta=tta, memory=budget)  # fmt: skip

@@ -9,6 +9,7 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.patchwork import generate
 from flexpatch.patchwork.scheme import Scheme
 from flexpatch.sampling.augment import parse_augment
+from flexpatch.train.folds import parse_fold
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class PatchworkConfig:
     val_fraction: float = 0.2  # cases held out for validation, as the core trainer (0: none)
     val_every: int = 10  # rounds between validations (and after the last round)
     seed: int = 0
+    fold: int | str | None = None  # a cross-validation fold (0..n-1, "all"), as the core trainer's
 
     def scheme_obj(self, ndim: int) -> Scheme:
         return Scheme.from_json({**self.scheme, "ndim": ndim})
@@ -74,6 +76,8 @@ class PatchworkConfig:
             )
         if not 0 <= self.val_fraction < 1:
             raise FlexPatchError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.fold is not None and parse_fold(self.fold) != self.fold:
+            raise FlexPatchError(f"fold must be a number from 0 or 'all', got {self.fold!r}")
         if self.hard_mining_order not in ("loss", "f1", "balance"):
             raise FlexPatchError(
                 f"hard_mining_order must be loss, f1 or balance, got {self.hard_mining_order!r}"

@@ -78,6 +78,19 @@ def _dice_stats(prob: Tensor, truth: Tensor, dice_b: Tensor, batch_dice: bool) -
     return torch.stack([dice_b.sum(), torch.tensor(float(dice_b.numel()), device=dice_b.device)])
 
 
+def _terms(logits: Tensor, target: Tensor, categorical: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The cross entropy's (sum, count) and per-sample mean over valid voxels, and the prediction
+    and truth the Dice compares (don't-care voxels zero in both; categorical: foreground only)."""
+    valid = target >= 0  # NaN >= 0 is False: NaN is don't care as well
+    if categorical:
+        ce, ce_b = _masked_sums(F.cross_entropy(logits, target.clamp(min=0), reduction="none"), valid)
+        prob = torch.softmax(logits, 1)[:, 1:] * valid.unsqueeze(1)
+        return ce, ce_b, prob, _onehot(target, logits.shape[1], valid)[:, 1:]
+    truth = torch.where(valid, target, torch.zeros_like(target)).to(logits.dtype)
+    ce, ce_b = _masked_sums(F.binary_cross_entropy_with_logits(logits, truth, reduction="none"), valid)
+    return ce, ce_b, torch.sigmoid(logits) * valid, truth
+
+
 def patch_loss(
     logits: Tensor,
     target: Tensor,
@@ -117,18 +130,7 @@ def patch_loss(
     """
     _check_shapes(logits, target, categorical)
     logits = logits.float()  # softmax / Dice sums are unstable in half precision
-    if categorical:
-        valid = target >= 0
-        ce_vox = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-        ce, ce_b = _masked_sums(ce_vox, valid)
-        prob = torch.softmax(logits, 1)[:, 1:] * valid.unsqueeze(1)
-        truth = _onehot(target, logits.shape[1], valid)[:, 1:]
-    else:
-        valid = target >= 0  # NaN >= 0 is False: NaN is don't care as well
-        truth = torch.where(valid, target, torch.zeros_like(target)).to(logits.dtype)
-        bce_vox = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
-        ce, ce_b = _masked_sums(bce_vox, valid)
-        prob = torch.sigmoid(logits) * valid
+    ce, ce_b, prob, truth = _terms(logits, target, categorical)
     dice_b = _soft_dice_loss(prob, truth).mean(1)
     # the batch's terms from sums (one reduction across processes): CE sum and count, then Dice's
     sums = total(torch.cat([ce, _dice_stats(prob, truth, dice_b, batch_dice)]))

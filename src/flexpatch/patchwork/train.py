@@ -47,6 +47,7 @@ from flexpatch.patchwork.trainer import Trainer
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, seed_everything
 from flexpatch.train.curves import Curves
+from flexpatch.train.folds import fold_cases, write_validation
 from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
 from flexpatch.train.loop import join_processes, split_cases
 from flexpatch.train.step import Divergence
@@ -136,9 +137,7 @@ def train_patchwork(
     h = Harness(
         out_dir, config.rounds, config.val_every, config.save_every, best, BEST, RESUME, main=dist.main
     )
-    cases, val_cases = list(ds.training), []
-    if config.val_fraction > 0:
-        cases, val_cases = split_cases(cases, config.val_fraction, config.seed)
+    cases, val_cases = _split(ds, dataset_dir, config)
     validator = (
         Validator.load(val_cases, ds.ndim, values, ignore, config.batch_size, dist) if val_cases else None
     )
@@ -152,7 +151,19 @@ def train_patchwork(
         source.close()
     result = save_model(out_dir, net, trainer, config, ds, values, ignore, run, h.best, write=dist.main)
     dist.barrier()  # the model folder is complete: the main process has written it
+    if isinstance(config.fold, int):  # as nnU-Net: a fold's validation predictions
+        write_validation(dataset_dir, out_dir, [c.id for c in val_cases], device)
     return result
+
+
+def _split(ds: DatasetInfo, dataset_dir: Path, config: PatchworkConfig) -> tuple[list[Any], list[Any]]:
+    """The training and validation cases: the fold's (``config.fold``), else ``val_fraction`` of
+    them held out (none at 0)."""
+    if config.fold is not None:
+        return fold_cases(ds.training, dataset_dir, config.fold, key=lambda case: case.id)
+    if config.val_fraction > 0:
+        return split_cases(list(ds.training), config.val_fraction, config.seed)
+    return list(ds.training), []
 
 
 def start_folder(

@@ -17,7 +17,7 @@ validation Dice is a training Dice (it still picks the best checkpoint and the p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,13 +102,16 @@ def ensure_splits(dataset_dir: Path, case_ids: Sequence[str], n_folds: int | Non
     return path
 
 
-def fold_cases(cases: Sequence[Path], dataset_dir: Path, fold: Fold) -> tuple[list[Path], list[Path]]:
-    """The training and validation cases of ``fold`` among preprocessed ``cases`` (named
-    ``<case id>.npz``), each in the given order. ``all``: every case for both."""
+def fold_cases(
+    cases: Sequence[T], dataset_dir: Path, fold: Fold, key: Callable[[T], str] = lambda c: Path(c).stem
+) -> tuple[list[T], list[T]]:
+    """The training and validation cases of ``fold`` among ``cases`` (preprocessed files named
+    ``<case id>.npz``, or anything whose ``key`` is its case id), each in the given order. ``all``:
+    every case for both."""
     fold = parse_fold(fold)
     if fold == "all":
         return list(cases), list(cases)
-    ids = [Path(c).stem for c in cases]
+    ids = [key(c) for c in cases]
     path = ensure_splits(dataset_dir, ids)
     splits = read_splits(path, ids)
     if fold >= len(splits):
@@ -130,12 +133,14 @@ def split_for(cases: Sequence[T], dataset_dir: Path, config: Any) -> tuple[list[
     return fold_cases(cases, dataset_dir, config.fold)  # type: ignore[arg-type]
 
 
-def write_validation(dataset_dir: Path, out_dir: Path, val_cases: Sequence[Path], device: str) -> None:
+def write_validation(dataset_dir: Path, out_dir: Path, val_ids: Sequence[str], device: str) -> None:
     """As nnU-Net at the end of a fold: the fold's validation cases predicted into
-    ``out_dir/validation`` (label maps, post-processing applied) from the finished model folder."""
+    ``out_dir/validation`` (label maps, post-processing applied) from the finished model folder,
+    by the predictor of the method that wrote it."""
     from flexpatch.data.dataset import load_dataset
-    from flexpatch.infer.predictor import predict_files
+    from flexpatch.methods import method_of
 
-    wanted = {Path(c).stem for c in val_cases}
+    wanted = set(val_ids)
     files = [f for case in load_dataset(dataset_dir).training if case.id in wanted for f in case.images]
-    predict_files(out_dir, files, out_dir / "validation", device=device, progress=False)
+    predict = method_of(out_dir).predict_files()
+    predict(out_dir, files, out_dir / "validation", device=device, progress=False)

@@ -328,7 +328,7 @@ def train(
     run.finish(end)
     dist.barrier()  # the model folder is complete: the main process has written it
     if isinstance(config.fold, int) and end == config.steps:  # as nnU-Net: a fold's predictions
-        write_validation(dataset_dir, out_dir, val_cases, device)  # each process its share
+        write_validation(dataset_dir, out_dir, [p.stem for p in val_cases], device)  # each its share
     return TrainResult(out_dir, end, harness.best, last_loss, seconds)
 
 
