@@ -17,6 +17,7 @@ from typing import Any
 from flexpatch.errors import FlexPatchError
 
 METHOD_FILE = "method.json"
+FOLD_PREFIX = "fold_"  # a cross-validation fold's model folder: PARENT/fold_K (nnU-Net's layout)
 FORMAT = 1  # the model-folder format this version writes and reads
 
 
@@ -112,6 +113,19 @@ def _read_info(path: Path) -> dict[str, Any]:
     ):
         raise FlexPatchError(f"{path}: 'window' must be null or a list of positive integers, got {window!r}")
     return info
+
+
+def fold_folders(parent: Path) -> list[Path]:
+    """The model folders ``fold_0``, ``fold_1``, ... under ``parent`` (numerically ordered);
+    ``fold_all`` only when there is no numbered fold (as nnU-Net, an ensemble is of the
+    cross-validation folds)."""
+    found = [p for p in parent.glob(f"{FOLD_PREFIX}*") if (p / METHOD_FILE).is_file()]
+    numbered = sorted((p for p in found if p.name[len(FOLD_PREFIX) :].isdigit()), key=_fold_number)
+    return numbered or [p for p in found if p.name == f"{FOLD_PREFIX}all"]
+
+
+def _fold_number(path: Path) -> int:
+    return int(path.name[len(FOLD_PREFIX) :])
 
 
 def method_of(model_dir: str | Path) -> Method:

@@ -310,6 +310,7 @@ def _train(args: SimpleNamespace) -> None:
 def _fold_folder(args: SimpleNamespace) -> None:
     """``--fold K``: the run goes into ``OUT/fold_K`` (nnU-Net's layout, so that ``predict OUT``
     ensembles the folds), after the dataset's splits_final.json is written or checked."""
+    from flexpatch.methods import FOLD_PREFIX
     from flexpatch.train.folds import ensure_splits, parse_fold
 
     if args.fold is None:
@@ -322,7 +323,7 @@ def _fold_folder(args: SimpleNamespace) -> None:
 
         ids = [case.id for case in load_dataset(args.dataset_dir).training]
         ensure_splits(args.dataset_dir, ids, args.num_folds)  # a bad file fails before preprocessing
-    args.out = args.out / f"fold_{args.fold}"
+    args.out = args.out / f"{FOLD_PREFIX}{args.fold}"
 
 
 def _train_patchwork_or_resume(args: SimpleNamespace) -> bool:

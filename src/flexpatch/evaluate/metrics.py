@@ -25,6 +25,7 @@ from flexpatch.data.io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, Volume, read_label
 from flexpatch.data.readers import SITK_SUFFIXES
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.report import METRICS, EvaluationReport
+from flexpatch.methods import fold_folders
 
 __all__ = [
     "METRICS",
@@ -257,17 +258,12 @@ def _case_files(folder: Path, role: str) -> dict[str, Path]:
     return files
 
 
-def fold_validations(parent: Path) -> list[Path]:
-    """``fold_K/validation`` under a parent of cross-validation folds, numerically ordered."""
-    folds = [p for p in parent.glob("fold_*") if p.name[5:].isdigit() and (p / "validation").is_dir()]
-    return [p / "validation" for p in sorted(folds, key=lambda p: int(p.name[5:]))]
-
-
 def _prediction_files(pred_dir: Path) -> dict[str, Path]:
     """The predictions of a folder; of a parent of folds, every fold's validation predictions
     together: nnU-Net's cross-validation result, each case predicted by the fold that held it out.
     A case two folds predicted (an edited splits file) is refused: which one counts is not clear."""
-    folders = fold_validations(pred_dir) if pred_dir.is_dir() else []
+    folds = fold_folders(pred_dir) if pred_dir.is_dir() else []
+    folders = [f / "validation" for f in folds if (f / "validation").is_dir()]
     if not folders:
         return _case_files(pred_dir, "prediction")
     files: dict[str, Path] = {}
@@ -354,7 +350,7 @@ def evaluate_folders(
 
     Args:
         pred_dir: folder of predicted label maps, or a parent of cross-validation folds: every
-            ``fold_K/validation`` together (:func:`fold_validations`).
+            ``fold_K/validation`` together (:func:`~flexpatch.methods.fold_folders`).
         label_dir: folder of reference label maps.
         labels: ``{name: value}`` as in nnU-Net's dataset.json (background skipped); every
             value > 0 in a prediction or label must be one of them. When None, every value > 0

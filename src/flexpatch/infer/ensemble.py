@@ -31,28 +31,14 @@ from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.infer.predictor import LoadedModel, check_floors, load_model
 from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, run_prediction
-from flexpatch.methods import METHOD_FILE, method_of
+from flexpatch.methods import METHOD_FILE, fold_folders, method_of
 from flexpatch.plan.budget import parse_budget
 from flexpatch.runtime import console
-
-FOLD_PREFIX = "fold_"
 
 
 def is_model_folder(path: Path) -> bool:
     """A folder a method wrote (``method.json``), or a parent of ``fold_*`` model folders."""
     return path.is_dir() and ((path / METHOD_FILE).is_file() or bool(fold_folders(path)))
-
-
-def fold_folders(parent: Path) -> list[Path]:
-    """``fold_0``, ``fold_1``, ... under ``parent`` (numerically ordered); ``fold_all`` only when
-    there is no numbered fold (as nnU-Net, an ensemble is of the cross-validation folds)."""
-    found = [p for p in parent.glob(f"{FOLD_PREFIX}*") if (p / METHOD_FILE).is_file()]
-    numbered = sorted((p for p in found if p.name[len(FOLD_PREFIX) :].isdigit()), key=_fold_number)
-    return numbered or [p for p in found if p.name == f"{FOLD_PREFIX}all"]
-
-
-def _fold_number(path: Path) -> int:
-    return int(path.name[len(FOLD_PREFIX) :])
 
 
 def expand_models(paths: Sequence[Path]) -> list[Path]:

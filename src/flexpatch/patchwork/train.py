@@ -47,9 +47,9 @@ from flexpatch.patchwork.trainer import Trainer
 from flexpatch.patchwork.validate import Validator, loaded_view, mean_dice
 from flexpatch.runtime import check_writable, seed_everything
 from flexpatch.train.curves import Curves
-from flexpatch.train.folds import fold_cases, write_validation
+from flexpatch.train.folds import split_for, write_validation
 from flexpatch.train.harness import Harness, claim_folder, resume_checkpoint, resume_settings
-from flexpatch.train.loop import join_processes, split_cases
+from flexpatch.train.loop import join_processes
 from flexpatch.train.step import Divergence
 
 # Settings a resumed run may change: more rounds continue the same stream, workers don't change it.
@@ -157,13 +157,11 @@ def train_patchwork(
 
 
 def _split(ds: DatasetInfo, dataset_dir: Path, config: PatchworkConfig) -> tuple[list[Any], list[Any]]:
-    """The training and validation cases: the fold's (``config.fold``), else ``val_fraction`` of
-    them held out (none at 0)."""
-    if config.fold is not None:
-        return fold_cases(ds.training, dataset_dir, config.fold, key=lambda case: case.id)
-    if config.val_fraction > 0:
-        return split_cases(list(ds.training), config.val_fraction, config.seed)
-    return list(ds.training), []
+    """The training and validation cases as the core trainer's (:func:`split_for`), but for
+    ``val_fraction`` 0 without a fold: no validation."""
+    if config.fold is None and config.val_fraction == 0:
+        return list(ds.training), []
+    return split_for(list(ds.training), dataset_dir, config, key=lambda case: case.id)
 
 
 def start_folder(

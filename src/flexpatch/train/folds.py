@@ -123,14 +123,17 @@ def fold_cases(
     ]
 
 
-def split_for(cases: Sequence[T], dataset_dir: Path, config: Any) -> tuple[list[T], list[T]]:
-    """A run's training and validation cases: its fold's (``config.fold``), else today's seeded
-    ``val_fraction`` split, unchanged so that runs without a fold stay bit for bit the same."""
+def split_for(
+    cases: Sequence[T], dataset_dir: Path, config: Any, key: Callable[[T], str] = lambda c: Path(c).stem
+) -> tuple[list[T], list[T]]:
+    """A run's training and validation cases: its fold's (``config.fold``; ``key`` as
+    :func:`fold_cases`), else today's seeded ``val_fraction`` split, unchanged so that runs
+    without a fold stay bit for bit the same."""
     from flexpatch.train.loop import split_cases
 
     if config.fold is None:
         return split_cases(cases, config.val_fraction, config.seed)
-    return fold_cases(cases, dataset_dir, config.fold)  # type: ignore[arg-type]
+    return fold_cases(cases, dataset_dir, config.fold, key)
 
 
 def write_validation(dataset_dir: Path, out_dir: Path, val_ids: Sequence[str], device: str) -> None:
