@@ -137,10 +137,9 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(one: Path, many: Path) -> None:
-    """The loss of every step to 1e-5, the same patch sizes and validation, the weights to rounding:
-    AdamW divides each gradient by its running RMS, so the rounding of a near-zero gradient can move
-    a weight by up to a step (lr 1e-3); all weights agree to 1e-4 and 99.9% of them to 1e-6."""
+def assert_same_run(one: Path, many: Path, lr: float = 1e-3) -> None:
+    """The loss of every step to 1e-5, the same patch sizes and validation, the weights to rounding
+    (:func:`assert_weights_close`)."""
     a, b = _log(one), _log(many)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert [r["patch"] for r in a] == [r["patch"] for r in b]
@@ -151,8 +150,21 @@ def assert_same_run(one: Path, many: Path) -> None:
     )
     wa = torch.load(one / "model_last.pt", weights_only=False)["model"]
     wb = torch.load(many / "model_last.pt", weights_only=False)["model"]
-    diff = torch.cat([(wb[name].float() - value.float()).abs().flatten() for name, value in wa.items()])
-    assert float(diff.max()) < 1e-4 and float((diff > 1e-6).float().mean()) < 1e-3, float(diff.max())
+    assert_weights_close(wa, wb, lr)
+
+
+def assert_weights_close(wa: dict[str, torch.Tensor], wb: dict[str, torch.Tensor], lr: float = 1e-3) -> None:
+    """Two runs' weights equal to rounding as AdamW propagates it: no weight further apart than
+    one step (``lr``: a near-zero gradient's rounding can flip its update), and the difference's
+    norm under 1e-4 of the weights' (measured here: 1e-8 to 3e-6; a real divergence, other data or a
+    gradient not reduced across processes, moves most weights by about a step). Why not "99.9% of
+    the weights within 1e-6", as before: how many near-zero gradients round differently depends on
+    the CPU's kernels (the same runs passed on one EPYC and failed on another, 0.46% of them)."""
+    assert wa.keys() == wb.keys()
+    diff = torch.cat([(wb[k].float() - v.float()).flatten() for k, v in wa.items()])
+    norm = torch.cat([v.float().flatten() for v in wa.values()]).norm()
+    worst, relative = float(diff.abs().max()), float(diff.norm() / norm)
+    assert worst <= lr and relative < 1e-4, f"max difference {worst:.3g}, relative norm {relative:.3g}"
 
 
 def test_two_processes_train_as_one(tiny_abdomen: Path, tmp_path: Path) -> None:
@@ -196,13 +208,14 @@ def test_hypernetwork_under_ddp_and_its_resume(tiny_cells: Path, tmp_path: Path)
     """2D hypernetwork on random sizes: the trunk and heads (its parameters) get every process's
     gradient, so the weights are one process's; a run of 2 steps extended to 4 by a resume on two
     processes is the one-process run extended alike (a resume on another number of processes:
-    tests/test_distributed_cascade.py)."""
-    args = ("--patch", "uniform:16-32", "--hyper")
+    tests/test_distributed_cascade.py). At lr 1e-4: the generated weights are products of the trunk's,
+    so AdamW's rounding (see :func:`assert_weights_close`) grows faster than in a plain network."""
+    args = ("--patch", "uniform:16-32", "--hyper", "--lr", 1e-4)
     flexpatch(*_train_args(tiny_cells, tmp_path / "one", *args, "--steps", 2))
     flexpatch("train", tiny_cells, "--out", tmp_path / "one", "--resume", "--steps", 4, "--device", "cpu")
     torchrun(*_train_args(tiny_cells, tmp_path / "two", *args, "--steps", 2))
     torchrun("train", tiny_cells, "--out", tmp_path / "two", "--resume", "--steps", 4, "--device", "cpu")
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two", lr=1e-4)
 
 
 def test_sharded_predict_and_sweep_write_what_one_process_writes(tiny_cells: Path, tmp_path: Path) -> None:
