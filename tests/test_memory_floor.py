@@ -97,3 +97,29 @@ def test_an_ensemble_refuses_it_before_reading_too(
         predict_ensemble([tmp_path / "a", tmp_path / "b"], [big.parent], tmp_path / "out", device="cpu",
                          memory=budget, progress=False)  # fmt: skip
     assert read == []
+
+
+def test_the_floor_counts_the_post_processing(tiny_abdomen: Path, tmp_path: Path) -> None:
+    """The largest-component cut runs after the sliding window, in its place: a budget whose window
+    share cannot hold it is refused from the header when the model post-processes, not otherwise."""
+    from flexpatch.errors import FlexPatchError
+    from flexpatch.evaluate.postprocess import working_bytes
+    from flexpatch.infer.floor import check_floor, outputs_bytes
+    from flexpatch.infer.predictor import load_model
+    from flexpatch.train.loop import train
+
+    config = TrainConfig(model="unet", model_kwargs=TINY, patch="16", steps=1, batch=1, workers=0)
+    train(tiny_abdomen, tmp_path / "model", config, device="cpu", progress=False)
+    big = tmp_path / "big_0000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((256, 256, 256), dtype=np.uint8), np.diag([6.0, 6.0, 6.0, 1.0])), big)
+    lm = load_model(tmp_path / "model", device="cpu")
+    shape, held = (256, 256, 256), 10**8
+    volume = 4 * 256**3  # float32 once read
+    budget = held + volume + outputs_bytes(lm, shape, shape, None, 0.5, False) + 50 * 10**6
+    assert working_bytes(shape, [1]) > 50 * 10**6  # the test's point: the share holds no cut
+    (tmp_path / "model" / "postprocessing.json").write_text('{"largest_component": []}')
+    check_floor(lm, [big], budget, None, 0.5, False, held)  # nothing to cut: the share suffices
+    (tmp_path / "model" / "postprocessing.json").write_text('{"largest_component": [1, 3]}')
+    with pytest.raises(FlexPatchError, match=rf"^{big}: memory budget .* largest component afterwards"):
+        check_floor(lm, [big], budget, None, 0.5, False, held)
+    check_floor(lm, [big], budget + working_bytes(shape, [1]), None, 0.5, False, held)

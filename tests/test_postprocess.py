@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate import postprocess
 from flexpatch.evaluate.postprocess import decide, keep_largest, largest_component, read_postprocessing
 from flexpatch.infer.predictor import load_model, predict_files
 from flexpatch.train.config import TrainConfig
@@ -41,6 +42,62 @@ def test_keep_largest_per_class_in_3d() -> None:
     out = keep_largest(seg, [1])
     assert out[5, 5, 5] == 0 and out[0, 5, 0] == 2 and (out[:3, :3, :3] == 1).all()
     assert (out == 2).sum() == (seg == 2).sum()
+
+
+def _reference_cut(seg: np.ndarray, classes: list[int]) -> np.ndarray:
+    """SciPy's labelling of each whole class and NumPy's counts, with no box and no chunks."""
+    from scipy import ndimage
+
+    out = seg.copy()
+    for c in classes:
+        labelled, count = ndimage.label(seg == c, structure=np.ones((3,) * seg.ndim, bool))
+        if count > 1:
+            values, sizes = np.unique(labelled[labelled > 0], return_counts=True)
+            out[(labelled > 0) & (labelled != values[np.argmax(sizes)])] = 0
+    return out
+
+
+@pytest.mark.parametrize("shape", [(61, 47), (23, 19, 17)])
+def test_cutting_in_place_by_chunks_is_the_reference(shape: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noisy classes (many components, some touching the borders) cut in place a few rows at a time
+    equal the whole-image reference; keep_largest leaves its input alone."""
+    rng = np.random.default_rng(len(shape))
+    seg = (rng.integers(0, 4, shape) * (rng.random(shape) < 0.6)).astype(np.uint8)
+    want = _reference_cut(seg, [1, 3])
+    assert np.array_equal(keep_largest(seg, [1, 3]), want)
+    monkeypatch.setattr(postprocess, "SIZE_CHUNK_VOXELS", 50)  # chunks of one or two rows
+    mine = seg.copy()
+    assert postprocess.cut_to_largest_(mine, [1, 3]) is mine and np.array_equal(mine, want)
+
+
+@pytest.mark.parametrize("kind", ["connected", "isolated"])
+def test_cutting_holds_at_most_what_a_budget_counts(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-processing's working set, which a --memory budget counts (``working_bytes``), bounds
+    what it holds: measured by tracemalloc (NumPy reports its buffers) for a class spread over the
+    whole volume (its box is the image) in few large components, and in the most components there
+    can be (a voxel every other row on each axis)."""
+    import tracemalloc
+
+    monkeypatch.setattr(postprocess, "SIZE_CHUNK_VOXELS", 4096)  # the per-voxel terms dominate
+    shape = (64, 64, 48)
+    if kind == "connected":
+        seg = (np.random.default_rng(0).random(shape) < 0.2).astype(np.uint8) * 2
+    else:
+        seg = np.zeros(shape, np.uint8)
+        seg[::2, ::2, ::2] = 2
+    tracemalloc.start()
+    try:
+        postprocess.cut_to_largest_(seg, [2, 1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = postprocess.working_bytes(shape, [2])
+    assert peak <= bound, (peak / seg.size, bound / seg.size)
+    if kind == "connected":  # the components' share is small: about 5 bytes a voxel
+        assert peak < 5.5 * seg.size
+    else:  # every component one voxel: the first in scan order is kept
+        assert (seg == 2).sum() == 1 and seg[0, 0, 0] == 2
+    assert postprocess.working_bytes(shape, []) == 0
 
 
 def test_decide_keeps_the_rule_only_where_it_helps() -> None:

@@ -24,35 +24,89 @@ POSTPROCESSING = "postprocessing.json"
 MIN_GAIN = 1e-4
 
 
+# voxels per pass when counting component sizes: np.bincount casts its input to int64 (8 bytes a
+# voxel), so the whole label image at once cost more than the labelling itself
+SIZE_CHUNK_VOXELS = 1 << 22
+# bytes per voxel of a class's bounding box while it is cut: the mask and its int32 component
+# labels (see cut_to_largest_); per voxel of a chunk: bincount's int64 copy and the lookup's bool;
+# per component: its size (int64), a chunk's counts (int64) and the lookup (bool)
+BYTES_PER_VOXEL = 5
+BYTES_PER_CHUNK_VOXEL = 9
+BYTES_PER_COMPONENT = 17
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of ``mask`` (full connectivity: diagonals connect)."""
-    return mask.astype(bool) & ~_outside_largest(mask)
+    labelled, count = _components(np.asarray(mask, dtype=bool))
+    return labelled == _largest(labelled, count) if count else np.zeros(labelled.shape, bool)
 
 
-def _outside_largest(mask: np.ndarray) -> np.ndarray:
-    """The voxels of ``mask`` outside its largest component (ties: the first in scan order)."""
-    labelled, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    if count <= 1:
-        return np.zeros(mask.shape, bool)
-    sizes = np.bincount(labelled.ravel())
-    drop = np.ones(count + 1, bool)  # a lookup by component: one bool array, not three
-    drop[[0, 1 + int(np.argmax(sizes[1:]))]] = False
-    return drop[labelled]
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components of ``mask`` (full connectivity) in int32. Why not uint16 when they fit:
+    SciPy finds out they do not only by labelling again in int32 and comparing (7 bytes a voxel),
+    and an untrained or noisy model's class has millions of components."""
+    return ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool), output=np.int32)
+
+
+def _largest(labelled: np.ndarray, count: int) -> int:
+    """The label of the largest component (ties: the first in scan order), its sizes counted a
+    chunk of rows at a time (see :data:`SIZE_CHUNK_VOXELS`)."""
+    sizes = np.zeros(count + 1, np.int64)
+    flat = labelled.reshape(len(labelled), -1)
+    rows = max(1, SIZE_CHUNK_VOXELS // max(1, flat.shape[1]))
+    for i in range(0, len(flat), rows):
+        sizes += np.bincount(flat[i : i + rows].ravel(), minlength=count + 1)
+    return 1 + int(np.argmax(sizes[1:]))
 
 
 def keep_largest(seg: np.ndarray, classes: Iterable[int]) -> np.ndarray:
-    """``seg`` with each of ``classes`` cut to its largest component (the rest becomes background).
+    """``seg`` with each of ``classes`` cut to its largest component (the rest becomes
+    background), as a new array; :func:`cut_to_largest_` cuts in place."""
+    return cut_to_largest_(seg.copy(), classes)
 
-    Each class is labelled within its bounding box only: a CT's label map is ~100 M voxels and
-    the component labels are int32, but an organ's box is a small part of it.
+
+def cut_to_largest_(seg: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """``seg`` itself, each of ``classes`` cut to its largest component.
+
+    Each class is labelled within its bounding box only, and besides ``seg`` at most
+    :func:`working_bytes` are held (a ``--memory`` budget counts them): about 5 bytes per voxel of
+    the box, where the copy, a second mask, int64 sizes and int32 labels of the next class beside
+    the last's took 14.
     """
-    out = seg.copy()
     for c in classes:
-        mask = seg == c
-        box = _bounding_box(mask)
-        if box is not None:
-            out[box][_outside_largest(mask[box])] = 0
-    return out
+        _cut_class(seg, c)  # a function per class: its labels are freed before the next's are made
+    return seg
+
+
+def _cut_class(seg: np.ndarray, c: int) -> None:
+    box = _bounding_box(seg == c)
+    if box is None:
+        return
+    view = seg[box]
+    labelled, count = _components(view == c)
+    if count <= 1:
+        return
+    drop = np.ones(count + 1, bool)  # a lookup by component: the voxels to clear
+    drop[[0, _largest(labelled, count)]] = False
+    rows = max(1, SIZE_CHUNK_VOXELS // max(1, labelled[0].size))
+    for i in range(0, len(labelled), rows):  # a chunk at a time: no image-sized boolean
+        part = view[i : i + rows]
+        part[drop[labelled[i : i + rows]]] = 0
+
+
+def working_bytes(shape: Sequence[int], classes: Sequence[int]) -> int:
+    """The most :func:`cut_to_largest_` holds besides a label map of ``shape`` (none without
+    ``classes``): a class's box may be the whole image, and with full connectivity it has at most
+    one component per 2^ndim voxels (isolated voxels with a gap on every axis)."""
+    if not len(classes):
+        return 0
+    voxels = int(np.prod(shape))
+    components = -(-voxels // 2 ** len(shape))
+    return (
+        BYTES_PER_VOXEL * voxels
+        + BYTES_PER_CHUNK_VOXEL * min(SIZE_CHUNK_VOXELS, voxels)
+        + BYTES_PER_COMPONENT * components
+    )
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from flexpatch.data.io import Volume
 from flexpatch.errors import FlexPatchError, format_shape
-from flexpatch.evaluate.postprocess import keep_largest, read_postprocessing
+from flexpatch.evaluate.postprocess import cut_to_largest_, read_postprocessing
 from flexpatch.infer.predictor import LoadedModel, load_model
 from flexpatch.infer.runner import read_case
 from flexpatch.plan.budget import parse_budget
@@ -125,7 +125,7 @@ def _labels(lm: LoadedModel, volume: Volume, o: _Options) -> np.ndarray:
         volume, window, o.overlap, o.blend, o.batch_size, memory=budget, tta=o.tta, progress=o.progress
     )
     kept = read_postprocessing(lm.model_dir) if o.postprocess else []
-    return keep_largest(labels, kept) if kept else labels
+    return cut_to_largest_(labels, kept) if kept else labels  # segment's own array: no copy
 
 
 def as_volume(array: Any, affine: Any, model: LoadedModel) -> Volume:

@@ -20,6 +20,7 @@ import torch
 from flexpatch.data.header import read_header
 from flexpatch.data.resample import RESTORE_CHUNK_VOXELS, resampled_shape
 from flexpatch.errors import FlexPatchError, format_shape
+from flexpatch.evaluate.postprocess import read_postprocessing, working_bytes
 from flexpatch.geometry import slab_axis
 from flexpatch.infer.runner import label_dtype
 from flexpatch.plan.budget import format_bytes
@@ -52,25 +53,40 @@ def outputs_bytes(
     return outputs + (voxels * c_out * 4 if probabilities else 0) + slabs
 
 
+def postprocess_bytes(lm: LoadedModel, original: Sequence[int]) -> int:
+    """What the model's post-processing (its classes cut to their largest component) holds besides
+    the label map, counted whenever the folder has one (``--no-postprocess`` skips the work, not
+    this count: the window's share is never smaller for it, only the floor higher)."""
+    return working_bytes(original, read_postprocessing(lm.model_dir))
+
+
 def weight_bytes(net: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in net.parameters())
 
 
 def cpu_share(
-    budget: int, held: int, outputs: int, original: Sequence[int], path: Path | None = None, unread: int = 0
+    budget: int,
+    held: int,
+    outputs: int,
+    original: Sequence[int],
+    path: Path | None = None,
+    unread: int = 0,
+    after: int = 0,
 ) -> int:
     """What is left of a CPU budget for the sliding window once what the process holds (``held``,
     with the image's ``unread`` bytes when checked from its header) and the outputs are set
-    aside; a budget below them is one line, naming the image's ``path`` when given."""
+    aside; a budget below them, or one whose share is below what runs ``after`` the window in its
+    place (the post-processing), is one line, naming the image's ``path`` when given."""
     left = budget - held - outputs
-    if left > 0:
+    if left > 0 and left >= after:
         return left
     where = f"{path}: " if path is not None else ""
     unread_note = f" (the image's {format_bytes(unread)} counted from its header, not read)" if unread else ""
+    then = f", and keeping each class's largest component afterwards {format_bytes(after)}" if after else ""
     raise FlexPatchError(
         f"{where}memory budget {format_bytes(budget)} is below what predicting image "
         f"{format_shape(tuple(original))} needs besides the sliding window: the process holds "
-        f"{format_bytes(held)}{unread_note}, the outputs take {format_bytes(outputs)}"
+        f"{format_bytes(held)}{unread_note}, the outputs take {format_bytes(outputs)}{then}"
     )
 
 
@@ -100,4 +116,5 @@ def check_floor(
     shape = resampled_shape(original, headers[0].spacing, lm.plan.target_spacing)
     volume = sum(h.data.size for h in headers) * np.dtype(np.float32).itemsize
     outputs = outputs_bytes(lm, original, shape, patch_size, overlap, probabilities)
-    cpu_share(budget, held + volume, outputs, original, Path(files[0]), unread=volume)
+    after = postprocess_bytes(lm, original)
+    cpu_share(budget, held + volume, outputs, original, Path(files[0]), unread=volume, after=after)

@@ -21,7 +21,7 @@ from flexpatch.data.resample import restore_slabs
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import slab_axis
-from flexpatch.infer.floor import check_floor, cpu_share, outputs_bytes, weight_bytes
+from flexpatch.infer.floor import check_floor, cpu_share, outputs_bytes, postprocess_bytes, weight_bytes
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -333,11 +333,13 @@ class LoadedModel:
         """What is left of a CPU budget for the sliding window: there it bounds the whole
         process, so what the process holds now (libraries, the input volume; not the prepared
         image or the weights, which the window's plan counts itself), the label map and the
-        streamed slabs' restore (for the largest window) are set aside first."""
+        streamed slabs' restore (for the largest window) are set aside first; what is left must also
+        hold the post-processing, which runs in the window's place once it is done."""
         original = tuple(int(s) for s in props["original_shape"])
         held = resident_bytes() - image.numel() * image.element_size() - weight_bytes(self.net)
         outputs = outputs_bytes(self, original, tuple(image.shape[2:]), patch_size, overlap, probabilities)
-        return cpu_share(budget, held, outputs, original)  # (the same floor as check_floor's)
+        after = postprocess_bytes(self, original)
+        return cpu_share(budget, held, outputs, original, after=after)  # (the same floor as check_floor's)
 
     def _within(
         self,

@@ -29,7 +29,7 @@ from flexpatch.data.io import (
 )
 from flexpatch.distributed import Dist, current
 from flexpatch.errors import FlexPatchError
-from flexpatch.evaluate.postprocess import keep_largest
+from flexpatch.evaluate.postprocess import cut_to_largest_
 from flexpatch.runtime import check_writable, progress_bar
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -122,7 +122,7 @@ def run_prediction(
             volume = read_case(files, ndim)
             prediction = segment(volume)
             if largest_component and not prediction.channels:
-                labels = keep_largest(prediction.labels, largest_component)
+                labels = cut_to_largest_(prediction.labels, largest_component)  # ours: no copy
                 prediction = dataclasses.replace(prediction, labels=labels)
             ending = output_suffix(volume, prediction)
             path = _write_case(out, case, ending, volume, prediction, label_names, save_probabilities)
