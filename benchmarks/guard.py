@@ -1310,7 +1310,11 @@ def main(argv: list[str] | None = None) -> None:
          "floor": floor, "seconds": round(time.perf_counter() - started, 1)}, indent=1))  # fmt: skip
     cmd = "python benchmarks/guard.py " + " ".join(sys.argv[1:] if argv is None else argv)
     title = f"Guard: bad inputs, faults and predict's peak memory, {args.mode} mode"
-    write_section(out, f"guard-{args.mode}", title, body, cmd.strip(), describe_device("cpu"))
+    section = f"guard-{args.mode}"
+    if args.part != "all":  # a part alone gets a section of its own: the other part's stays
+        only = "peak RSS" if args.part == "rss" else "corpus"
+        section, title = f"{section}-{args.part}", f"{title}, {only} only"
+    write_section(out, section, title, body, cmd.strip(), describe_device("cpu"))
     print("\n" + "\n".join(targets(outcomes, rows)))
     print(f"wrote {out}" + (f" and {png}" if png else "") + f" in {time.perf_counter() - started:.0f} s")
 
