@@ -240,6 +240,50 @@ def test_cli_trains_a_patchwork_fold_on_its_split(tiny_cells: Path, tmp_path: Pa
     assert _validation_cases(fold) == sorted(splits[0]["val"])
 
 
+def test_cli_predicts_with_an_ensemble_of_patchwork_folds(tiny_cells: Path, tmp_path: Path) -> None:
+    """2D: ``predict CV_PARENT IMAGES`` averages the patchwork folds' stitched probabilities on their
+    output grid (each fold's own probabilities averaged by hand) and writes the labels of the mean;
+    a patchwork beside a sliding-window model is refused in one line."""
+    from flexpatch.patchwork.predict import predict_patchwork_files
+
+    data, _ = _fold_dataset(tiny_cells, tmp_path)
+    for k in (0, 1):
+        done = run_cli(
+            "train", data, "--out", tmp_path / "cv", "--patchwork", "--fold", k, "--depth", 2, "--matrix", 8,
+            "--rounds", 1, "--num-patches", 2, "--batch", 2, "--options", json.dumps(TINY), "--device", "cpu",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    images = tiny_cells / "imagesTs"
+    done = run_cli("predict", tmp_path / "cv", images, "--out", tmp_path / "ens", "--probabilities",
+                   "--device", "cpu", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["models"]) == 2
+    singles = [
+        predict_patchwork_files(
+            tmp_path / "cv" / f"fold_{k}",
+            [images],
+            tmp_path / f"one{k}",
+            device="cpu",
+            progress=False,
+            save_probabilities=True,
+        )  # fmt: skip
+        for k in (0, 1)
+    ]
+    for path in singles[0]:
+        name = path.name.replace(".png", ".nii.gz")
+        probs = [np.asarray(nib.load(tmp_path / f"one{k}" / "probabilities" / name).dataobj) for k in (0, 1)]
+        mean = np.asarray(nib.load(tmp_path / "ens" / "probabilities" / name).dataobj)
+        np.testing.assert_allclose(mean, (probs[0] + probs[1]) / 2, atol=1e-6)
+        labels = read_image(next((tmp_path / "ens").glob(path.name.split(".")[0] + ".*"))).data[0]
+        np.testing.assert_array_equal(labels, np.moveaxis(mean, -1, 0).argmax(0).reshape(labels.shape))
+    model = tmp_path / "plain"
+    train(data, model, TrainConfig(model_kwargs=TINY, patch="16", steps=1, batch=1, workers=0), device="cpu",
+          progress=False)  # fmt: skip
+    mixed = run_cli("predict", tmp_path / "cv" / "fold_0", model, images, "--out", tmp_path / "mixed")
+    assert mixed.returncode == 2 and mixed.stderr.strip().count("\n") == 0, mixed.stderr
+    assert "averaged only with patchworks" in mixed.stderr and not (tmp_path / "mixed").exists()
+
+
 def test_a_3d_patchwork_fold_through_the_api(tiny_abdomen: Path, tmp_path: Path) -> None:
     """3D, Python API: fold 1 trains on its split and predicts its validation cases; a fold that is
     neither a number nor "all" is refused."""
@@ -253,6 +297,44 @@ def test_a_3d_patchwork_fold_through_the_api(tiny_abdomen: Path, tmp_path: Path)
     assert _validation_cases(tmp_path / "fold_1") == sorted(splits[1]["val"])
     with pytest.raises(FlexPatchError, match="fold must be"):
         PatchworkConfig(scheme=scheme, fold="last").check()
+
+
+def test_a_3d_ensemble_of_patchworks_through_the_api(tiny_abdomen: Path, tmp_path: Path) -> None:
+    """3D, Python API: two folds' mean probabilities, against each member's own; a member of
+    another scheme is refused in one line naming its folder."""
+    from flexpatch.patchwork.config import PatchworkConfig
+    from flexpatch.patchwork.predict import load_patchworks, predict_patchwork_files
+    from flexpatch.patchwork.train import train_patchwork
+
+    data, _ = _fold_dataset(tiny_abdomen, tmp_path)
+    scheme = {"depth": 2, "matrix": [8, 8, 8]}
+    for k in (0, 1):
+        config = PatchworkConfig(
+            scheme=scheme, block_options=TINY, rounds=1, num_patches=2, batch_size=2, fold=k
+        )
+        train_patchwork(data, tmp_path / f"fold_{k}", config, device="cpu", progress=False)
+    folds = [tmp_path / "fold_0", tmp_path / "fold_1"]
+    image = sorted((tiny_abdomen / "imagesTs").iterdir())[:1]
+    (ens,) = predict_patchwork_files(folds, image, tmp_path / "ens", device="cpu", progress=False,
+                                     save_probabilities=True)  # fmt: skip
+    mean = np.asarray(nib.load(tmp_path / "ens" / "probabilities" / ens.name).dataobj)
+    own = []
+    for k, fold in enumerate(folds):
+        (one,) = predict_patchwork_files(fold, image, tmp_path / f"one{k}", device="cpu", progress=False,
+                                         save_probabilities=True)  # fmt: skip
+        own.append(np.asarray(nib.load(tmp_path / f"one{k}" / "probabilities" / one.name).dataobj))
+    members = load_patchworks(folds, device="cpu")
+    np.testing.assert_allclose(mean, (own[0] + own[1]) / 2, atol=1e-6)
+    labels = np.asarray(nib.load(ens).dataobj)
+    values = np.array([0, *members[0].meta["label_values"]])
+    np.testing.assert_array_equal(labels, values[mean.argmax(-1)])
+    other = PatchworkConfig(scheme={"depth": 2, "matrix": [16, 16, 16]}, block_options=TINY, rounds=1,
+                            num_patches=2, batch_size=2)  # fmt: skip
+    train_patchwork(data, tmp_path / "other", other, device="cpu", progress=False)
+    with pytest.raises(FlexPatchError, match=r"other/patchwork.json: scheme, labels, channels or activation"):
+        load_patchworks([folds[0], tmp_path / "other"], device="cpu")
+    with pytest.raises(FlexPatchError, match="a patchwork writes on an output grid of its own"):
+        predict_ensemble(folds, image, tmp_path / "no", device="cpu")
 
 
 def test_evaluate_a_parent_of_folds_scores_every_fold_s_validation(

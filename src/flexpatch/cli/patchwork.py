@@ -98,10 +98,11 @@ def _report(result: dict[str, Any], as_json: bool) -> None:
 
 
 def predict_cli(
-    model_dir: Path, inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str, device: str,
-    as_json: bool, memory: str | None = None, probabilities: bool = False,
+    model_dir: Path | list[Path], inputs: list[Path], out: Path, flags: dict[str, Any], out_type: str,
+    device: str, as_json: bool, memory: str | None = None, probabilities: bool = False,
 ) -> None:  # fmt: skip
-    """``predict`` with a patchwork model folder: writes the outputs, reports the patches per level."""
+    """``predict`` with a patchwork model folder (or an ensemble of them): writes the outputs,
+    reports the patches per level."""
     from flexpatch.patchwork.apply import ApplyOptions
     from flexpatch.patchwork.predict import predict_patchwork_files
 
@@ -112,7 +113,10 @@ def predict_cli(
         model_dir, inputs, out, opts, out_type, device, progress=not as_json, memory=memory,
         save_probabilities=probabilities,
     )  # fmt: skip
+    members = model_dir if isinstance(model_dir, list) else [model_dir]
     if as_json:
-        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": written.info})
+        emit_json({"out_dir": str(out), "segmentations": [str(p) for p in written], "stats": written.info,
+                   "models": [str(m) for m in members]})  # fmt: skip
     else:
-        typer.echo(f"wrote {len(written)} patchwork outputs to {out}")
+        ensemble = f" (ensemble of {len(members)})" if len(members) > 1 else ""
+        typer.echo(f"wrote {len(written)} patchwork outputs to {out}{ensemble}")

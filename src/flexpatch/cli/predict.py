@@ -164,8 +164,15 @@ def _ensemble(args: SimpleNamespace) -> bool:
     models = expand_models([args.model_dir, *args.inputs[:lead]])
     if len(models) == 1 and models[0] == args.model_dir:
         return False
+    args.inputs = args.inputs[lead:]
+    if _patchworks(models):  # averaged on their own output grid, with their own options
+        if args.tta == "mirror":
+            raise FlexPatchError(f"{models[0]}: --tta mirror is for sliding-window and cascade models so far")
+        args.model_dir = models
+        _predict_patchwork(args)
+        return True
     written = predict_ensemble(
-        models, args.inputs[lead:], args.out, args.patch, args.overlap, args.blend or "gaussian",
+        models, args.inputs, args.out, args.patch, args.overlap, args.blend or "gaussian",
         args.batch, args.device, args.stitch_device, args.probabilities, progress=not args.as_json,
         tta=args.tta, postprocess=args.postprocess, memory=args.memory,
     )  # fmt: skip
@@ -174,6 +181,23 @@ def _ensemble(args: SimpleNamespace) -> bool:
                    "segmentations": [str(p) for p in written]})  # fmt: skip
     else:
         typer.echo(f"wrote {len(written)} segmentations to {args.out} (ensemble of {len(models)})")
+    return True
+
+
+def _patchworks(models: list[Path]) -> bool:
+    """Whether an ensemble's members are patchworks (all of them: a patchwork writes on an output
+    grid of its own, so it is averaged only with patchworks)."""
+    from flexpatch.methods import method_of
+
+    names = {m: method_of(m).name for m in models}
+    if "patchwork" not in names.values():
+        return False
+    other = next((m for m, name in names.items() if name != "patchwork"), None)
+    if other is not None:
+        raise FlexPatchError(
+            f"{other}: a {names[other]} model in an ensemble of patchworks; a patchwork writes on an "
+            "output grid of its own, so it is averaged only with patchworks"
+        )
     return True
 
 

@@ -11,8 +11,9 @@ was never validated, and a class one member helps by cutting may be one another 
 ``memory`` is planned per member as for one model (:meth:`LoadedModel.segment`); the members run one
 after the other, so each may use the budget, less the running sum of probabilities the ensemble
 holds. A segment-then-segment member gives its fused probabilities on the input grid
-(:class:`CascadeMember`); it has no window and no ``memory`` plan. Patchwork folders are refused
-for now: a patchwork writes on an output grid of its own.
+(:class:`CascadeMember`); it has no window and no ``memory`` plan. Patchworks, which write on an
+output grid of their own, are averaged with patchworks only, by
+:func:`~flexpatch.patchwork.predict.predict_patchwork_files` (``flexpatch predict`` picks it).
 """
 
 from __future__ import annotations
@@ -117,10 +118,12 @@ def _load_member(model_dir: Path, device: str) -> Member:
         from flexpatch.cascade.infer import load_cascade
 
         return CascadeMember(load_cascade(model_dir, device=device))
-    raise FlexPatchError(
-        f"{model_dir}: a {name} model folder; ensembles are of sliding-window and segment-then-segment "
-        "models so far (a patchwork writes on an output grid of its own)"
-    )
+    if name == "patchwork":
+        raise FlexPatchError(
+            f"{model_dir}: a patchwork writes on an output grid of its own: average patchworks with "
+            "flexpatch.patchwork.predict.predict_patchwork_files([...]) (flexpatch predict does)"
+        )
+    raise FlexPatchError(f"{model_dir}: a {name} model folder cannot be a member of an ensemble")
 
 
 def load_ensemble(model_dirs: Sequence[Path], device: str = "auto") -> list[Member]:

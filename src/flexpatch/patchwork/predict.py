@@ -80,6 +80,34 @@ def load_patchwork(model_dir: str | Path, device: str = "auto", checkpoint: str 
     return LoadedPatchwork(net.to(dev).eval(), scheme, meta, embedding, dev, state.get("thresholds"))
 
 
+def load_patchworks(model_dirs: Sequence[str | Path], device: str = "auto") -> list[LoadedPatchwork]:
+    """One patchwork, or the members of an ensemble (nnU-Net's ensemble of folds): checked to share
+    what the mean of their probabilities needs (scheme, so the output grid, labels, channels and
+    activation) and, when several, to stitch probabilities (no label embedding)."""
+    if not model_dirs:
+        raise FlexPatchError("an ensemble needs at least one model folder")
+    models = [load_patchwork(d, device) for d in model_dirs]
+    first = Path(model_dirs[0]) / CONFIG
+    for model, folder in zip(models[1:], model_dirs[1:], strict=True):
+        if _averaged(model) != _averaged(models[0]):
+            raise FlexPatchError(
+                f"{Path(folder) / CONFIG}: scheme, labels, channels or activation differ from {first}; "
+                "an ensemble averages patchworks of one configuration"
+            )
+    embedded = [d for model, d in zip(models, model_dirs, strict=True) if model.embedding is not None]
+    if len(models) > 1 and embedded:
+        raise FlexPatchError(
+            f"{embedded[0]}: a patchwork with a label embedding stitches embedding responses, not "
+            "probabilities; it cannot be averaged in an ensemble"
+        )
+    return models
+
+
+def _averaged(model: LoadedPatchwork) -> tuple:
+    """What must agree for two patchworks' stitched probabilities to be averaged voxel by voxel."""
+    return model.scheme, list(model.meta["label_values"]), model.meta["in_channels"], model.categorical
+
+
 def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Applied:
     """The stitched probabilities (or embedding responses) of one volume on the output grid."""
     if volume.data.shape[0] != model.meta["in_channels"]:
@@ -101,6 +129,26 @@ def stitched(model: LoadedPatchwork, volume: Volume, opts: ApplyOptions) -> Appl
     )
 
 
+def mean_stitched(models: Sequence[LoadedPatchwork], volume: Volume, opts: ApplyOptions) -> Applied:
+    """The members' stitched probabilities averaged (one member: its own); the statistics are the
+    first member's with the patches of all members summed. One running sum: besides it only the
+    member running holds its result."""
+    applied = stitched(models[0], volume, opts)
+    if len(models) == 1:
+        return applied
+    total, patches = applied.values.float(), list(applied.stats["patches"])
+    for model in models[1:]:
+        other = stitched(model, volume, opts)
+        if other.values.shape != total.shape or not np.allclose(other.grid, applied.grid):
+            # one scheme gives one output grid: not a user's error
+            raise RuntimeError("members of one scheme stitched on different output grids")
+        total += other.values.to(total.device, torch.float32)
+        patches = [a + b for a, b in zip(patches, other.stats["patches"], strict=True)]
+        del other
+    total /= len(models)
+    return Applied(total, applied.grid, {**applied.stats, "patches": patches, "members": len(models)})
+
+
 def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
     """The atlas predict writes: the decoded label embedding, or the most probable label."""
     values = model.meta["label_values"]
@@ -111,30 +159,49 @@ def label_map(model: LoadedPatchwork, values_out: torch.Tensor) -> np.ndarray:
 
 
 def segment_volume(
-    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str = "atlas"
+    model: LoadedPatchwork | Sequence[LoadedPatchwork],
+    volume: Volume,
+    opts: ApplyOptions,
+    out_type: str = "atlas",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The output array (see :func:`to_output`), its world affine, and statistics.
+    """The output array (see :func:`to_output`), its world affine, and statistics; of the mean of
+    several members' probabilities when given several (:func:`load_patchworks`).
 
     A plain ``mask`` uses the thresholds tuned on the validation cases when the model has them
-    (DNP's default), else 0.5; ``mask:0.4,0.5`` sets them.
+    (DNP's default; an ensemble's when its members agree), else 0.5; ``mask:0.4,0.5`` sets them.
     """
-    array, world, applied = _segment(model, volume, opts, out_type)
+    models = [model] if isinstance(model, LoadedPatchwork) else list(model)
+    array, world, applied = _segment(models, volume, opts, out_type)
     return array, world, applied.stats
 
 
 def _segment(
-    model: LoadedPatchwork, volume: Volume, opts: ApplyOptions, out_type: str
+    models: Sequence[LoadedPatchwork], volume: Volume, opts: ApplyOptions, out_type: str
 ) -> tuple[np.ndarray, np.ndarray, Applied]:
     """:func:`segment_volume` with the stitched result itself, whose values are the probabilities."""
-    if parse_out_type(out_type) == ("mask", None) and model.thresholds:
-        out_type = "mask:" + ",".join(f"{t:g}" for t in model.thresholds)
-    _check_embedding(model, out_type, False)
-    applied = stitched(model, volume, opts)
-    if model.embedding is not None:
-        array = label_map(model, applied.values)
+    first = models[0]
+    out_type = _tuned(models, out_type)
+    _check_embedding(first, out_type, False)
+    applied = mean_stitched(models, volume, opts)
+    if first.embedding is not None:
+        array = label_map(first, applied.values)
     else:
-        array = to_output(applied.values, out_type, model.categorical, model.meta["label_values"])
-    return array, _world(volume.affine, applied.grid, model.scheme.ndim), applied
+        array = to_output(applied.values, out_type, first.categorical, first.meta["label_values"])
+    return array, _world(volume.affine, applied.grid, first.scheme.ndim), applied
+
+
+def _tuned(models: Sequence[LoadedPatchwork], out_type: str) -> str:
+    """A plain ``mask`` with the members' tuned thresholds (the same in every member), or as given."""
+    if parse_out_type(out_type) != ("mask", None) or not models[0].thresholds:
+        return out_type
+    tuned = [m.thresholds for m in models]
+    if any(t != tuned[0] for t in tuned):
+        raise FlexPatchError(
+            "the ensemble's members tuned different mask thresholds on their validation cases "
+            f"({'; '.join(','.join(f'{v:g}' for v in t or []) for t in tuned)}): "
+            "give them with --out-type mask:T1,T2,..."
+        )
+    return "mask:" + ",".join(f"{t:g}" for t in tuned[0])
 
 
 def _check_embedding(model: LoadedPatchwork, out_type: str, probabilities: bool) -> None:
@@ -163,7 +230,7 @@ def _world(affine: np.ndarray, grid: np.ndarray, n: int) -> np.ndarray:
 
 
 def predict_patchwork_files(
-    model_dir: str | Path,
+    model_dir: str | Path | Sequence[str | Path],
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     opts: ApplyOptions | None = None,
@@ -173,12 +240,13 @@ def predict_patchwork_files(
     memory: str | int | None = None,
     save_probabilities: bool = False,
 ) -> Written:
-    """Segment image files with a patchwork; one file per case in the input's format, as every
-    method's (:func:`~flexpatch.infer.runner.output_suffix`; atomic writes).
+    """Segment image files with a patchwork, or with the mean probabilities of several (an ensemble
+    of folds: a list of model folders, :func:`load_patchworks`); one file per case in the input's
+    format, as every method's (:func:`~flexpatch.infer.runner.output_suffix`; atomic writes).
 
     ``memory`` (``"2GB"``, ``"auto"``, bytes): a budget on the device; the batch is planned
-    within it per case (at most ``opts.batch_size``), and the choice is reported on stderr.
-    ``save_probabilities`` also writes the stitched activations to
+    within it per case (at most ``opts.batch_size``) and per member, and the choice is reported on
+    stderr. ``save_probabilities`` also writes the stitched activations to
     ``out_dir/probabilities/CASE.nii.gz`` (classes last, on the output grid): a softmax over
     background and the labels, or one sigmoid per label for multi-label models. Each case's
     statistics (patches per level, seconds, the batch) are in the result's ``info``.
@@ -187,40 +255,45 @@ def predict_patchwork_files(
 
     opts = opts or ApplyOptions()
     parse_out_type(out_type)
-    model = load_patchwork(model_dir, device)
+    dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+    models = load_patchworks(dirs, device)
+    first = models[0]
     if memory is not None:
-        opts = replace(opts, memory=parse_budget(memory, model.device))
-    opts.check(model.scheme.depth)
-    _check_embedding(model, out_type, save_probabilities)
-    cases = cases_for(inputs, model.meta["in_channels"], out_dir)
+        opts = replace(opts, memory=parse_budget(memory, first.device))
+    opts.check(first.scheme.depth)
+    _check_embedding(first, out_type, save_probabilities)
+    _tuned(models, out_type)  # differing thresholds fail before any case runs
+    cases = cases_for(inputs, first.meta["in_channels"], out_dir)
     return run_prediction(
         cases,
         out_dir,
-        model.scheme.ndim,
-        _segmenter(model, opts, out_type, save_probabilities),
-        label_names={int(k): v for k, v in model.meta["label_names"].items()},
+        first.scheme.ndim,
+        _segmenter(models, opts, out_type, save_probabilities),
+        label_names={int(k): v for k, v in first.meta["label_names"].items()},
         save_probabilities=save_probabilities,
         progress=progress,
-        describe="patchwork",
+        describe="patchwork" if len(models) == 1 else f"patchwork, ensemble of {len(models)}",
     )
 
 
 def _segmenter(
-    model: LoadedPatchwork, opts: ApplyOptions, out_type: str, probabilities: bool
+    models: Sequence[LoadedPatchwork], opts: ApplyOptions, out_type: str, probabilities: bool
 ) -> Callable[[Volume], Prediction]:
-    """The runner's ``segment`` for a patchwork; a new --memory choice is reported once, not per case."""
+    """The runner's ``segment`` for a patchwork (or an ensemble of them); a new --memory choice is
+    reported once, not per case."""
     from flexpatch.runtime import console
 
     reported: str | None = None
+    ndim = models[0].scheme.ndim
 
     def segment(volume: Volume) -> Prediction:
         nonlocal reported
-        array, world, applied = _segment(model, volume, opts, out_type)
+        array, world, applied = _segment(models, volume, opts, out_type)
         stats = applied.stats
         if stats.get("memory_line") and stats["memory_line"] != reported:
             reported = stats["memory_line"]
             console.print(reported, highlight=False, markup=False, soft_wrap=True)
-        channels = array.ndim == model.scheme.ndim + 1  # masks or probabilities: channels last
+        channels = array.ndim == ndim + 1  # masks or probabilities: channels last
         return Prediction(
             np.moveaxis(array, -1, 0) if channels else array,
             applied.values.float().cpu().numpy() if probabilities else None,
