@@ -201,18 +201,26 @@ def baseline_sliding_window(folder: str) -> Callable[..., torch.Tensor]:
 
 
 def runners(
-    net: torch.nn.Module, image: torch.Tensor, patch: int, divisor: tuple[int, ...], base: str | None = None
+    net: torch.nn.Module,
+    image: torch.Tensor,
+    patch: int,
+    divisor: tuple[int, ...],
+    base: str | None = None,
+    precision: str = "float32",
 ) -> dict[str, Runner]:
     """The tools at identical settings, as zero-argument calls; the baseline ("base") when
-    ``base`` names its extracted folder."""
+    ``base`` names its extracted folder. ``precision``: ours only (flexpatch's ``--precision``);
+    MONAI and the baseline run float32, their defaults."""
     from monai.inferers import sliding_window_inference
 
+    from flexpatch.infer.precision import resolve_precision, with_precision
     from flexpatch.infer.sliding_window import sliding_window
 
     roi = (patch,) * 3
+    mine = with_precision(net, resolve_precision(precision, image.device))
 
     def ours() -> torch.Tensor:
-        return sliding_window(net, image, roi, OVERLAP, BLEND, WINDOW_BATCH, divisor=divisor)
+        return sliding_window(mine, image, roi, OVERLAP, BLEND, WINDOW_BATCH, divisor=divisor)
 
     def monai() -> torch.Tensor:
         with torch.inference_mode():
@@ -249,7 +257,7 @@ def timed(fn: Runner, device: str) -> tuple[float, float]:
 def cpu_peak(tool: str, args: argparse.Namespace, side: int, patch: int) -> float:
     """Rise of peak RSS (MiB) during one call, measured in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--memory-child", tool, "--net", args.net, "--side", str(side)]
-    cmd += ["--patch", str(patch), "--threads", str(args.threads)]
+    cmd += ["--patch", str(patch), "--threads", str(args.threads), "--precision", args.precision]
     if tool == "base":
         cmd += ["--baseline-dir", args.base_dir]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -266,7 +274,7 @@ def _proc_status_kib(name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {name}")
 
 
-def memory_child(tool: str, net_name: str, side: int, patch: int, base: str | None) -> None:
+def memory_child(tool: str, net_name: str, side: int, patch: int, base: str | None, precision: str) -> None:
     """Body of the subprocess: one call of ``tool`` in a fresh process; print its peak RSS rise.
 
     The peak RSS mark is reset to the current RSS first (Linux clear_refs), so a
@@ -275,7 +283,7 @@ def memory_child(tool: str, net_name: str, side: int, patch: int, base: str | No
     """
     net, divisor = make_net(net_name, "cpu")
     image = make_image(side, "cpu")
-    fn = runners(net, image, patch, divisor, base)[tool]
+    fn = runners(net, image, patch, divisor, base, precision)[tool]
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before, peak = _proc_status_kib("VmRSS"), lambda: _proc_status_kib("VmHWM")
@@ -286,8 +294,9 @@ def memory_child(tool: str, net_name: str, side: int, patch: int, base: str | No
     print(json.dumps({"peak_mib": (peak() - before) / 1024}))
 
 
-def check_agreement(fns: dict[str, Runner], row: Row, device: str) -> None:
-    """Warm-up call of each tool (cudnn autotuning, caches); every output must match ours."""
+def check_agreement(fns: dict[str, Runner], row: Row, device: str, precision: str = "float32") -> None:
+    """Warm-up call of each tool (cudnn autotuning, caches); every output must match ours (in
+    float32; ours in bfloat16 differs by its rounding: the difference is recorded, not checked)."""
     outs = {tool: fn() for tool, fn in fns.items()}
     sync(device)
     # cuDNN convolutions run in TF32 and some algorithms are not deterministic: run-to-run
@@ -295,6 +304,8 @@ def check_agreement(fns: dict[str, Runner], row: Row, device: str) -> None:
     tol = 2e-2 if device.startswith("cuda") else 1e-4
     for tool in list(outs)[1:]:
         row.diff[tool] = float((outs["ours"].float() - outs[tool].float()).abs().max())
+        if precision != "float32":
+            continue
         torch.testing.assert_close(
             outs[tool], outs["ours"], atol=tol, rtol=0, msg=lambda m, t=tool: f"{t}: {m}"
         )
@@ -313,8 +324,8 @@ def measure_row(
     divisor = net_divisor(net)
     side = image.shape[-1]
     row = Row(patch, len(window_layout((side,) * 3, (patch,) * 3, OVERLAP, divisor)[2]))
-    fns = runners(net, image, patch, divisor, args.base_dir)
-    check_agreement(fns, row, device)
+    fns = runners(net, image, patch, divisor, args.base_dir, args.precision)
+    check_agreement(fns, row, device, args.precision)
     advance(len(fns))
     tools = list(fns)
     row.seconds = {tool: [] for tool in tools}
@@ -469,6 +480,7 @@ def describe(args: argparse.Namespace, kind: str, side: int, rows: list[Row], li
         f"Volume {side}^3, one case, net `{args.net}` (1 -> {OUT_CHANNELS} channels, eval), "
         f"overlap {OVERLAP}, {BLEND} blend, {WINDOW_BATCH} windows per batch, "
         f"{'all' if base else 'both'} tools under `torch.inference_mode`, {threads}. {baseline}"
+        f"{_precision_note(args)}"
         f"Seconds: best (median) of {args.repeats} repeats after a warm-up, order "
         f"{'rotating' if base else 'alternating'}; the ratio is best over best. "
         f"Peak memory: {memory}.\n\n{markdown_table(rows, bool(base))}\n\n{target(rows, base)}\n\n"
@@ -476,18 +488,30 @@ def describe(args: argparse.Namespace, kind: str, side: int, rows: list[Row], li
     )
 
 
+def _precision_note(args: argparse.Namespace) -> str:
+    if args.precision == "float32":
+        return ""
+    return (
+        f"flexpatch with `--precision {args.precision}` (autocast; the others float32): its max abs diff "
+        "is bfloat16's rounding of the logits, recorded, not checked. "
+    )
+
+
 def report(args: argparse.Namespace, device: str, side: int, rows: list[Row]) -> None:
     print_table(args, device, side, rows)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     mode = "smoke" if args.smoke else "quick" if args.quick else ""
-    suffix = f"{kind}_{mode}" if mode else kind
+    suffix = (f"{kind}_{mode}" if mode else kind) + (
+        "" if args.precision == "float32" else f"_{args.precision}"
+    )
     figures = Path(args.work) if args.smoke else ROOT / "benchmarks" / "figures"
     figure = figures / f"sliding_window_{suffix}.png"
     plot(rows, figure, f"{side}^3 volume, {args.net}, {kind}", args.base_commit and args.base_commit[:7])
     default = Path(args.work) / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md"
     out = Path(args.out or default).resolve()
     body = describe(args, kind, side, rows, os.path.relpath(figure, out.parent))
-    title = f"Sliding-window inference vs MONAI ({kind}{f', {mode}' if mode else ''})"
+    precision = "" if args.precision == "float32" else f", ours in {args.precision}"
+    title = f"Sliding-window inference vs MONAI ({kind}{f', {mode}' if mode else ''}{precision})"
     command = "python benchmarks/sliding_window.py " + " ".join(sys.argv[1:])
     write_section(out, f"sliding-window-{suffix}", title, body, command.strip(), describe_device(device))
     print(f"wrote {out} and {figure}")
@@ -509,6 +533,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed repeats (default 3 on CUDA, 2 on CPU, 3 with --baseline)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--precision", choices=("float32", "bfloat16", "auto"), default="float32", help="flexpatch's forward"
+    )
     p.add_argument(
         "--baseline", metavar="REV", help="also time flexpatch's sliding_window at git revision REV"
     )
@@ -532,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     if args.memory_child:
-        memory_child(args.memory_child, args.net, args.side, args.patch, args.baseline_dir)
+        memory_child(args.memory_child, args.net, args.side, args.patch, args.baseline_dir, args.precision)
         return
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" or args.quick or args.smoke else device

@@ -186,3 +186,19 @@ register_method(
         "flexpatch.model_folder:check_sliding_window_folder",
     )
 )
+
+
+def legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: tuple[int, ...]) -> dict:
+    """For a sliding-window folder written before method.json: the default window, whether the
+    patch size was fixed and the largest patch, from its config."""
+    from flexpatch.axes import per_axis
+    from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
+
+    try:
+        spec = parse_patch_spec(config["patch"], ndim, divisor, batch=config["batch"], steps=config["steps"])
+        val = config.get("val_patch")
+    except (KeyError, TypeError) as e:
+        raise FlexPatchError(f"{model_dir / 'config.json'}: unreadable training settings ({e})") from None
+    window = per_axis(val, ndim, "val_patch") if val else spec.max_size()
+    largest = list(spec.max_size())
+    return {"window": list(window), "fixed_size": isinstance(spec, FixedSize), "largest": largest}

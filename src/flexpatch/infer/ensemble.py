@@ -30,7 +30,8 @@ from flexpatch.data.io import Volume
 from flexpatch.data.resample import RESTORE_CHUNK_VOXELS
 from flexpatch.errors import FlexPatchError
 from flexpatch.evaluate.postprocess import read_postprocessing
-from flexpatch.infer.predictor import LoadedModel, check_floors, load_model
+from flexpatch.infer.floor import check_floors
+from flexpatch.infer.predictor import LoadedModel, load_model
 from flexpatch.infer.runner import Prediction, Written, cases_for, label_dtype, run_prediction
 from flexpatch.methods import METHOD_FILE, fold_folders, method_of
 from flexpatch.plan.budget import parse_budget
@@ -110,11 +111,13 @@ class CascadeMember:
 Member = LoadedModel | CascadeMember
 
 
-def _load_member(model_dir: Path, device: str) -> Member:
+def _load_member(model_dir: Path, device: str, precision: str | None = None) -> Member:
     name = method_of(model_dir).name
     if name == "sliding-window":
-        return load_model(model_dir, device=device)
+        return load_model(model_dir, device=device, precision=precision or "float32")
     if name == "segment-then-segment":
+        if precision not in (None, "float32"):
+            raise FlexPatchError(f"{model_dir}: --precision is for sliding-window models so far")
         from flexpatch.cascade.infer import load_cascade
 
         return CascadeMember(load_cascade(model_dir, device=device))
@@ -126,9 +129,12 @@ def _load_member(model_dir: Path, device: str) -> Member:
     raise FlexPatchError(f"{model_dir}: a {name} model folder cannot be a member of an ensemble")
 
 
-def load_ensemble(model_dirs: Sequence[Path], device: str = "auto") -> list[Member]:
-    """The members, checked to be sliding-window or cascade models with the first one's labels."""
-    models = [_load_member(d, device) for d in model_dirs]
+def load_ensemble(
+    model_dirs: Sequence[Path], device: str = "auto", precision: str | None = None
+) -> list[Member]:
+    """The members, checked to be sliding-window or cascade models with the first one's labels;
+    ``precision``: the sliding-window members' (:func:`~flexpatch.infer.predictor.load_model`)."""
+    models = [_load_member(d, device, precision) for d in model_dirs]
     first = models[0]
     for lm in models[1:]:
         if _outputs(lm) != _outputs(first):
@@ -207,12 +213,13 @@ def predict_ensemble(
     tta: str = "auto",
     postprocess: bool = True,
     memory: str | int | None = None,
+    precision: str | None = None,
 ) -> Written:
     """Segment image files with the mean probabilities of several model folders (or fold parents,
     see :func:`expand_models`); the arguments are :func:`~flexpatch.infer.predictor.predict_files`'.
     ``postprocess``: the members' post-processing when they all decided the same
     (:func:`common_postprocessing`)."""
-    models = load_ensemble(expand_models([Path(d) for d in model_dirs]), device)
+    models = load_ensemble(expand_models([Path(d) for d in model_dirs]), device, precision)
     for lm in models:
         lm.network(tta)  # a refused --tta fails before any case runs
         lm.window(patch_size)  # as a window too small for a model

@@ -23,7 +23,7 @@ from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing, working_bytes
 from flexpatch.geometry import slab_axis
 from flexpatch.infer.runner import label_dtype
-from flexpatch.plan.budget import format_bytes
+from flexpatch.plan.budget import format_bytes, resident_bytes
 
 if TYPE_CHECKING:
     from flexpatch.infer.predictor import LoadedModel
@@ -118,3 +118,13 @@ def check_floor(
     outputs = outputs_bytes(lm, original, shape, patch_size, overlap, probabilities)
     after = postprocess_bytes(lm, original)
     cpu_share(budget, held + volume, outputs, original, Path(files[0]), unread=volume, after=after)
+
+
+def check_floors(
+    lm: LoadedModel, cases: dict[str, list[Path]], budget: int, patch_size: Sequence[int] | None,
+    overlap: float, probabilities: bool,
+) -> None:  # fmt: skip
+    """:func:`check_floor` of every case, before any image is read."""
+    for files in cases.values():
+        held = resident_bytes() - weight_bytes(lm.net)
+        check_floor(lm, files, budget, patch_size, overlap, probabilities, held)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,6 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from flexpatch.axes import per_axis
 from flexpatch.checkpoint import BEST, LAST, load_checkpoint
 from flexpatch.data.context import check_context, with_context
 from flexpatch.data.io import Volume, load_json
@@ -21,7 +21,8 @@ from flexpatch.data.resample import restore_slabs
 from flexpatch.errors import FlexPatchError, format_shape
 from flexpatch.evaluate.postprocess import read_postprocessing
 from flexpatch.geometry import slab_axis
-from flexpatch.infer.floor import check_floor, cpu_share, outputs_bytes, postprocess_bytes, weight_bytes
+from flexpatch.infer.floor import check_floors, cpu_share, outputs_bytes, postprocess_bytes, weight_bytes
+from flexpatch.infer.precision import resolve_precision, with_precision
 from flexpatch.infer.runner import (
     Prediction,
     Written,
@@ -33,14 +34,13 @@ from flexpatch.infer.runner import (
 from flexpatch.infer.sliding_window import sliding_window_slabs
 from flexpatch.infer.tta import Mirrored, mirroring_for
 from flexpatch.infer.within import run_within
-from flexpatch.methods import read_method
+from flexpatch.methods import legacy_window, read_method
 from flexpatch.models import ModelSpec, build, check_patch_size
 from flexpatch.plan.budget import cpu_window_batch, format_bytes, parse_budget, resident_bytes
 from flexpatch.plan.memory import Prober, calibrate
 from flexpatch.plan.planner import WindowChoice, plan_window
 from flexpatch.runtime import console, resolve_device
 from flexpatch.sampling.augment import parse_augment
-from flexpatch.sampling.sizes import FixedSize, parse_patch_spec
 
 CHECKPOINTS = {"best": BEST, "last": LAST}
 T = TypeVar("T")
@@ -60,6 +60,8 @@ class LoadedModel:
     # the calibrated inference memory model, its prober, the measured peaks of the network's
     # calls by (window, batch), and the last line that reported a choice
     _memory: dict = field(default_factory=dict, repr=False)
+    # the forward pass's type (flexpatch.infer.precision): float32, or bfloat16 under autocast
+    precision: torch.dtype = torch.float32
 
     @property
     def divisor(self) -> tuple[int, ...]:
@@ -165,12 +167,15 @@ class LoadedModel:
         path = self.model_dir / "dataset.json"
         return list(load_json(path).get("mirrored_pairs", [])) if path.is_file() else []
 
+    def mirrors(self, tta: str = "none") -> bool:
+        """Whether ``tta`` mirrors this model's windows (a refused ``tta`` is one line)."""
+        return mirroring_for(tta, self.trained_mirrored, self.mirrored_pairs, str(self.model_dir))
+
     def network(self, tta: str = "none") -> torch.nn.Module:
-        """The network to run: wrapped for test-time mirroring when ``tta`` asks for it."""
-        where = str(self.model_dir)
-        if mirroring_for(tta, self.trained_mirrored, self.mirrored_pairs, where):
-            return Mirrored(self.net, self.plan.ndim)
-        return self.net
+        """The network to run: wrapped for test-time mirroring when ``tta`` asks for it, and in
+        autocast when the model runs in bfloat16 (:attr:`precision`)."""
+        net = Mirrored(self.net, self.plan.ndim) if self.mirrors(tta) else self.net
+        return with_precision(net, self.precision)
 
     def prepare(self, volume: Volume) -> tuple[torch.Tensor, dict]:
         """Resample and normalise a raw volume as in training.
@@ -380,18 +385,12 @@ class LoadedModel:
         return result
 
 
-def check_floors(
-    lm: LoadedModel, cases: dict[str, list[Path]], budget: int, patch_size: Sequence[int] | None,
-    overlap: float, probabilities: bool,
-) -> None:  # fmt: skip
-    """:func:`~flexpatch.infer.floor.check_floor` of every case, before any image is read."""
-    for files in cases.values():
-        held = resident_bytes() - weight_bytes(lm.net)
-        check_floor(lm, files, budget, patch_size, overlap, probabilities, held)
-
-
-def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "best") -> LoadedModel:
-    """Rebuild a trained model from its folder (model.json, plan.json, config.json, weights)."""
+def load_model(
+    model_dir: str | Path, device: str = "auto", checkpoint: str = "best", precision: str = "float32"
+) -> LoadedModel:
+    """Rebuild a trained model from its folder (model.json, plan.json, config.json, weights).
+    ``precision``: the forward pass's type, ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where
+    the device runs it natively; :mod:`flexpatch.infer.precision`)."""
     model_dir = Path(model_dir)
     method = read_method(model_dir)
     if method["method"] != "sliding-window":
@@ -410,7 +409,7 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
     dev = resolve_device(device)
     net = build(spec)
     if "window" not in method:
-        method.update(_legacy_window(model_dir, config, plan.ndim, tuple(net.divisor)))
+        method.update(legacy_window(model_dir, config, plan.ndim, tuple(net.divisor)))
     path = model_dir / CHECKPOINTS[checkpoint]
     state = load_checkpoint(path, map_location="cpu")
     try:
@@ -419,22 +418,9 @@ def load_model(model_dir: str | Path, device: str = "auto", checkpoint: str = "b
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexPatchError(f"{path}: weights do not fit {model_dir / 'model.json'} ({reason})") from None
     net.to(dev).eval()
-    return LoadedModel(net, spec, plan, config, dev, model_dir, method)
-
-
-def _legacy_window(model_dir: Path, config: dict[str, Any], ndim: int, divisor: tuple[int, ...]) -> dict:
-    """For a folder written before method.json: the default window and fixed size from its config."""
-    try:
-        spec = parse_patch_spec(config["patch"], ndim, divisor, batch=config["batch"], steps=config["steps"])
-        val = config.get("val_patch")
-    except (KeyError, TypeError) as e:
-        raise FlexPatchError(f"{model_dir / 'config.json'}: unreadable training settings ({e})") from None
-    window = per_axis(val, ndim, "val_patch") if val else spec.max_size()
-    return {
-        "window": list(window),
-        "fixed_size": isinstance(spec, FixedSize),
-        "largest": list(spec.max_size()),
-    }
+    lm = LoadedModel(net, spec, plan, config, dev, model_dir, method)
+    lm.precision = resolve_precision(precision, dev)
+    return lm
 
 
 def predict_files(
@@ -452,6 +438,7 @@ def predict_files(
     memory: str | int | None = None,
     tta: str = "auto",
     postprocess: bool = True,
+    precision: str | None = None,
 ) -> Written:
     """Segment image files into ``CASE.nii.gz`` label maps on each input's grid.
 
@@ -467,9 +454,12 @@ def predict_files(
     mirroring, ``auto`` (when trained with mirroring, as nnU-Net), ``mirror`` or ``none``.
     ``postprocess``: apply the model's post-processing (``postprocessing.json``: the classes cut
     to their largest connected component, decided on validation when training ended).
+    ``precision``: the forward pass's type (:func:`load_model`); None: the model's own.
     """
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    mirrored = isinstance(lm.network(tta), Mirrored)  # a refused --tta fails before any case runs
+    if precision is not None:
+        lm = dataclasses.replace(lm, precision=resolve_precision(precision, lm.device))
+    mirrored = lm.mirrors(tta)  # a refused --tta fails before any case runs
     if memory is not None:
         memory = parse_budget(memory, lm.device)
     window = lm.window(patch_size)
@@ -493,6 +483,7 @@ def predict_files(
         label_names=lm.label_names,
         save_probabilities=save_probabilities,
         progress=progress,
-        describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}",
+        describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}"
+        + (" bfloat16" if lm.precision == torch.bfloat16 else ""),
         largest_component=read_postprocessing(lm.model_dir) if postprocess else (),
     )
