@@ -24,6 +24,7 @@ SMOKE = {
     "sliding_window": ["--smoke"],
     "patchwork_memory": ["--mode", "smoke"],
     "augment_loader": ["--smoke"],
+    "precision": ["--smoke"],
 }
 
 
