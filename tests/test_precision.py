@@ -4,6 +4,7 @@ choice of ``auto`` by the device's native support, and predict from the CLI (3D)
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_cli
+from flexpatch.data.dataset import load_dataset
 from flexpatch.errors import FlexPatchError
+from flexpatch.evaluate.sweep import run_sweep
 from flexpatch.infer import precision as prec
 from flexpatch.infer.precision import Autocast, resolve_precision, with_precision
 from flexpatch.infer.predictor import load_model
@@ -68,7 +71,8 @@ def assert_flips_only_near_ties(probs: np.ndarray, other: np.ndarray, axis: int)
 
 def test_cli_predicts_in_bfloat16_close_to_float32(tiny_abdomen: Path, tmp_path: Path) -> None:
     """3D from the CLI: the label maps of both precisions on the same grid, agreeing but where
-    bfloat16's rounding flips a near tie; an unknown precision is one line."""
+    bfloat16's rounding flips a near tie; sweep in bfloat16 against float32; an unknown precision is
+    one line."""
     config = TrainConfig(model_kwargs=TINY, patch="16", steps=4, batch=2, val_every=4, workers=0)
     train(tiny_abdomen, tmp_path / "m", config, device="cpu", progress=False)
     images = tiny_abdomen / "imagesTs"
@@ -86,6 +90,17 @@ def test_cli_predicts_in_bfloat16_close_to_float32(tiny_abdomen: Path, tmp_path:
         np.testing.assert_array_equal(np.asarray(la.dataobj), pa.argmax(-1))  # written as probabilities say
         np.testing.assert_array_equal(np.asarray(lb.dataobj), pb.argmax(-1))
         assert_flips_only_near_ties(pa, pb, axis=-1)
+    # sweep takes it too: its Dice rows against the float32 model's, row by row
+    done = run_cli("sweep", tmp_path / "m", tiny_abdomen, "--sizes", "16", "--random", 0, "--precision",
+                   "bfloat16", "--device", "cpu", "--out", tmp_path / "sweep", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        half = [(r["case"], r["class"], float(r["dice"])) for r in csv.DictReader(f)]
+    cases = [c for c in load_dataset(tiny_abdomen).test if c.label is not None]
+    full = run_sweep(load_model(tmp_path / "m", device="cpu"), cases, [(16, 16, 16)], progress=False)
+    assert [(c, k) for c, k, _ in half] == [(r["case"], r["class"]) for r in full]
+    gaps = [abs(d - r["dice"]) for (_, _, d), r in zip(half, full, strict=True) if not np.isnan(d)]
+    assert 0 < max(gaps) < 0.1, gaps  # bfloat16 ran, and moved Dice by its near ties only
     bad = run_cli("predict", tmp_path / "m", images, "--out", tmp_path / "bad", "--precision", "half")
     assert_one_line_error(bad, "unknown precision 'half'")
     assert not (tmp_path / "bad").exists()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.cli.common import DeviceOpt, JsonOpt, emit_json, parse_ints, parse_options
+from flexpatch.cli.common import DeviceOpt, JsonOpt, PrecisionOpt, emit_json, parse_ints, parse_options
 from flexpatch.errors import FlexPatchError, format_shape
 
 
@@ -31,6 +31,7 @@ def sweep(
     overlap: float = 0.5,
     batch: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "float32",
     as_json: JsonOpt = False,
 ) -> None:
     """Dice against patch size: every isotropic window in the range plus random anisotropic ones."""
@@ -40,7 +41,7 @@ def sweep(
     from flexpatch.runtime import check_writable
 
     check_writable(out, "report folder")
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, precision=precision)
     ds = load_dataset(dataset_dir)
     cases = [c for c in ds.test if c.label is not None]
     if not cases:

@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from flexpatch.cli.common import DeviceOpt, JsonOpt, ThreadsOpt, emit_json, parse_ints, use_cores
+from flexpatch.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    ThreadsOpt,
+    emit_json,
+    parse_ints,
+    use_cores,
+)
 from flexpatch.cli.patchwork import predict_cli as patchwork_predict_cli
 from flexpatch.errors import FlexPatchError
 
@@ -58,14 +66,6 @@ TtaOpt = Annotated[
     typer.Option(
         help="Test-time mirroring: auto (when the model was trained with mirroring, as nnU-Net), "
         "mirror (all axis combinations: 4x the time in 2D, 8x in 3D) or none."
-    ),
-]
-PrecisionOpt = Annotated[
-    str,
-    typer.Option(
-        help="The network's number type: float32, bfloat16 (autocast; about 2x faster on a CPU with "
-        "AVX512-BF16 or AMX, slower where emulated) or auto (bfloat16 where the device runs it natively). "
-        "Sliding-window models.",
     ),
 ]
 PostprocessOpt = Annotated[
