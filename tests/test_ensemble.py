@@ -136,3 +136,19 @@ def test_post_processing_only_when_every_member_decided_the_same(
     said = "post-processing: none applied, the members decided differently (largest component of:"
     assert err == [f"{said} a {c}; b none)"]
     assert agreed.name == differ.name == f"{case}.nii.gz"
+
+
+def test_an_ensemble_in_bfloat16_is_the_mean_of_its_members_in_bfloat16(members, tmp_path: Path) -> None:
+    """``precision`` reaches every sliding-window member: the ensemble's probabilities are the mean of
+    each member's own bfloat16 probabilities (and not the float32 ones)."""
+    dirs, image = members
+    run = dict(device="cpu", save_probabilities=True, progress=False, tta="none", postprocess=False)
+    predict_ensemble(dirs, [image], tmp_path / "half", precision="bfloat16", **run)
+    volume = read_image(image, ndim=3)
+    own = [load_model(d, device="cpu", precision="bfloat16").probabilities(volume, tta="none") for d in dirs]
+    full = [load_model(d, device="cpu").probabilities(volume, tta="none") for d in dirs]
+    mean = np.moveaxis(
+        np.asarray(nib.load(tmp_path / "half" / "probabilities" / f"{_case(image)}.nii.gz").dataobj), -1, 0
+    )
+    np.testing.assert_allclose(mean, (own[0] + own[1]) / 2, atol=1e-6)
+    assert float(np.abs(mean - (full[0] + full[1]) / 2).max()) > 1e-4  # bfloat16 did run
