@@ -179,8 +179,14 @@ def _train_patchwork(ds: Path, out: Path, mode: Mode, device: str) -> Result:
     from flexpatch.patchwork.train import train_patchwork as run
 
     # rounds 2 to 5 time the steady state (round 1 also forks the workers and crops inline)
-    run(ds, out / "calibrate", pw_config(mode, CALIBRATION_ROUNDS), device=device, progress=False,
-        overwrite=True)
+    run(
+        ds,
+        out / "calibrate",
+        pw_config(mode, CALIBRATION_ROUNDS),
+        device=device,
+        progress=False,
+        overwrite=True,
+    )
     log = json.loads((out / "calibrate" / "log.json").read_text())
     per_round = step_time(log[-1]["seconds"], CALIBRATION_ROUNDS, log[0]["seconds"], 1)
     rounds = max(2, int(mode.budget / per_round))
@@ -217,8 +223,9 @@ def _train_unet(ds: Path, out: Path, mode: Mode, patch: int, device: str) -> Res
     # a 240 s budget), so a rough rate from them sizes a second probe of about 4% of the budget.
     def seconds(steps: int) -> float:
         folder = out / f"calibrate{steps}"
-        run = train(ds, folder, config(10**6), device=device, progress=False, stop_after=steps,
-                    overwrite=True)
+        run = train(
+            ds, folder, config(10**6), device=device, progress=False, stop_after=steps, overwrite=True
+        )
         return run.seconds
 
     first, second, least = mode.probes

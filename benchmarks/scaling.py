@@ -57,8 +57,9 @@ def run(nproc: int, threads: int, args: list[str]) -> tuple[float, dict]:
 def train_seconds(nproc: int, threads: int, data: Path, work: Path, steps: int, cfg: dict) -> float:
     out = work / f"train-{nproc}p{threads}t-{steps}"
     args = [
-        "train", str(data), "--out", str(out), "--overwrite", "--steps", str(steps), "--batch", str(cfg["batch"]),
-        "--patch", str(cfg["patch"]), "--val-every", str(10**6), "--workers", "0", "--augment", "default",
+        "train", str(data), "--out", str(out), "--overwrite", "--steps", str(steps),
+        "--batch", str(cfg["batch"]), "--patch", str(cfg["patch"]), "--val-every", str(10**6),
+        "--workers", "0", "--augment", "default",
         "--options", json.dumps(TINY), "--device", cfg["device"], "--json",
     ]  # fmt: skip
     return float(run(nproc, threads, args)[1]["seconds"])
@@ -80,15 +81,18 @@ def measure(cfg: dict, data: Path, work: Path, model: Path, folders: tuple[Path,
     short, long = cfg["steps"]
     few, many = folders
     cases = len(list(many.iterdir())) - len(list(few.iterdir()))
-    times: dict[tuple[int, int], dict[str, list[float]]] = {p: {"train": [], "predict": []} for p in cfg["peers"]}
+    times: dict[tuple[int, int], dict[str, list[float]]] = {
+        p: {"train": [], "predict": []} for p in cfg["peers"]
+    }
     for r in range(cfg["repeats"]):
         for p in cfg["peers"]:
             dt = train_seconds(*p, data, work, long, cfg) - train_seconds(*p, data, work, short, cfg)
             times[p]["train"].append(dt / (long - short))
             dp = predict_seconds(*p, model, many, work, cfg) - predict_seconds(*p, model, few, work, cfg)
             times[p]["predict"].append(dp / cases)
-            print(f"repeat {r + 1}: {p[0]} process(es) x {p[1]} thread(s): {times[p]['train'][-1]:.3f} s/step, "
-                  f"{times[p]['predict'][-1]:.2f} s/case", flush=True)  # fmt: skip
+            print(f"repeat {r + 1}: {p[0]} process(es) x {p[1]} thread(s): "
+                  f"{times[p]['train'][-1]:.3f} s/step, {times[p]['predict'][-1]:.2f} s/case",
+                  flush=True)  # fmt: skip
     return {p: {k: median(v) for k, v in t.items()} for p, t in times.items()}
 
 
@@ -111,7 +115,8 @@ def report(result: dict, cfg: dict, load: str) -> str:
         devices = n * t
         lines.append(
             f"| {n} x {t} | {r['train']:.3f} | {1 / r['train']:.2f} | {cfg['batch'] / r['train']:.1f} | "
-            f"{speed:.2f} | {speed / devices:.0%} | {r['predict']:.2f} | {1 / r['predict']:.2f} | {pspeed:.2f} |"
+            f"{speed:.2f} | {speed / devices:.0%} | {r['predict']:.2f} | {1 / r['predict']:.2f} | "
+            f"{pspeed:.2f} |"
         )
     lines += [
         "",
@@ -132,7 +137,8 @@ def prepare(work: Path, cfg: dict) -> tuple[Path, Path, tuple[Path, Path]]:
     )  # fmt: skip
     model = work / "model"
     run(1, 1, ["train", str(data), "--out", str(model), "--overwrite", "--steps", "1", "--batch", "2",
-               "--patch", str(cfg["patch"]), "--options", json.dumps(TINY), "--device", cfg["device"], "--json"])  # fmt: skip
+               "--patch", str(cfg["patch"]), "--options", json.dumps(TINY), "--device", cfg["device"],
+               "--json"])  # fmt: skip
     tests = sorted((data / "imagesTs").iterdir())
     folders = []
     for name, n in zip(("few", "many"), cfg["cases"], strict=True):

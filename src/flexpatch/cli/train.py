@@ -492,10 +492,9 @@ def curves(
         check_tensorboard()  # before reading a long log
     result = redraw(model_dir, out, tensorboard)
     if as_json:
-        emit_json(result)
-    else:
-        also = f" and {result['tensorboard']}" if result["tensorboard"] else ""
-        typer.echo(f"wrote {result['png']}{also} from {result['records']} log records")
+        return emit_json(result)
+    also = f" and {result['tensorboard']}" if result["tensorboard"] else ""
+    typer.echo(f"wrote {result['png']}{also} from {result['records']} log records")
 
 
 COMMANDS = (train, curves)

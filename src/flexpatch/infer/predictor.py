@@ -423,6 +423,14 @@ def load_model(
     return lm
 
 
+def _loaded(model: LoadedModel | str | Path, device: str, precision: str | None) -> LoadedModel:
+    """A model folder loaded (or a loaded model), in ``precision`` when given (None: its own)."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    if precision is None:
+        return lm
+    return dataclasses.replace(lm, precision=resolve_precision(precision, lm.device))
+
+
 def predict_files(
     model: LoadedModel | str | Path,
     inputs: Sequence[str | Path],
@@ -456,9 +464,7 @@ def predict_files(
     to their largest connected component, decided on validation when training ended).
     ``precision``: the forward pass's type (:func:`load_model`); None: the model's own.
     """
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    if precision is not None:
-        lm = dataclasses.replace(lm, precision=resolve_precision(precision, lm.device))
+    lm = _loaded(model, device, precision)
     mirrored = lm.mirrors(tta)  # a refused --tta fails before any case runs
     if memory is not None:
         memory = parse_budget(memory, lm.device)
@@ -483,7 +489,7 @@ def predict_files(
         label_names=lm.label_names,
         save_probabilities=save_probabilities,
         progress=progress,
-        describe=f"predict {chosen or 'within the memory budget'}{' mirrored' if mirrored else ''}"
-        + (" bfloat16" if lm.precision == torch.bfloat16 else ""),
+        describe=f"predict {chosen or 'within the memory budget'}{' mirrored' * mirrored}"
+        f"{' bfloat16' * (lm.precision == torch.bfloat16)}",
         largest_component=read_postprocessing(lm.model_dir) if postprocess else (),
     )
