@@ -147,13 +147,11 @@ def predict(
     if _ensemble(args):
         return
     method = method_of(model_dir).name  # method.json says which method wrote the folder
-    if method != "sliding-window" and precision != "float32":
-        raise FlexPatchError(f"{model_dir}: --precision is for sliding-window models so far")
-    if method == "patchwork" and tta == "mirror":
-        raise FlexPatchError(f"{model_dir}: --tta mirror is for sliding-window and cascade models so far")
     if method == "patchwork":
         _predict_patchwork(args)
         return
+    if method != "sliding-window" and precision != "float32":
+        raise FlexPatchError(f"{model_dir}: --precision is for sliding-window models so far")
     args.blend = blend or "gaussian"
     if method != "segment-then-segment" and (fuse is not None or baseline):
         raise FlexPatchError(f"{model_dir}: --fuse and --baseline are for segment-then-segment models")
@@ -177,9 +175,6 @@ def _ensemble(args: SimpleNamespace) -> bool:
         return False
     args.inputs = args.inputs[lead:]
     if _patchworks(models):  # averaged on their own output grid, with their own options
-        if args.tta == "mirror" or args.precision != "float32":
-            what = "--tta mirror" if args.tta == "mirror" else "--precision"
-            raise FlexPatchError(f"{models[0]}: {what} is not for patchworks so far")
         args.model_dir = models
         _predict_patchwork(args)
         return True
@@ -214,7 +209,13 @@ def _patchworks(models: list[Path]) -> bool:
 
 
 def _predict_patchwork(args: SimpleNamespace) -> None:
-    """A patchwork model folder: its own generation, stitching and output options."""
+    """A patchwork model folder (or an ensemble of them): its own generation, stitching and output
+    options; the sliding window's bfloat16 and mirroring are refused in one line."""
+    where = args.model_dir[0] if isinstance(args.model_dir, list) else args.model_dir
+    if args.precision != "float32":
+        raise FlexPatchError(f"{where}: --precision is for sliding-window models so far")
+    if args.tta == "mirror":
+        raise FlexPatchError(f"{where}: --tta mirror is for sliding-window and cascade models so far")
     flags = dict(
         lazy=args.lazy, generate=args.generate, num_patches=args.num_patches,
         branch_factor=args.branch_factor, num_chunks=args.num_chunks, jitter=args.jitter, alpha=args.alpha,
